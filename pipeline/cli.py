@@ -1,0 +1,85 @@
+"""qwen-batch: run | validate | demo | make-tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _load(args):
+    from pipeline.spec import load_spec
+
+    spec = load_spec(args.spec, overrides=args.set or [])
+    if getattr(args, "address", None):
+        spec.ray.address = args.address
+    return spec
+
+
+def cmd_run(args) -> int:
+    from pipeline.runner import run_job
+
+    report = run_job(_load(args), overwrite=args.overwrite, progress=not args.no_progress)
+    return report.exit_code
+
+
+def cmd_validate(args) -> int:
+    from pipeline.runner import plan_job
+
+    plan = plan_job(_load(args))
+    rows = sum(s.rows for s in plan.shards)
+    console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{plan.spec.task.head}', "
+                  f"model {plan.spec.model.source}; {len(plan.todo)} shard(s) to run.")
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from pipeline.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.dir, seed=args.seed)
+    console.print(f"Tiny Qwen3 (random weights, real tokenizer) written to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qwen-batch", description="Batch inference with Qwen3 on Ray + vLLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run a job spec"), ("validate", "check a job spec and its inputs, load no model")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("spec", help="job spec YAML")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a spec key, e.g. --set sampling.max_tokens=64 (repeatable)")
+        s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+        s.add_argument("--overwrite", action="store_true", help="replace what output.path holds")
+        if name == "run":
+            s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
+    s.add_argument("dir")
+    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("demo", help="build the tiny model, write sample shards, run the demo jobs")
+    s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
+    args = p.parse_args(argv)
+
+    from pipeline.shards import InputError
+    from pipeline.spec import SpecError
+
+    handler = {"run": cmd_run, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model,
+               "demo": cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except (SpecError, InputError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

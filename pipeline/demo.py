@@ -1,0 +1,83 @@
+"""`qwen-batch demo`: the tiny model, sample prompt shards, and the demo jobs, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.spec import load_spec
+
+JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
+DEMO_JOBS = ["demo-chat.yaml"]
+
+TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revolution",
+          "vector databases", "how vaccines work", "tensor parallelism", "the Krebs cycle",
+          "Rust ownership", "continental drift", "compound interest", "TCP handshakes"]
+
+
+def chat_rows(shard: int, n: int) -> list[dict]:
+    """Sample chat rows: plain prompts, conversations, per-row system prompts and sampling."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[(shard * n + i) % len(TOPICS)]
+        row = {"id": f"chat-{shard}-{i:03d}", "prompt": None, "messages": None, "system": None,
+               "sampling": None}
+        if i % 3 == 0:
+            row["messages"] = [{"role": "system", "content": "You are a concise tutor."},
+                               {"role": "user", "content": f"Explain {topic} in two sentences."}]
+        else:
+            row["prompt"] = f"Write a haiku about {topic}."
+            row["system"] = "Answer in English." if i % 2 else None
+        if i % 5 == 4:
+            row["sampling"] = json.dumps({"max_tokens": 8, "temperature": 0})
+        rows.append(row)
+    if shard == 0:  # two rows that cannot run, to show error rows
+        rows[1].update(prompt="   ", messages=None)
+        rows[2].update(prompt="tell me everything " * 600, messages=None)
+    return rows
+
+
+CHAT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("system", pa.string()),
+    ("sampling", pa.string()),
+])
+
+
+def write_chat_shards(folder: Path, *, shards: int = 3, rows: int = 24) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = folder / f"part-{s:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(chat_rows(s, rows), schema=CHAT_SCHEMA), path)
+        paths.append(path)
+    return paths
+
+
+def run_demo(workdir: str) -> int:
+    from rich.console import Console
+
+    from pipeline.runner import run_job
+    from pipeline.tiny_model import make_tiny_model
+
+    console = Console(stderr=True)
+    work = Path(workdir)
+    model = work / "tiny-qwen3"
+    if not (model / "config.json").exists():
+        console.print(f"Building the tiny Qwen3 (random weights: its text is meaningless) in {model}")
+        make_tiny_model(model)
+    write_chat_shards(work / "inputs" / "chat")
+    worst = 0
+    for job in DEMO_JOBS:
+        spec = load_spec(JOBS_DIR / job, overrides=[
+            f"model.source={model}", f"input.path={work / 'inputs' / 'chat'}",
+            f"output.path={work / 'outputs' / Path(job).stem}"])
+        console.rule(f"{job}: {spec.task.head} job")
+        report = run_job(spec, overwrite=True)
+        worst = max(worst, report.exit_code)
+    return worst

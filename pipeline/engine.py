@@ -1,0 +1,152 @@
+"""The vLLM engine behind the narrow handle heads use; knows no head by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+from pipeline.heads.base import Completion, RowError
+from pipeline.spec import ModelSpec
+
+# On the CPU build vLLM's KV cache takes this share of host memory unless engine_kwargs say
+# otherwise; vLLM's GPU default (0.92) does not fit next to the OS and Ray.
+CPU_KV_CACHE_SHARE = 0.25
+# Environment variable that marks every process of a run, so leftovers can be found.
+RUN_MARK = "QWEN_BATCH_RUN_ID"
+
+
+def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
+    """vLLM engine arguments for a model section (engine_kwargs win)."""
+    args: dict[str, Any] = {
+        "model": model.source,
+        "tensor_parallel_size": model.tensor_parallel_size,
+        "pipeline_parallel_size": model.pipeline_parallel_size,
+        "dtype": model.dtype,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if model.max_model_len:
+        args["max_model_len"] = model.max_model_len
+    if model.quantization:
+        args["quantization"] = model.quantization
+    if device == "cpu":
+        args["gpu_memory_utilization"] = CPU_KV_CACHE_SHARE
+    if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
+        args["distributed_executor_backend"] = "mp"  # ranks are this actor's children
+    args.update(model.engine_kwargs)
+    return args
+
+
+def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) -> str:
+    """JSON of the engine settings that change throughput, for metrics rows."""
+    keys = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "dtype",
+            "enforce_eager", "gpu_memory_utilization", "quantization")
+    out = {k: args.get(k) for k in keys if k in args}
+    if vllm_config is not None:
+        sched, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        out.update(max_num_seqs=sched.max_num_seqs,
+                   max_num_batched_tokens=sched.max_num_batched_tokens,
+                   enable_prefix_caching=cache.enable_prefix_caching)
+    return json.dumps(out, sort_keys=True, default=str)
+
+
+class VllmEngine:
+    """One async vLLM engine; every generate() call is one request, batched continuously."""
+
+    def __init__(self, args: dict[str, Any]):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.args = dict(args)
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self.max_model_len: int = self._llm.model_config.max_model_len
+        self.settings = throughput_settings(args, self._llm.vllm_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            args["model"], trust_remote_code=args.get("trust_remote_code", False)
+        )
+
+    def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    async def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> Completion:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        try:
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id=uuid.uuid4().hex
+            ):
+                final = out
+        except VLLMValidationError as e:
+            kind = "prompt_too_long" if "context length" in str(e) else "engine_error"
+            raise RowError(kind, f"the engine refused the request: {e}") from None
+        choice = final.outputs[0]
+        return Completion(
+            text=choice.text,
+            token_ids=list(choice.token_ids),
+            finish_reason=choice.finish_reason or "stop",
+            prompt_tokens=len(final.prompt_token_ids or prompt_token_ids),
+            completion_tokens=len(choice.token_ids),
+            logprobs=choice.logprobs,
+        )
+
+    def shutdown(self) -> None:
+        """Stop the engine and its worker processes."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is not None:
+            llm.shutdown()
+        kill_children()
+
+
+def kill_children() -> None:
+    """Kill what is left of this process's children (vLLM's engine core and workers)."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def reap_orphans(run_id: str) -> int:
+    """Kill processes of this run (marked by RUN_MARK) that outlived their parent.
+
+    A killed engine actor leaves vLLM's engine core and workers running, reparented to init,
+    each burning a core. Returns how many were killed.
+    """
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "ppid"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get(RUN_MARK) == run_id:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    for p in found:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(found, timeout=5)
+    return len(found)

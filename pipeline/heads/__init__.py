@@ -1,0 +1,16 @@
+"""Task heads: plain Python that turns one input row into one result row."""
+
+from __future__ import annotations
+
+from pipeline.heads.base import ERROR_TYPES, Completion, Engine, Head, RowError
+
+__all__ = ["ERROR_TYPES", "Completion", "Engine", "Head", "RowError", "head_class"]
+
+
+def head_class(name: str) -> type[Head]:
+    """The head registered under task.head NAME."""
+    if name == "chat":
+        from pipeline.heads.chat import ChatHead
+
+        return ChatHead
+    raise ValueError(f"unknown head {name!r}")

@@ -1,0 +1,110 @@
+"""What every head gets and gives: a narrow engine handle in, one output row out.
+
+Heads are plain Python: they never import vLLM or Ray. A head turns one input row into one
+result row, and may call the engine as often as it needs (a long document takes several
+calls); it raises RowError for a row it cannot turn into a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+# The fixed vocabulary of error_type values in errors/*.parquet (documented in the README).
+ERROR_TYPES = {
+    "invalid_input": "the row's value is missing, empty or of the wrong type",
+    "prompt_too_long": "the prompt does not fit model.max_model_len",
+    "template_error": "the chat template could not render the row",
+    "engine_error": "the engine rejected or failed this one request",
+    "output_parse_error": "the model's output could not be turned into a result",
+    "engine_died": "the engine died on every retry while this row was in flight",
+    "internal_error": "a bug in qwen-batch; please report it with the message",
+}
+
+
+class RowError(Exception):
+    """This row becomes an error row: error_type from ERROR_TYPES, and a message for people."""
+
+    def __init__(self, error_type: str, message: str):
+        assert error_type in ERROR_TYPES, error_type
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+@dataclass
+class Completion:
+    """One finished engine call."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict[int, float]] | None = field(default=None, repr=False)
+
+
+class Engine(Protocol):
+    """The engine as a head sees it."""
+
+    max_model_len: int
+
+    def render_chat(self, messages: list[dict[str, str]], *, enable_thinking: bool) -> list[int]:
+        """Token ids of the chat-templated prompt, ready for generation."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added)."""
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids."""
+
+    async def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> Completion:
+        """Generate from a prompt; sampling uses SamplingSpec's keys."""
+
+
+class HeadOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Head:
+    """Base of the task heads. Subclasses set name, Options and output columns, write run()."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[HeadOptions]] = HeadOptions
+
+    def __init__(self, options: dict[str, Any] | None = None, *, sampling: dict[str, Any] | None = None):
+        self.options = self.Options.model_validate(options or {})
+        self.sampling = dict(sampling or {})
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> str | None:
+        """None if the options are valid, else a message naming the bad keys."""
+        try:
+            cls.Options.model_validate(options or {})
+        except ValidationError as e:
+            from pipeline.spec import explain_validation_error
+
+            return explain_validation_error(cls.Options, e, f"task.options for head '{cls.name}'")
+        return None
+
+    def input_columns(self) -> list[str]:
+        """Columns this head reads (besides the id); at least one must be present in a shard."""
+        raise NotImplementedError
+
+    async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+        """Turn one input row into one result row (without the id), or raise RowError."""
+        raise NotImplementedError
+
+
+def require_text(row: dict[str, Any], column: str) -> str:
+    """The row's text in a column, or a RowError saying what is wrong with it."""
+    value = row.get(column)
+    if value is None:
+        raise RowError("invalid_input", f"column '{column}' is null; give each row a text")
+    if not isinstance(value, str):
+        raise RowError("invalid_input", f"column '{column}' holds {type(value).__name__}, not text")
+    if not value.strip():
+        raise RowError("invalid_input", f"column '{column}' is empty or whitespace only")
+    return value

@@ -1,0 +1,128 @@
+"""Chat head: one generate call on the row's conversation (or system + prompt)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
+
+ROLES = ("system", "user", "assistant")
+
+# Qwen3's recommended sampling for each mode (the model card's "Best Practices").
+QWEN3_SAMPLING = {
+    True: {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    False: {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
+}
+
+
+class ChatOptions(HeadOptions):
+    enable_thinking: bool = Field(
+        False, description="Qwen3 thinking mode; reasoning goes to the `reasoning` column."
+    )
+    system_prompt: str | None = Field(None, description="System prompt for rows without one.")
+    messages_column: str = Field("messages", description="Column with a list of {role, content}.")
+    prompt_column: str = Field("prompt", description="Column with a single user prompt.")
+    system_column: str = Field("system", description="Column with a per-row system prompt.")
+    sampling_column: str = Field(
+        "sampling", description="Column with per-row sampling overrides (JSON object or struct)."
+    )
+    max_tokens: int = Field(256, ge=1, description="Default max_tokens when sampling sets none.")
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a thinking-mode output; unfinished thinking has no answer."""
+    head, sep, answer = text.partition("</think>")
+    if not sep:
+        return head.replace("<think>", "", 1).strip(), ""
+    return head.replace("<think>", "", 1).strip(), answer.strip()
+
+
+def row_sampling(value: Any) -> dict[str, Any]:
+    """Per-row sampling overrides from a JSON string or a struct, checked against SamplingSpec."""
+    from pipeline.spec import SamplingSpec  # plain pydantic, no engine
+
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError("invalid_input", f"sampling is not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise RowError("invalid_input", "sampling must be a JSON object such as {\"max_tokens\": 32}")
+    try:
+        return SamplingSpec.model_validate(value).model_dump(exclude_none=True)
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise RowError("invalid_input", f"sampling overrides are not valid: {bad}") from None
+
+
+class ChatHead(Head):
+    name = "chat"
+    Options = ChatOptions
+    options: ChatOptions
+
+    def input_columns(self) -> list[str]:
+        o = self.options
+        return [o.messages_column, o.prompt_column, o.system_column, o.sampling_column]
+
+    def required_any(self) -> list[str]:
+        return [self.options.messages_column, self.options.prompt_column]
+
+    def messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        o = self.options
+        raw = row.get(o.messages_column)
+        if raw is not None:
+            if not isinstance(raw, list) or not raw:
+                raise RowError("invalid_input", f"'{o.messages_column}' must be a non-empty list of {{role, content}}")
+            out = []
+            for i, m in enumerate(raw):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise RowError(
+                        "invalid_input",
+                        f"'{o.messages_column}'[{i}] must be {{role: one of {', '.join(ROLES)}, content: text}}",
+                    )
+                out.append({"role": m["role"], "content": m["content"]})
+            if out[-1]["role"] == "assistant":
+                raise RowError("invalid_input", f"'{o.messages_column}' ends with an assistant turn; end with a user turn")
+            return out
+        prompt = require_text(row, o.prompt_column) if o.prompt_column in row else None
+        if prompt is None:
+            raise RowError("invalid_input", f"the row has neither '{o.messages_column}' nor '{o.prompt_column}'")
+        system = row.get(o.system_column) or o.system_prompt
+        if system is not None and not isinstance(system, str):
+            raise RowError("invalid_input", f"'{o.system_column}' must be text")
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+
+    async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+        o = self.options
+        messages = self.messages(row)
+        try:
+            prompt = engine.render_chat(messages, enable_thinking=o.enable_thinking)
+        except Exception as e:  # a template is user code: any failure is this row's
+            raise RowError("template_error", f"the chat template failed: {e}") from None
+        sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[o.enable_thinking]}
+        sampling.update(self.sampling)
+        sampling.update(row_sampling(row.get(o.sampling_column)))
+        if len(prompt) >= engine.max_model_len:
+            raise RowError(
+                "prompt_too_long",
+                f"the prompt has {len(prompt)} tokens but model.max_model_len is "
+                f"{engine.max_model_len}; shorten it or raise model.max_model_len",
+            )
+        done = await engine.generate(prompt, sampling)
+        reasoning, response = (
+            split_reasoning(done.text) if o.enable_thinking else (None, done.text)
+        )
+        return {
+            "response": response,
+            "reasoning": reasoning,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+        }

@@ -1,0 +1,84 @@
+"""Token and time accounting: per-shard metrics rows and the end-of-run summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def _sum(table: pa.Table, column: str) -> int:
+    if column not in table.column_names or table.num_rows == 0:
+        return 0
+    return int(pc.sum(table.column(column)).as_py() or 0)
+
+
+def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int,
+                  context: dict) -> dict:
+    """One metrics row for a shard from the stage rows it produced (per-row start/finish)."""
+    prompt, completion = _sum(stage, "prompt_tokens"), _sum(stage, "completion_tokens")
+    if stage.num_rows:
+        started = pc.min(stage.column("_started")).as_py()
+        finished = pc.max(stage.column("_finished")).as_py()
+    else:
+        started = finished = None
+    settings = stage.column("_engine_settings").drop_null() if stage.num_rows else []
+    wall = (finished - started) if started is not None else 0.0
+    per_s = (lambda n: n / wall if wall > 0 else None)
+    return {
+        "shard": shard,
+        "rows": rows,
+        "results": rows - errors,
+        "errors": errors,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "wall_seconds": wall,
+        "rows_per_s": per_s(rows),
+        "output_tokens_per_s": per_s(completion),
+        "total_tokens_per_s": per_s(prompt + completion),
+        "started_at": started,
+        "finished_at": finished,
+        **context,
+        "engine_settings": settings[0].as_py() if len(settings) else None,
+    }
+
+
+@dataclass
+class RunTotals:
+    rows: int = 0
+    results: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    shards: list[dict] = field(default_factory=list)
+
+    def add(self, m: dict) -> None:
+        self.shards.append(m)
+        for k in ("rows", "results", "errors", "prompt_tokens", "completion_tokens"):
+            setattr(self, k, getattr(self, k) + m[k])
+
+
+def summary_table(totals: RunTotals, *, wall_seconds: float, title: str):
+    """A rich Table: one line per shard (first 20) and the run's totals."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("shard", "rows", "results", "errors", "in tok", "out tok", "rows/s", "out tok/s"):
+        t.add_column(col, justify="left" if col == "shard" else "right")
+
+    def fmt(x):
+        return "-" if x is None else f"{x:,.1f}"
+
+    for m in totals.shards[:20]:
+        t.add_row(m["shard"].rsplit("/", 1)[-1], f"{m['rows']:,}", f"{m['results']:,}", f"{m['errors']:,}",
+                  f"{m['prompt_tokens']:,}", f"{m['completion_tokens']:,}", fmt(m["rows_per_s"]),
+                  fmt(m["output_tokens_per_s"]))
+    if len(totals.shards) > 20:
+        t.add_row(f"... {len(totals.shards) - 20} more", "", "", "", "", "", "", "")
+    rate = (lambda n: n / wall_seconds if wall_seconds > 0 else None)
+    t.add_section()
+    t.add_row("total", f"{totals.rows:,}", f"{totals.results:,}", f"{totals.errors:,}",
+              f"{totals.prompt_tokens:,}", f"{totals.completion_tokens:,}", fmt(rate(totals.rows)),
+              fmt(rate(totals.completion_tokens)), style="bold")
+    return t

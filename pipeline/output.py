@@ -1,0 +1,70 @@
+"""The output directory: per-shard results, errors and metrics, staged then committed."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.shards import resolve_filesystem
+
+KINDS = ("results", "errors", "metrics")
+MANIFEST = "_manifest.json"
+
+
+class OutputDir:
+    """OUTPUT/{results,errors,metrics}/SHARD.parquet and OUTPUT/_manifest.json.
+
+    Every file is written under OUTPUT/_staging/RUN/ and moved into place when complete, so
+    readers never see half a file (the move is an atomic rename on local and HDFS
+    filesystems; object stores copy).
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.fs, self.root = resolve_filesystem(uri)
+        self.run_id = run_id
+        self.staging = posixpath.join(self.root, "_staging", run_id)
+
+    def path(self, kind: str, name: str) -> str:
+        return posixpath.join(self.root, kind, f"{name}.parquet")
+
+    def prepare(self) -> None:
+        for kind in KINDS:
+            self.fs.create_dir(posixpath.join(self.root, kind), recursive=True)
+            self.fs.create_dir(posixpath.join(self.staging, kind), recursive=True)
+
+    def _commit(self, staged: str, final: str) -> None:
+        self.fs.move(staged, final)
+
+    def commit_shard(self, name: str, tables: dict[str, pa.Table]) -> None:
+        """Write results, errors and metrics of one shard, then move all three into place."""
+        staged = {}
+        for kind, table in tables.items():
+            staged[kind] = posixpath.join(self.staging, kind, f"{name}.parquet")
+            with self.fs.open_output_stream(staged[kind]) as f:
+                pq.write_table(table, f)
+        for kind in KINDS:  # metrics last: its presence means the shard is complete
+            if kind in staged:
+                self._commit(staged[kind], self.path(kind, name))
+
+    def write_manifest(self, manifest: dict) -> None:
+        staged = posixpath.join(self.staging, MANIFEST)
+        with self.fs.open_output_stream(staged) as f:
+            f.write(json.dumps(manifest, indent=2, default=str).encode())
+        self._commit(staged, posixpath.join(self.root, MANIFEST))
+
+    def cleanup(self) -> None:
+        """Remove this run's (now empty) staging folder."""
+        self.fs.delete_dir(self.staging)
+        if not self.fs.get_file_info(pafs.FileSelector(posixpath.dirname(self.staging))):
+            self.fs.delete_dir(posixpath.dirname(self.staging))
+
+    def read_manifest(self) -> dict | None:
+        path = posixpath.join(self.root, MANIFEST)
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())

