@@ -36,7 +36,7 @@ def chat_rows(shard: int, n: int) -> list[dict]:
         rows.append(row)
     if shard == 0:  # two rows that cannot run, to show error rows
         rows[1].update(prompt="   ", messages=None)
-        rows[2].update(prompt="tell me everything " * 600, messages=None)
+        rows[2].update(prompt="tell me everything " * 1200, messages=None)
     return rows
 
 

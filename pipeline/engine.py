@@ -54,12 +54,15 @@ def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) ->
 class VllmEngine:
     """One async vLLM engine; every generate() call is one request, batched continuously."""
 
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], *, device: str = "cuda"):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.args = dict(args)
+        # vLLM's CPU build crashes its engine when a seeded request is prefilled in chunks
+        # ("CPU Generator does not use offset"), taking every row in flight with it.
+        self.per_request_seed = device != "cpu"
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
@@ -85,6 +88,8 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        if not self.per_request_seed:
+            sampling = {k: v for k, v in sampling.items() if k != "seed"}
         params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         try:

@@ -65,7 +65,8 @@ def summary_table(totals: RunTotals, *, wall_seconds: float, title: str):
 
     t = Table(title=title)
     for col in ("shard", "rows", "results", "errors", "in tok", "out tok", "rows/s", "out tok/s"):
-        t.add_column(col, justify="left" if col == "shard" else "right")
+        t.add_column(col, justify="left" if col == "shard" else "right", no_wrap=True,
+                     min_width=14 if col == "shard" else None)
 
     def fmt(x):
         return "-" if x is None else f"{x:,.1f}"

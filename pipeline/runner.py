@@ -284,7 +284,7 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
     ds = ds.map_batches(
         InferenceWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
-                               "engine_args": args, "engine_factory": engine_factory},
+                               "engine_args": args, "device": device, "engine_factory": engine_factory},
         batch_size=spec.resources.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,

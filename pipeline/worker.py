@@ -37,14 +37,14 @@ class InferenceWorker:
     """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
 
     def __init__(self, *, spec_json: str, id_type: pa.DataType, engine_args: dict[str, Any],
-                 engine_factory=None):
+                 device: str, engine_factory=None):
         spec = JobSpec.model_validate_json(spec_json)
         self.id_column = spec.input.id_column
         self.head = head_class(spec.task.head)(spec.task.options, sampling=spec.sampling.merged())
         self.schema = stage_schema(spec.task.head, id_type)
         if engine_factory is None:
             from pipeline.engine import VllmEngine as engine_factory
-        self.engine = engine_factory(engine_args)
+        self.engine = engine_factory(engine_args, device=device)
         self.engine_settings = getattr(self.engine, "settings", None)
 
     async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
