@@ -89,9 +89,10 @@ class ChatHead(Head):
             if out[-1]["role"] == "assistant":
                 raise RowError("invalid_input", f"'{o.messages_column}' ends with an assistant turn; end with a user turn")
             return out
-        prompt = require_text(row, o.prompt_column) if o.prompt_column in row else None
-        if prompt is None:
-            raise RowError("invalid_input", f"the row has neither '{o.messages_column}' nor '{o.prompt_column}'")
+        if row.get(o.prompt_column) is None:
+            raise RowError("invalid_input", f"the row has neither '{o.messages_column}' nor "
+                                            f"'{o.prompt_column}'; give it one of them")
+        prompt = require_text(row, o.prompt_column)
         system = row.get(o.system_column) or o.system_prompt
         if system is not None and not isinstance(system, str):
             raise RowError("invalid_input", f"'{o.system_column}' must be text")

@@ -1,0 +1,69 @@
+"""Stand-in engines for fault injection and for measuring the data path without a model.
+
+Never the only test of a feature: the integration tests run the real vLLM engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from pipeline.heads.base import Completion, RowError
+
+
+class FakeEngine:
+    """Answers instantly with "ok ok ..."; its tokens are whitespace-separated words.
+
+    fail_on: prompts containing any of these strings fail with an engine_error.
+    die_on: a prompt containing this string kills the whole actor process (os._exit), once
+    per marker file, so the restarted actor succeeds.
+    """
+
+    max_model_len = 4096
+    settings = '{"engine": "fake"}'
+
+    def __init__(self, args: dict[str, Any] | None = None, *, device: str = "cpu",
+                 fail_on: tuple[str, ...] = (), die_on: str | None = None, marker: str | None = None,
+                 delay: float = 0.0):
+        self.fail_on, self.die_on, self.marker, self.delay = fail_on, die_on, marker, delay
+        self.vocab: dict[str, int] = {"ok": 0}
+        self.words: list[str] = ["ok"]
+
+    def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
+        text = " ".join(f"{m['role']}: {m['content']}" for m in messages)
+        return self.tokenize(text)
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for w in text.split():
+            if w not in self.vocab:
+                self.vocab[w] = len(self.words)
+                self.words.append(w)
+            ids.append(self.vocab[w])
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return " ".join(self.words[t] for t in token_ids)
+
+    async def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> Completion:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        text = self.decode(prompt_token_ids)
+        if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        if any(f in text for f in self.fail_on):
+            raise RowError("engine_error", "the fake engine was told to fail this prompt")
+        n = min(sampling.get("max_tokens", 16), 16)
+        out = [0] * n
+        return Completion(self.decode(out), out, "length", len(prompt_token_ids), n)
+
+
+def fake_engine_factory(**kwargs):
+    """An engine_factory for run_job that builds FakeEngine with these options."""
+
+    def build(args, *, device):
+        return FakeEngine(args, device=device, **kwargs)
+
+    return build

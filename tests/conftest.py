@@ -1,0 +1,84 @@
+"""Shared fixtures: the tiny Qwen3 checkpoint (built once), prompt shards, process hygiene."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from pipeline.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | None = None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, rows in enumerate(shards):
+        path = folder / f"part-{i:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        paths.append(path)
+    return paths
+
+
+def read_dir(path: Path) -> pa.Table | None:
+    files = sorted(path.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def vllm_processes() -> list[psutil.Process]:
+    """vLLM engine-core and worker processes alive on this machine."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            text = (p.info["name"] or "") + " " + " ".join(p.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "VLLM::" in text or "EngineCore" in text:
+            found.append(p)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_engines():
+    """The whole session must leave no vLLM process running (they burn a core each)."""
+    before = {p.pid for p in vllm_processes()}
+    yield
+    left = [p for p in vllm_processes() if p.pid not in before]
+    for p in left:
+        p.kill()
+    assert not left, f"vLLM processes outlived the tests: {[p.pid for p in left]}"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `qwen-batch ARGS` in its own process group; kill the group if it hangs."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise AssertionError(f"qwen-batch {' '.join(args)} timed out:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
