@@ -279,8 +279,8 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
     ctx.execution_options.preserve_order = False
     todo = plan.todo
     fs, _ = resolve_filesystem(spec.input.path)
-    ds = ray.data.read_parquet([s.path for s in todo], filesystem=fs, columns=plan.columns,
-                               include_paths=True)
+    ds = ray.data.read_parquet([s.path for s in todo], filesystem=fs, include_paths=True)
+    ds = ds.select_columns(plan.columns + [SHARD_COLUMN])
     ds = ds.map_batches(
         InferenceWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
@@ -288,7 +288,7 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
         batch_size=spec.resources.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        concurrency=spec.resources.replicas,
+        compute=ray.data.ActorPoolStrategy(size=spec.resources.replicas),
         **_actor_options(spec, device, run_id),
     )
     context = {"run_id": run_id, "replicas": spec.resources.replicas, "model": spec.model.source,

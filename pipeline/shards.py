@@ -103,7 +103,7 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], *, id_column: str,
         for c in reads:
             a = first.schema.field(c).type if c in first.schema.names else None
             b = s.schema.field(c).type if c in s.schema.names else None
-            if a != b:
+            if a != b and not (pa.types.is_null(a or pa.int8()) or pa.types.is_null(b or pa.int8())):
                 problems.append(f"{s.path}: column '{c}' is {b or 'absent'} but {a or 'absent'} in "
                                 f"{first.path}; write all shards with the same columns")
     id_types = {}

@@ -1,0 +1,100 @@
+"""The data path on a real local Ray cluster with an instant fake engine: counts, errors,
+output layout, manifest, resume. (The real vLLM engine runs in test_chat_job.py.)"""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import read_dir, write_shards
+from pipeline.runner import EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
+from pipeline.shards import InputError
+from pipeline.spec import load_spec
+from pipeline.testing import fake_engine_factory
+
+
+def shards():
+    out = []
+    for s in range(3):
+        rows = [{"id": f"r{s}-{i}", "prompt": f"question {s} {i}", "sampling": None} for i in range(40)]
+        out.append(rows)
+    out[0][3]["prompt"] = ""                       # invalid_input
+    out[1][5]["prompt"] = "please FAIL here"       # engine_error from the fake engine
+    out[2][7]["sampling"] = '{"max_tokens": 2}'    # per-row override
+    return out
+
+
+def make_spec(tmp_path, **over):
+    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
+            "model": {"source": "fake"}, "task": {"head": "chat"},
+            "sampling": {"max_tokens": 5}, "resources": {"batch_size": 16}}
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v}
+    return load_spec(data=data)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fake")
+    write_shards(tmp / "in", shards())
+    spec = make_spec(tmp)
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(fail_on=("FAIL",)))
+    return tmp, spec, report
+
+
+def test_every_row_is_one_result_or_one_error(first_run):
+    tmp, _, report = first_run
+    results, errors = read_dir(tmp / "out" / "results"), read_dir(tmp / "out" / "errors")
+    ids_in = {f"r{s}-{i}" for s in range(3) for i in range(40)}
+    out_ids = results.column("id").to_pylist() + errors.column("id").to_pylist()
+    assert sorted(out_ids) == sorted(ids_in)
+    assert report.totals.rows == 120 and report.totals.errors == 2 and report.exit_code == EXIT_OK
+
+
+def test_error_rows_say_why(first_run):
+    tmp = first_run[0]
+    errors = {r["id"]: r for r in read_dir(tmp / "out" / "errors").to_pylist()}
+    assert errors["r0-3"]["error_type"] == "invalid_input"
+    assert "empty or whitespace" in errors["r0-3"]["error_message"]
+    assert errors["r1-5"]["error_type"] == "engine_error"
+
+
+def test_one_file_per_shard_and_per_row_sampling(first_run):
+    tmp = first_run[0]
+    for kind in ("results", "errors", "metrics"):
+        names = sorted(p.name for p in (tmp / "out" / kind).iterdir())
+        assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    r2 = {r["id"]: r for r in pq.read_table(tmp / "out" / "results" / "part-00002.parquet").to_pylist()}
+    assert r2["r2-7"]["completion_tokens"] == 2 and r2["r2-8"]["completion_tokens"] == 5
+    assert not (tmp / "out" / "_staging").exists()
+
+
+def test_metrics_and_manifest(first_run):
+    tmp, spec, report = first_run
+    m = read_dir(tmp / "out" / "metrics").to_pylist()
+    assert [x["rows"] for x in m] == [40, 40, 40]
+    assert sum(x["errors"] for x in m) == 2
+    assert all(x["completion_tokens"] > 0 and x["output_tokens_per_s"] > 0 for x in m)
+    manifest = json.loads((tmp / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["totals"]["rows"] == 120 and manifest["totals"]["errors"] == 2
+    assert {s["status"] for s in manifest["shards"]} == {"committed"}
+    assert manifest["spec_fingerprint"] == spec.fingerprint()
+
+
+def test_rerun_is_a_noop_and_changed_spec_is_refused(first_run):
+    tmp, spec, _ = first_run
+    again = run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    assert again.message == "nothing to do" and again.skipped_shards == 3
+    with pytest.raises(InputError, match="different job spec.*--overwrite"):
+        run_job(make_spec(tmp, sampling={"max_tokens": 9}), progress=False,
+                engine_factory=fake_engine_factory())
+
+
+def test_error_rate_above_threshold_fails_the_run(tmp_path):
+    write_shards(tmp_path / "in", [[{"id": i, "prompt": "FAIL" if i % 2 else "ok"} for i in range(10)]])
+    spec = make_spec(tmp_path, output={"max_error_rate": 0.2})
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(fail_on=("FAIL",)))
+    assert report.exit_code == EXIT_TOO_MANY_ERRORS
+    assert "5 of 10 rows failed" in report.message
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["status"] == "failed"
