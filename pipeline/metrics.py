@@ -41,6 +41,7 @@ def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int,
         "finished_at": finished,
         **context,
         "engine_settings": settings[0].as_py() if len(settings) else None,
+        "workers": sorted(pc.unique(stage.column("_worker").drop_null()).to_pylist()) if stage.num_rows else [],
     }
 
 

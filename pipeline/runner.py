@@ -280,7 +280,12 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
     todo = plan.todo
     fs, _ = resolve_filesystem(spec.input.path)
     ds = ray.data.read_parquet([s.path for s in todo], filesystem=fs, include_paths=True)
-    ds = ds.select_columns(plan.columns + [SHARD_COLUMN])
+    # Blocks of one batch each, so that every replica gets work and rows stream through
+    # instead of waiting for whole files.
+    ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(
+        target_num_rows_per_block=spec.resources.batch_size)
+    batch = spec.resources.batch_size
+    in_flight = max(2, -(-spec.resources.rows_in_flight // batch))
     ds = ds.map_batches(
         InferenceWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
@@ -288,7 +293,8 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
         batch_size=spec.resources.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=spec.resources.replicas),
+        compute=ray.data.ActorPoolStrategy(size=spec.resources.replicas,
+                                           max_tasks_in_flight_per_actor=in_flight),
         **_actor_options(spec, device, run_id),
     )
     context = {"run_id": run_id, "replicas": spec.resources.replicas, "model": spec.model.source,

@@ -108,6 +108,10 @@ class ResourcesSpec(_Section):
     batch_size: int = Field(
         64, ge=1, description="Rows per batch handed to an engine actor (several run at once)."
     )
+    rows_in_flight: int = Field(
+        512, ge=1, description="Rows submitted to each engine at once; keep it above the "
+        "engine's max_num_seqs so it always has a full batch to schedule."
+    )
 
 
 class RaySpec(_Section):

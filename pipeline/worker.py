@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from typing import Any, AsyncIterator
 
@@ -19,6 +21,7 @@ STATUS_COLUMNS = [
     pa.field("_started", pa.float64()),
     pa.field("_finished", pa.float64()),
     pa.field("_engine_settings", pa.string()),
+    pa.field("_worker", pa.string()),
 ]
 
 
@@ -46,6 +49,7 @@ class InferenceWorker:
             from pipeline.engine import VllmEngine as engine_factory
         self.engine = engine_factory(engine_args, device=device)
         self.engine_settings = getattr(self.engine, "settings", None)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         started = time.time()
@@ -58,7 +62,7 @@ class InferenceWorker:
                 raise  # not this row's fault: the actor dies and Ray retries its rows
             out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
         out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
-                   _engine_settings=self.engine_settings)
+                   _engine_settings=self.engine_settings, _worker=self.worker_id)
         return out
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:

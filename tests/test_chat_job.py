@@ -1,0 +1,171 @@
+"""Chat jobs end to end on a real local Ray cluster and the real vLLM CPU engine, with the
+tiny Qwen3 (random weights, real tokenizer). Oracles: transformers' greedy generation on
+the same float32 weights, and the tokenizer's own token counts."""
+
+import json
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from conftest import read_dir, run_cli, vllm_processes, write_shards
+from pipeline.runner import run_job
+from pipeline.spec import load_spec
+
+MAX_LEN = 256
+TOPICS = ["rivers", "prime numbers", "jazz", "glaciers", "compilers", "tea", "owls", "bridges"]
+SCHEMA = pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("system", pa.string()),
+                    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                    ("sampling", pa.string())])
+
+
+def chat_shards():
+    shards, i = [], 0
+    for s in range(3):
+        rows = []
+        for j in range(8):
+            rows.append({"id": i, "prompt": f"Tell me about {TOPICS[(i * 3) % 8]} and {TOPICS[i % 8]}.",
+                         "system": None, "messages": None, "sampling": None})
+            i += 1
+        shards.append(rows)
+    shards[0][1]["prompt"] = "  \n "                                     # empty
+    shards[0][2]["prompt"] = "overflow " * (MAX_LEN + 10)                # longer than the context
+    shards[1][0].update(prompt=None, messages=[{"role": "system", "content": "Be terse."},
+                                               {"role": "user", "content": "Name a color."}])
+    shards[1][1]["system"] = "You answer in French."
+    shards[2][0]["sampling"] = json.dumps({"max_tokens": 3})
+    return shards
+
+
+def expected_messages(row, system_prompt):
+    if row["messages"]:
+        return row["messages"]
+    system = row["system"] or system_prompt
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": row["prompt"]}]
+
+
+def job_data(tiny_model, inp, out, **sections):
+    data = {
+        "name": "test-chat",
+        "input": {"path": str(inp)},
+        "output": {"path": str(out)},
+        "model": {"source": str(tiny_model), "max_model_len": MAX_LEN, "dtype": "float32",
+                  "engine_kwargs": {"enforce_eager": True}},
+        "task": {"head": "chat", "options": {"system_prompt": "You are helpful."}},
+        "sampling": {"temperature": 0, "max_tokens": 12},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return data
+
+
+@pytest.fixture(scope="module")
+def cli_job(tiny_model, tmp_path_factory):
+    """The main job, run the way users run it: `qwen-batch run SPEC` in its own process."""
+    tmp = tmp_path_factory.mktemp("chat")
+    shards = chat_shards()
+    write_shards(tmp / "in", shards, SCHEMA)
+    spec = tmp / "job.yaml"
+    spec.write_text(yaml.safe_dump(job_data(tiny_model, tmp / "in", tmp / "out")))
+    proc = run_cli("run", str(spec), "--no-progress")
+    left = vllm_processes()
+    return tmp, shards, proc, left
+
+
+def test_cli_job_succeeds_and_leaves_no_engine_running(cli_job):
+    _, _, proc, left = cli_job
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "total" in proc.stderr and "Results in" in proc.stderr
+    assert left == [], "vLLM processes outlived `qwen-batch run`"
+
+
+def test_rows_in_equal_results_plus_errors(cli_job):
+    tmp, shards, _, _ = cli_job
+    results, errors = read_dir(tmp / "out" / "results"), read_dir(tmp / "out" / "errors")
+    ids = sorted(results.column("id").to_pylist() + errors.column("id").to_pylist())
+    assert ids == sorted(r["id"] for s in shards for r in s)
+    errs = {r["id"]: r for r in errors.to_pylist()}
+    assert set(errs) == {1, 2}
+    assert errs[1]["error_type"] == "invalid_input"
+    assert errs[2]["error_type"] == "prompt_too_long"
+    assert f"model.max_model_len is {MAX_LEN}" in errs[2]["error_message"]
+
+
+def test_prompt_tokens_equal_the_tokenizers_count(cli_job, tokenizer):
+    tmp, shards, _, _ = cli_job
+    rows = {r["id"]: r for s in shards for r in s}
+    for res in read_dir(tmp / "out" / "results").to_pylist():
+        msgs = expected_messages(rows[res["id"]], "You are helpful.")
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+        assert res["prompt_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert res["reasoning"] is None
+
+
+def test_greedy_output_matches_transformers(cli_job, tokenizer, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tmp, shards, _, _ = cli_job
+    rows = {r["id"]: r for s in shards for r in s}
+    results = {r["id"]: r for r in read_dir(tmp / "out" / "results").to_pylist()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for rid, max_tokens in ((0, 12), (8, 12), (9, 12), (16, 3)):
+        msgs = expected_messages(rows[rid], "You are helpful.")
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)[0, ids.shape[1]:]
+        assert results[rid]["completion_tokens"] == len(out)
+        assert results[rid]["response"] == tokenizer.decode(out, skip_special_tokens=True), rid
+    assert results[16]["finish_reason"] == "length"  # per-row max_tokens 3 applied
+
+
+def test_metrics_and_manifest(cli_job):
+    tmp = cli_job[0]
+    metrics = read_dir(tmp / "out" / "metrics").to_pylist()
+    assert len(metrics) == 3
+    for m in metrics:
+        assert m["output_tokens_per_s"] > 0 and m["completion_tokens"] > 0
+        assert m["model"].endswith("tiny-qwen3") and m["tensor_parallel_size"] == 1
+        assert json.loads(m["engine_settings"])["max_num_seqs"] > 0
+    manifest = json.loads((tmp / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["totals"]["results"] + manifest["totals"]["errors"] == 24
+
+
+def test_tensor_parallel_2_with_thinking(tiny_model, tokenizer, tmp_path):
+    rows = [{"id": f"t{i}", "prompt": f"Why is the sky blue? ({i})"} for i in range(6)]
+    write_shards(tmp_path / "in", [rows[:3], rows[3:]])
+    spec = load_spec(data=job_data(tiny_model, tmp_path / "in", tmp_path / "out",
+                                   model={"tensor_parallel_size": 2},
+                                   task={"options": {"enable_thinking": True, "system_prompt": "You are helpful."}}))
+    report = run_job(spec, progress=False)
+    assert report.exit_code == 0 and report.totals.results == 6
+    results = read_dir(tmp_path / "out" / "results").to_pylist()
+    for r in results:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": next(x["prompt"] for x in rows if x["id"] == r["id"])}],
+            tokenize=False, add_generation_prompt=True, enable_thinking=True)
+        assert not text.endswith("</think>\n\n")
+        assert r["prompt_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Random weights never close </think>: all output is reasoning, and no answer is invented.
+        assert r["reasoning"] is not None and r["response"] == ""
+    m = read_dir(tmp_path / "out" / "metrics").to_pylist()
+    assert {x["tensor_parallel_size"] for x in m} == {2}
+    assert vllm_processes() == []
+
+
+def test_two_replicas_share_the_shards(tiny_model, tmp_path):
+    # Few rows in flight per engine, so that the first engine up cannot take all the work
+    # before the second has loaded.
+    shards = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(16)] for s in range(6)]
+    write_shards(tmp_path / "in", shards)
+    spec = load_spec(data=job_data(tiny_model, tmp_path / "in", tmp_path / "out",
+                                   resources={"replicas": 2, "batch_size": 4, "rows_in_flight": 8}))
+    report = run_job(spec, progress=False)
+    assert report.exit_code == 0 and report.totals.results == 96
+    metrics = read_dir(tmp_path / "out" / "metrics").to_pylist()
+    workers = {w for m in metrics for w in m["workers"]}
+    assert len(workers) == 2, workers
+    assert {m["replicas"] for m in metrics} == {2}
+    assert vllm_processes() == []
