@@ -13,4 +13,8 @@ def head_class(name: str) -> type[Head]:
         from pipeline.heads.chat import ChatHead
 
         return ChatHead
+    if name == "summarize":
+        from pipeline.heads.summarize import SummarizeHead
+
+        return SummarizeHead
     raise ValueError(f"unknown head {name!r}")

@@ -1,0 +1,238 @@
+"""Summarize head: documents of any length, split on token boundaries and reduced level by level.
+
+A document whose prompt fits the context takes one engine call. A longer one is cut into
+chunks that prefer paragraph, then sentence breaks; the chunks are summarized concurrently
+and their summaries combined in groups, level by level, until one summary remains. Every
+prompt is counted with the model's own tokenizer before it is sent: no call exceeds
+max_model_len (prompt + max_tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from pipeline.heads.base import Completion, Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.chat import split_reasoning
+
+PARAGRAPH = re.compile(r"\n\s*\n")
+SENTENCE = re.compile(r"(?<=[.!?;。！？；])\s+|(?<=[。！？；])")
+
+
+class SummarizeOptions(HeadOptions):
+    text_column: str = Field("text", description="Column holding the document.")
+    max_tokens: int = Field(256, ge=8, description="Longest summary, in tokens (each call).")
+    instruction: str = Field(
+        "Summarize the following document. Keep the key facts, names and numbers.\n\n{text}",
+        description="Prompt for a document that fits in one call; {text} is the document.",
+    )
+    map_instruction: str = Field(
+        "Summarize this part of a longer document. Keep the key facts, names and numbers.\n\n{text}",
+        description="Prompt for one chunk of a long document.",
+    )
+    reduce_instruction: str = Field(
+        "These are summaries of consecutive parts of one document. Combine them into one "
+        "summary of the whole document, keeping the key facts, names and numbers.\n\n{text}",
+        description="Prompt that merges summaries; {text} is the summaries, in order.",
+    )
+    chunk_overlap: int = Field(
+        0, ge=0, description="Tokens of each chunk's end repeated at the start of the next."
+    )
+    system_prompt: str | None = Field(None, description="Optional system prompt for every call.")
+    enable_thinking: bool = Field(False, description="Qwen3 thinking mode (off: faster, cheaper).")
+    temperature: float = Field(0.7, ge=0.0, description="Default temperature (sampling.* wins).")
+
+
+@dataclass
+class _Tally:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompts: list[int] = field(default_factory=list)
+
+
+class SummarizeHead(Head):
+    name = "summarize"
+    Options = SummarizeOptions
+    options: SummarizeOptions
+
+    def input_columns(self) -> list[str]:
+        return [self.options.text_column]
+
+    def _messages(self, instruction: str, text: str) -> list[dict[str, str]]:
+        o = self.options
+        user = {"role": "user", "content": instruction.replace("{text}", text)}
+        return ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else []) + [user]
+
+    def _prompt(self, engine: Engine, instruction: str, text: str) -> list[int]:
+        return engine.render_chat(self._messages(instruction, text),
+                                  enable_thinking=self.options.enable_thinking)
+
+    def _budget(self, engine: Engine, instruction: str, max_tokens: int) -> int:
+        """Tokens of text that fit in one call beside the instruction and the output."""
+        return engine.max_model_len - len(self._prompt(engine, instruction, "")) - max_tokens
+
+    async def _call(self, engine: Engine, instruction: str, text: str, sampling: dict,
+                    tally: _Tally) -> Completion:
+        prompt = self._prompt(engine, instruction, text)
+        if len(prompt) + sampling["max_tokens"] > engine.max_model_len:
+            raise AssertionError("chunk does not fit")  # _fit_chunk guarantees it; never sent
+        done = await engine.generate(prompt, sampling)
+        tally.calls += 1
+        tally.prompt_tokens += done.prompt_tokens
+        tally.completion_tokens += done.completion_tokens
+        tally.prompts.append(len(prompt))
+        return done
+
+    def _text(self, done: Completion) -> str:
+        return split_reasoning(done.text)[1] if self.options.enable_thinking else done.text.strip()
+
+    async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+        o = self.options
+        doc = require_text(row, o.text_column)
+        sampling = {"temperature": o.temperature, "top_p": 0.8, "top_k": 20, "max_tokens": o.max_tokens}
+        sampling.update(self.sampling)
+        max_tokens = sampling["max_tokens"]
+        tokens = engine.tokenize(doc)
+        tally = _Tally()
+        reduce_budget = self._budget(engine, o.reduce_instruction, max_tokens)
+        map_budget = self._budget(engine, o.map_instruction, max_tokens) - o.chunk_overlap
+        if reduce_budget < 2 * max_tokens + 16 or map_budget < 16:
+            raise RowError("prompt_too_long",
+                           f"model.max_model_len {engine.max_model_len} leaves no room to summarize "
+                           f"with max_tokens {max_tokens}; raise max_model_len or lower max_tokens")
+        whole = self._prompt(engine, o.instruction, doc)
+        if len(whole) + max_tokens <= engine.max_model_len:
+            done = await self._call(engine, o.instruction, doc, sampling, tally)
+            summary, n_chunks, levels = self._text(done), 1, 1
+        else:
+            chunks = split_text(doc, engine, map_budget, overlap=o.chunk_overlap,
+                                fits=lambda t: len(self._prompt(engine, o.map_instruction, t))
+                                + max_tokens <= engine.max_model_len)
+            outs = await asyncio.gather(*(self._call(engine, o.map_instruction, c, sampling, tally)
+                                          for c in chunks))
+            summaries, n_chunks, levels = [self._text(d) for d in outs], len(chunks), 1
+            done = outs[-1]
+            while len(summaries) > 1:
+                groups = self._groups(engine, summaries, max_tokens)
+                outs = await asyncio.gather(*(self._call(engine, o.reduce_instruction, g, sampling, tally)
+                                              for g in groups))
+                summaries, levels, done = [self._text(d) for d in outs], levels + 1, outs[-1]
+            summary = summaries[0]
+        return {
+            "summary": summary,
+            "input_tokens": len(tokens),
+            "n_chunks": n_chunks,
+            "levels": levels,
+            "calls": tally.calls,
+            "prompt_tokens": tally.prompt_tokens,
+            "completion_tokens": tally.completion_tokens,
+            "finish_reason": done.finish_reason,
+        }
+
+    def _groups(self, engine: Engine, summaries: list[str], max_tokens: int) -> list[str]:
+        """Consecutive summaries joined into as few reduce prompts as fit; always progresses."""
+        o = self.options
+
+        def fits(text: str) -> bool:
+            return len(self._prompt(engine, o.reduce_instruction, text)) + max_tokens <= engine.max_model_len
+
+        groups: list[str] = []
+        for s in summaries:
+            if groups and fits(groups[-1] + "\n\n" + s):
+                groups[-1] += "\n\n" + s
+            else:
+                groups.append(s)
+        if len(groups) == len(summaries):  # no two fit together: keep the first half of each
+            half = self._budget(engine, o.reduce_instruction, max_tokens) // 2 - 8
+            trimmed = [_token_windows(s, engine, half)[0] if s else "" for s in summaries]
+            groups = ["\n\n".join(trimmed[i:i + 2]) for i in range(0, len(trimmed), 2)]
+        return groups
+
+
+def split_text(text: str, engine: Engine, budget: int, *, overlap: int, fits) -> list[str]:
+    """Cut text into chunks of at most `budget` tokens, preferring paragraph, then sentence,
+    then token boundaries; `fits(chunk)` has the last word (it counts the real prompt)."""
+    budget -= 4  # slack for tokens that merge across the joins
+    units: list[str] = []
+    for para in _keep_split(PARAGRAPH, text):
+        if len(engine.tokenize(para)) <= budget:
+            units.append(para)
+            continue
+        for sent in _keep_split(SENTENCE, para):
+            if len(engine.tokenize(sent)) <= budget:
+                units.append(sent)
+            else:
+                units.extend(_token_windows(sent, engine, budget))
+    chunks: list[str] = []
+    cur = ""
+    for unit in units:
+        if cur and len(engine.tokenize(cur + unit)) <= budget:
+            cur += unit
+        else:
+            if cur:
+                chunks.append(cur)
+            cur = unit
+    if cur:
+        chunks.append(cur)
+    if overlap:
+        chunks = [chunks[0]] + [_tail(prev, engine, overlap) + c for prev, c in zip(chunks, chunks[1:])]
+    # Joined text can tokenize a token or two longer than its parts: a chunk that does not
+    # fit the real prompt is halved, never truncated.
+    out: list[str] = []
+    pending = [c for c in chunks if c.strip()]
+    while pending:
+        c = pending.pop(0)
+        if fits(c):
+            out.append(c)
+        else:
+            n = len(engine.tokenize(c))
+            pending[:0] = _token_windows(c, engine, max(4, n // 2 + 1))
+    return out or [text]
+
+
+def _keep_split(pattern: re.Pattern, text: str) -> list[str]:
+    """Split after each match, keeping the separators with the piece before them."""
+    pieces, last = [], 0
+    for m in pattern.finditer(text):
+        if m.end() > last:
+            pieces.append(text[last:m.end()])
+            last = m.end()
+    if last < len(text):
+        pieces.append(text[last:])
+    return [p for p in pieces if p]
+
+
+def _decode_clean(engine: Engine, ids: list[int]) -> tuple[str, int]:
+    """Decode the longest prefix of ids that does not end inside a multi-byte character;
+    returns the text and how many ids it used."""
+    n = len(ids)
+    while n > 0:
+        text = engine.decode(ids[:n])
+        if not text.endswith("\ufffd"):
+            return text, n
+        n -= 1
+    return "", 0
+
+
+def _token_windows(text: str, engine: Engine, budget: int) -> list[str]:
+    """Consecutive windows of at most `budget` tokens that never split a character."""
+    ids = engine.tokenize(text)
+    out, start = [], 0
+    while start < len(ids):
+        piece, used = _decode_clean(engine, ids[start:start + budget])
+        if not used:  # one character wider than the window (cannot happen for budget >= 4)
+            piece, used = engine.decode(ids[start:start + 4]), 4
+        out.append(piece)
+        start += used
+    return out
+
+
+def _tail(text: str, engine: Engine, n: int) -> str:
+    ids = engine.tokenize(text)
+    tail = engine.decode(ids[-n:])
+    return tail.lstrip("\ufffd")
