@@ -28,6 +28,8 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
     }
     if model.max_model_len:
         args["max_model_len"] = model.max_model_len
+    if model.long_context:
+        args.update(long_context_args(model))
     if model.quantization:
         args["quantization"] = model.quantization
     if device == "cpu":
@@ -36,6 +38,38 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
         args["distributed_executor_backend"] = "mp"  # ranks are this actor's children
     args.update(model.engine_kwargs)
     return args
+
+
+MAX_YARN_FACTOR = 4.0
+
+
+def long_context_args(model: ModelSpec) -> dict[str, Any]:
+    """max_model_len and, past the native context, YaRN rope scaling via vLLM's hf_overrides.
+
+    vLLM expects a YaRN model's max_position_embeddings to be already scaled (as
+    transformers does), so both the rope parameters and that length are overridden.
+    """
+    from transformers import AutoConfig
+
+    from pipeline.spec import SpecError
+
+    config = AutoConfig.from_pretrained(model.source, trust_remote_code=model.trust_remote_code)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    native = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    wanted = model.long_context
+    if model.max_model_len and model.max_model_len > wanted:
+        raise SpecError(f"model.max_model_len {model.max_model_len} is above model.long_context "
+                        f"{wanted}; drop one of them")
+    out: dict[str, Any] = {"max_model_len": model.max_model_len or wanted}
+    if wanted <= native:
+        return out
+    factor = wanted / native
+    if factor > MAX_YARN_FACTOR:
+        raise SpecError(f"model.long_context {wanted} needs YaRN factor {factor:.2f}; Qwen3 supports "
+                        f"at most {MAX_YARN_FACTOR} ({int(native * MAX_YARN_FACTOR):,} tokens)")
+    rope.update(rope_type="yarn", factor=factor, original_max_position_embeddings=native)
+    out["hf_overrides"] = {"rope_parameters": rope, "max_position_embeddings": int(native * factor)}
+    return out
 
 
 def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) -> str:

@@ -53,6 +53,13 @@ class ModelSpec(_Section):
     max_model_len: int | None = Field(
         None, ge=16, description="Context length in tokens (prompt + output); default: the model's."
     )
+    long_context: int | None = Field(
+        None, ge=1024, le=131072,
+        description="Context wanted, in tokens. Above the model's native length (32,768 for "
+        "Qwen3) this turns on YaRN rope scaling with factor wanted/native (at most 4.0, i.e. "
+        "131,072 tokens). Static YaRN can lower quality on short texts: prefer chunking "
+        "(the summarize head) unless documents need the whole context at once.",
+    )
     dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16, float32.")
     quantization: str | None = Field(
         None, description="vLLM quantization method (awq, gptq, fp8, ...); default: none."

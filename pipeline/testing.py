@@ -67,3 +67,27 @@ def fake_engine_factory(**kwargs):
         return FakeEngine(args, device=device, **kwargs)
 
     return build
+
+
+def recording_engine_factory(log_path: str):
+    """An engine_factory for run_job: the real vLLM engine, with every call's prompt length
+    and max_tokens appended to log_path (JSON lines), so tests can check what was sent."""
+
+    def build(args, *, device):
+        import json
+
+        from pipeline.engine import VllmEngine
+
+        engine = VllmEngine(args, device=device)
+        generate = engine.generate
+
+        async def recorded(prompt_token_ids, sampling):
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"prompt": len(prompt_token_ids), "max_tokens": sampling.get("max_tokens"),
+                                    "max_model_len": engine.max_model_len}) + "\n")
+            return await generate(prompt_token_ids, sampling)
+
+        engine.generate = recorded
+        return engine
+
+    return build

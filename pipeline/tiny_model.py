@@ -79,6 +79,7 @@ TINY_SHAPE = dict(
     max_position_embeddings=32768,
     tie_word_embeddings=True,
     rope_theta=1000000.0,
+    initializer_range=0.1,  # larger than the default 0.02 so greedy text is not one token repeated
     bos_token_id=151643,
     eos_token_id=151645,
     pad_token_id=151643,
