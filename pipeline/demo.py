@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from pipeline.spec import load_spec
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
-DEMO_JOBS = ["demo-chat.yaml"]
+DEMO_JOBS = {"demo-chat.yaml": "chat", "demo-summarize.yaml": "documents"}
 
 TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revolution",
           "vector databases", "how vaccines work", "tensor parallelism", "the Krebs cycle",
@@ -59,6 +59,29 @@ def write_chat_shards(folder: Path, *, shards: int = 3, rows: int = 24) -> list[
     return paths
 
 
+def document(n: int) -> str:
+    """A synthetic lease of n clauses in paragraphs, long enough to need several chunks."""
+    paras = []
+    for i in range(0, n, 4):
+        paras.append(" ".join(
+            f"Clause {j + 1}: the tenant pays {100 + 7 * j} euros for {TOPICS[j % len(TOPICS)]} "
+            f"by day {j % 28 + 1} of each month, unless the landlord agrees otherwise in writing."
+            for j in range(i, min(n, i + 4))))
+    return "\n\n".join(paras)
+
+
+def write_document_shards(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [[3, 12, 40, 120], [8, 60, 250], [20, 0]]  # clauses per document; 0: an empty one
+    paths = []
+    for s, shard in enumerate(sizes):
+        rows = [{"id": f"doc-{s}-{i}", "text": document(n)} for i, n in enumerate(shard)]
+        path = folder / f"part-{s:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("text", pa.string())])), path)
+        paths.append(path)
+    return paths
+
+
 def run_demo(workdir: str) -> int:
     from rich.console import Console
 
@@ -72,10 +95,11 @@ def run_demo(workdir: str) -> int:
         console.print(f"Building the tiny Qwen3 (random weights: its text is meaningless) in {model}")
         make_tiny_model(model)
     write_chat_shards(work / "inputs" / "chat")
+    write_document_shards(work / "inputs" / "documents")
     worst = 0
-    for job in DEMO_JOBS:
+    for job, inputs in DEMO_JOBS.items():
         spec = load_spec(JOBS_DIR / job, overrides=[
-            f"model.source={model}", f"input.path={work / 'inputs' / 'chat'}",
+            f"model.source={model}", f"input.path={work / 'inputs' / inputs}",
             f"output.path={work / 'outputs' / Path(job).stem}"])
         console.rule(f"{job}: {spec.task.head} job")
         report = run_job(spec, overwrite=True)

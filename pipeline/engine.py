@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
 from typing import Any
 
-from pipeline.heads.base import Completion, RowError
+from pipeline.heads.base import Completion, RowError, Scores
 from pipeline.spec import ModelSpec
 
 # On the CPU build vLLM's KV cache takes this share of host memory unless engine_kwargs say
@@ -30,6 +31,8 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
         args["max_model_len"] = model.max_model_len
     if model.long_context:
         args.update(long_context_args(model))
+    if pooling_task(model) is not None:
+        args["runner"] = "pooling"
     if model.quantization:
         args["quantization"] = model.quantization
     if device == "cpu":
@@ -41,6 +44,22 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
 
 
 MAX_YARN_FACTOR = 4.0
+POOLING_TASKS = {"ForSequenceClassification": "classify", "ForTokenClassification": "token_classify"}
+
+
+def hf_config(source: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def pooling_task(model: ModelSpec) -> str | None:
+    """vLLM's pooling task for a classification checkpoint, None for a generative model."""
+    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    for suffix, task in POOLING_TASKS.items():
+        if any(a.endswith(suffix) for a in archs):
+            return task
+    return None
 
 
 def long_context_args(model: ModelSpec) -> dict[str, Any]:
@@ -49,11 +68,9 @@ def long_context_args(model: ModelSpec) -> dict[str, Any]:
     vLLM expects a YaRN model's max_position_embeddings to be already scaled (as
     transformers does), so both the rope parameters and that length are overridden.
     """
-    from transformers import AutoConfig
-
     from pipeline.spec import SpecError
 
-    config = AutoConfig.from_pretrained(model.source, trust_remote_code=model.trust_remote_code)
+    config = hf_config(model.source, model.trust_remote_code)
     rope = dict(getattr(config, "rope_parameters", None) or {})
     native = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
     wanted = model.long_context
@@ -103,6 +120,10 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(
             args["model"], trust_remote_code=args.get("trust_remote_code", False)
         )
+        self.id2label: dict[int, str] | None = None
+        if args.get("runner") == "pooling":
+            config = hf_config(args["model"], args.get("trust_remote_code", False))
+            self.id2label = {int(k): v for k, v in config.id2label.items()}
 
     def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -143,6 +164,54 @@ class VllmEngine:
             completion_tokens=len(choice.token_ids),
             logprobs=choice.logprobs,
         )
+
+    async def score(self, prompt_token_ids: list[int], continuations: list[list[int]]) -> Scores:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def one(cont: list[int]) -> float:
+            ids = list(prompt_token_ids) + list(cont)
+            final = None
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                request_id=uuid.uuid4().hex):
+                final = out
+            lps = final.prompt_logprobs
+            return sum(lps[i][ids[i]].logprob for i in range(len(prompt_token_ids), len(ids)))
+
+        logprobs = await asyncio.gather(*(one(c) for c in continuations))
+        total = sum(len(prompt_token_ids) + len(c) for c in continuations)
+        return Scores(list(logprobs), total)
+
+    async def _pool(self, prompt_token_ids: list[int], task: str):
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        async for out in self._llm.encode(TokensPrompt(prompt_token_ids=prompt_token_ids),
+                                          PoolingParams(task=task), request_id=uuid.uuid4().hex):
+            final = out
+        return final.outputs.data
+
+    async def classify(self, prompt_token_ids: list[int]) -> list[float]:
+        """Class probabilities of a sequence-classification checkpoint."""
+        return self._pool_probs(await self._pool(prompt_token_ids, "classify"))
+
+    async def classify_tokens(self, prompt_token_ids: list[int]) -> list[list[float]]:
+        """Per-token class probabilities of a token-classification checkpoint."""
+        return self._pool_probs(await self._pool(prompt_token_ids, "token_classify"))
+
+    @staticmethod
+    def _pool_probs(data) -> list:
+        return data.float().tolist() if hasattr(data, "float") else list(data)
+
+    def token_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of text with each token's (start, end) character span."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
     def shutdown(self) -> None:
         """Stop the engine and its worker processes."""

@@ -46,16 +46,24 @@ def read_dir(path: Path) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 
 
-def vllm_processes() -> list[psutil.Process]:
-    """vLLM engine-core and worker processes alive on this machine."""
+def vllm_processes(*, session: int | None = None, run_id: str | None = None) -> list[psutil.Process]:
+    """vLLM engine-core and worker processes alive on this machine; only those of one
+    process session (a CLI run) or of one run (its RUN_MARK) when given."""
+    from pipeline.engine import RUN_MARK
+
     found = []
     for p in psutil.process_iter(["name", "cmdline"]):
         try:
             text = (p.info["name"] or "") + " " + " ".join(p.info["cmdline"] or [])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if "VLLM::" not in text and "EngineCore" not in text:
+                continue
+            if session is not None and os.getsid(p.pid) != session:
+                continue
+            if run_id is not None and p.environ().get(RUN_MARK) != run_id:
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
-        if "VLLM::" in text or "EngineCore" in text:
-            found.append(p)
+        found.append(p)
     return found
 
 
@@ -81,4 +89,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
         raise AssertionError(f"qwen-batch {' '.join(args)} timed out:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done.leftovers = vllm_processes(session=proc.pid)  # engines that outlived the command
+    for p in done.leftovers:
+        p.kill()
+    return done

@@ -68,8 +68,7 @@ def cli_job(tiny_model, tmp_path_factory):
     spec = tmp / "job.yaml"
     spec.write_text(yaml.safe_dump(job_data(tiny_model, tmp / "in", tmp / "out")))
     proc = run_cli("run", str(spec), "--no-progress")
-    left = vllm_processes()
-    return tmp, shards, proc, left
+    return tmp, shards, proc, proc.leftovers
 
 
 def test_cli_job_succeeds_and_leaves_no_engine_running(cli_job):
@@ -152,7 +151,7 @@ def test_tensor_parallel_2_with_thinking(tiny_model, tokenizer, tmp_path):
         assert r["reasoning"] is not None and r["response"] == ""
     m = read_dir(tmp_path / "out" / "metrics").to_pylist()
     assert {x["tensor_parallel_size"] for x in m} == {2}
-    assert vllm_processes() == []
+    assert vllm_processes(run_id=report.run_id) == []
 
 
 def test_two_replicas_share_the_shards(tiny_model, tmp_path):
@@ -168,4 +167,4 @@ def test_two_replicas_share_the_shards(tiny_model, tmp_path):
     workers = {w for m in metrics for w in m["workers"]}
     assert len(workers) == 2, workers
     assert {m["replicas"] for m in metrics} == {2}
-    assert vllm_processes() == []
+    assert vllm_processes(run_id=report.run_id) == []

@@ -17,4 +17,8 @@ def head_class(name: str) -> type[Head]:
         from pipeline.heads.summarize import SummarizeHead
 
         return SummarizeHead
+    if name == "classify":
+        from pipeline.heads.classify import ClassifyHead
+
+        return ClassifyHead
     raise ValueError(f"unknown head {name!r}")

@@ -46,6 +46,14 @@ class Completion:
     logprobs: list[dict[int, float]] | None = field(default=None, repr=False)
 
 
+@dataclass
+class Scores:
+    """Log-probabilities of continuations of one prompt."""
+
+    logprobs: list[float]
+    prompt_tokens: int  # tokens the engine read, over all continuations
+
+
 class Engine(Protocol):
     """The engine as a head sees it."""
 
@@ -62,6 +70,12 @@ class Engine(Protocol):
 
     async def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> Completion:
         """Generate from a prompt; sampling uses SamplingSpec's keys."""
+
+    async def score(self, prompt_token_ids: list[int], continuations: list[list[int]]) -> Scores:
+        """Log-probability of each continuation (all its tokens) after the prompt."""
+
+    # Classification checkpoints (the pooling runner) also have:
+    # id2label: dict[int, str] and `async def classify(prompt_token_ids) -> list[float]`.
 
 
 class HeadOptions(BaseModel):

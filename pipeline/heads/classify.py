@@ -1,0 +1,172 @@
+"""Classify head: a label from a fixed set, with a probability for every label.
+
+On a generative Qwen3, every label is scored exactly: the log-probability the model gives to
+the assistant answering with that label (all its tokens, then end-of-turn), read from the
+engine's prompt log-probabilities. The probabilities are those scores normalized over the
+label set, so they sum to 1, and the label is the likeliest one: by construction it is always
+in the set, whatever the text says. Multi-label asks one yes/no question per label.
+
+On a *ForSequenceClassification checkpoint the engine's pooling runner gives the class
+probabilities directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
+
+END_OF_TURN = "<|im_end|>"
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    label: str | list[str]
+
+
+class ClassifyOptions(HeadOptions):
+    text_column: str = Field("text", description="Column holding the text to label.")
+    labels: list[str] | dict[str, str] = Field(
+        default_factory=list,
+        description="The label set: a list, or a mapping label -> one-line description. "
+        "Not needed for a *ForSequenceClassification checkpoint (its id2label is used).",
+    )
+    instruction: str = Field(
+        "Classify the text below. Answer with exactly one of these labels:\n{labels}\n\n"
+        "Text:\n{text}",
+        description="The prompt; {labels} lists the labels (with descriptions), {text} is the row's text.",
+    )
+    multi_label_instruction: str = Field(
+        "Does the label '{label}'{description} apply to the text below? Answer yes or no.\n\n"
+        "Text:\n{text}",
+        description="The per-label yes/no prompt for multi_label.",
+    )
+    examples: list[Example] = Field(default_factory=list, description="Few-shot examples.")
+    multi_label: bool = Field(False, description="Any subset of the labels may apply.")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="multi_label: keep labels at or above this probability.")
+    system_prompt: str | None = Field(None, description="Optional system prompt.")
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, v):
+        names = list(v)
+        if len(set(names)) != len(names):
+            raise ValueError("labels must be unique")
+        if any(not str(n).strip() for n in names):
+            raise ValueError("labels must be non-empty text")
+        return v
+
+
+def softmax(logprobs: list[float]) -> list[float]:
+    top = max(logprobs)
+    exps = [math.exp(x - top) for x in logprobs]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def label_probs(labels: list[str], probs: list[float]) -> list[dict]:
+    return [{"label": label, "prob": p} for label, p in zip(labels, probs)]
+
+
+class ClassifyHead(Head):
+    name = "classify"
+    Options = ClassifyOptions
+    options: ClassifyOptions
+
+    def input_columns(self) -> list[str]:
+        return [self.options.text_column]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.options.labels)
+
+    def _describe(self, label: str) -> str:
+        desc = self.options.labels.get(label) if isinstance(self.options.labels, dict) else None
+        return f": {desc}" if desc else ""
+
+    def _turns(self, text: str) -> list[dict[str, str]]:
+        o = self.options
+        listing = "\n".join(f"- {label}{self._describe(label)}" for label in self.labels)
+        turns = [{"role": "system", "content": o.system_prompt}] if o.system_prompt else []
+        for ex in o.examples:
+            answer = ex.label if isinstance(ex.label, str) else ", ".join(ex.label)
+            turns += [{"role": "user", "content": o.instruction.replace("{labels}", listing).replace("{text}", ex.text)},
+                      {"role": "assistant", "content": answer}]
+        return turns + [{"role": "user", "content": o.instruction.replace("{labels}", listing).replace("{text}", text)}]
+
+    def _check_fits(self, prompt: list[int], engine: Engine, longest: int) -> None:
+        if len(prompt) + longest > engine.max_model_len:
+            raise RowError("prompt_too_long",
+                           f"the prompt has {len(prompt)} tokens; with the longest label it exceeds "
+                           f"model.max_model_len {engine.max_model_len}; shorten the text or raise max_model_len")
+
+    async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+        text = require_text(row, self.options.text_column)
+        if getattr(engine, "id2label", None):
+            return await self._run_checkpoint(text, engine)
+        if not self.labels:
+            raise RowError("invalid_input", "task.options.labels is empty; list the labels to choose from")
+        if self.options.multi_label:
+            return await self._run_multi(text, engine)
+        prompt = engine.render_chat(self._turns(text), enable_thinking=False)
+        answers = [engine.tokenize(label + END_OF_TURN) for label in self.labels]
+        self._check_fits(prompt, engine, max(map(len, answers)))
+        scored = await engine.score(prompt, answers)
+        probs = softmax(scored.logprobs)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {
+            "label": self.labels[best],
+            "labels": None,
+            "confidence": probs[best],
+            "label_probs": label_probs(self.labels, probs),
+            "prompt_tokens": scored.prompt_tokens,
+            "completion_tokens": 0,
+        }
+
+    async def _run_multi(self, text: str, engine: Engine) -> dict[str, Any]:
+        o = self.options
+        yes, no = engine.tokenize("yes" + END_OF_TURN), engine.tokenize("no" + END_OF_TURN)
+
+        async def one(label: str):
+            question = (o.multi_label_instruction.replace("{label}", label)
+                        .replace("{description}", self._describe(label)).replace("{text}", text))
+            turns = ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else []) + [
+                {"role": "user", "content": question}]
+            prompt = engine.render_chat(turns, enable_thinking=False)
+            self._check_fits(prompt, engine, max(len(yes), len(no)))
+            scored = await engine.score(prompt, [yes, no])
+            return softmax(scored.logprobs)[0], scored.prompt_tokens
+
+        scored = await asyncio.gather(*(one(label) for label in self.labels))
+        probs = [p for p, _ in scored]
+        chosen = [label for label, p in zip(self.labels, probs) if p >= o.threshold]
+        return {
+            "label": None,
+            "labels": chosen,
+            "confidence": min((p for p in probs if p >= o.threshold), default=None),
+            "label_probs": label_probs(self.labels, probs),
+            "prompt_tokens": sum(t for _, t in scored),
+            "completion_tokens": 0,
+        }
+
+    async def _run_checkpoint(self, text: str, engine: Engine) -> dict[str, Any]:
+        prompt = engine.tokenize(text)
+        if len(prompt) > engine.max_model_len:
+            raise RowError("prompt_too_long", f"the text has {len(prompt)} tokens but model.max_model_len "
+                                              f"is {engine.max_model_len}; shorten it or raise max_model_len")
+        probs = await engine.classify(prompt)
+        names = [engine.id2label[i] for i in range(len(probs))]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {
+            "label": names[best],
+            "labels": None,
+            "confidence": probs[best],
+            "label_probs": label_probs(names, probs),
+            "prompt_tokens": len(prompt),
+            "completion_tokens": 0,
+        }

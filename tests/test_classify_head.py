@@ -1,0 +1,93 @@
+"""Classify head on a scripted engine handle: the label is the likeliest of the set, the
+probabilities come from scores (not sampled text), multi-label and bad input."""
+
+import asyncio
+import math
+
+import pytest
+
+from pipeline.heads.base import RowError, Scores
+from pipeline.heads.classify import ClassifyHead
+
+
+class ScoringEngine:
+    """Scores each continuation by a table keyed on its text (default -5)."""
+
+    max_model_len = 4096
+
+    def __init__(self, table):
+        self.table, self.rendered = table, []
+
+    def render_chat(self, messages, *, enable_thinking):
+        self.rendered.append(messages)
+        return [1] * sum(len(m["content"]) // 4 + 3 for m in messages)
+
+    def tokenize(self, text):
+        self.last = text
+        return [hash(text) % 1000, 7]
+
+    def decode(self, ids):
+        return ""
+
+    async def score(self, prompt, continuations):
+        texts = {tuple(self.tokenize(k + "<|im_end|>")): k for k in self.table}
+        return Scores([self.table.get(texts.get(tuple(c)), -5.0) for c in continuations],
+                      len(continuations) * (len(prompt) + 2))
+
+
+def run(options, text, table):
+    eng = ScoringEngine(table)
+    return asyncio.run(ClassifyHead(options).run({"text": text}, eng)), eng
+
+
+def test_label_is_the_likeliest_and_probs_are_a_softmax():
+    out, _ = run({"labels": ["positive", "negative", "neutral"]}, "Great!",
+                 {"positive": -1.0, "negative": -2.0, "neutral": -3.0})
+    z = sum(math.exp(x) for x in (-1.0, -2.0, -3.0))
+    assert out["label"] == "positive"
+    probs = {d["label"]: d["prob"] for d in out["label_probs"]}
+    assert probs["positive"] == pytest.approx(math.exp(-1) / z)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
+    assert out["confidence"] == probs["positive"] and out["completion_tokens"] == 0
+
+
+def test_descriptions_and_examples_are_in_the_prompt():
+    options = {"labels": {"spam": "unsolicited ads", "ham": "anything else"},
+               "examples": [{"text": "Buy now!!!", "label": "spam"}], "system_prompt": "Be careful."}
+    _, eng = run(options, "hello friend", {"ham": -0.1})
+    turns = eng.rendered[0]
+    assert turns[0] == {"role": "system", "content": "Be careful."}
+    assert "- spam: unsolicited ads" in turns[1]["content"] and "Buy now!!!" in turns[1]["content"]
+    assert turns[2] == {"role": "assistant", "content": "spam"}
+    assert turns[-1]["content"].endswith("hello friend")
+
+
+def test_multi_label_keeps_labels_above_threshold():
+    table = {"yes": -0.1, "no": -3.0}  # every label: yes is likelier
+    out, _ = run({"labels": ["a", "b"], "multi_label": True}, "text", table)
+    assert out["labels"] == ["a", "b"] and out["label"] is None
+    assert all(d["prob"] > 0.9 for d in out["label_probs"])
+    out, _ = run({"labels": ["a", "b"], "multi_label": True}, "text", {"yes": -3.0, "no": -0.1})
+    assert out["labels"] == [] and out["confidence"] is None
+
+
+@pytest.mark.parametrize("text, fragment", [(None, "is null"), ("", "empty"), (3.5, "holds float")])
+def test_bad_text_is_invalid_input(text, fragment):
+    with pytest.raises(RowError) as e:
+        run({"labels": ["x", "y"]}, text, {})
+    assert e.value.error_type == "invalid_input" and fragment in e.value.message
+
+
+def test_labels_must_be_unique_and_present():
+    assert "unique" in ClassifyHead.check_options({"labels": ["a", "a"]})
+    with pytest.raises(RowError, match="labels is empty"):
+        run({}, "text", {})
+
+
+def test_over_long_text_is_prompt_too_long():
+    class Small(ScoringEngine):
+        max_model_len = 50
+
+    with pytest.raises(RowError) as e:
+        asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400}, Small({})))
+    assert e.value.error_type == "prompt_too_long"
