@@ -121,9 +121,12 @@ class VllmEngine:
             args["model"], trust_remote_code=args.get("trust_remote_code", False)
         )
         self.id2label: dict[int, str] | None = None
+        self.pooling_task: str | None = None
         if args.get("runner") == "pooling":
             config = hf_config(args["model"], args.get("trust_remote_code", False))
             self.id2label = {int(k): v for k, v in config.id2label.items()}
+            self.pooling_task = next(t for suffix, t in POOLING_TASKS.items()
+                                     if any(a.endswith(suffix) for a in config.architectures))
 
     def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(

@@ -91,3 +91,17 @@ def test_over_long_text_is_prompt_too_long():
     with pytest.raises(RowError) as e:
         asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400}, Small({})))
     assert e.value.error_type == "prompt_too_long"
+
+
+def test_entities_follow_bio_labels_and_character_offsets():
+    from pipeline.heads.classify import entities
+
+    text = "Ada Lovelace met Charles in London"
+    offsets = [(0, 3), (3, 12), (12, 16), (16, 24), (24, 27), (27, 34)]
+    labels = ["B-PER", "I-PER", "O", "B-PER", "O", "B-LOC"]
+    assert entities(text, labels, offsets) == [
+        {"label": "PER", "start": 0, "end": 12, "text": "Ada Lovelace"},
+        {"label": "PER", "start": 17, "end": 24, "text": "Charles"},
+        {"label": "LOC", "start": 28, "end": 34, "text": "London"},
+    ]
+    assert entities(text, ["O"] * 6, offsets) == []

@@ -102,3 +102,26 @@ def test_sequence_classification_checkpoint_matches_transformers(tmp_path, token
         assert [d["label"] for d in r["label_probs"]] == ["negative", "neutral", "positive"]
         assert got == pytest.approx(expected, abs=1e-3)
         assert r["label"] == ["negative", "neutral", "positive"][max(range(3), key=expected.__getitem__)]
+
+
+def test_token_classification_checkpoint_matches_transformers(tmp_path, tokenizer):
+    from transformers import AutoModelForTokenClassification
+
+    from pipeline.tiny_model import make_tiny_model
+
+    names = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+    ckpt = make_tiny_model(tmp_path / "tok", architecture="Qwen3ForTokenClassification", id2label=names)
+    texts = ["Ada Lovelace visited London in 1842.", "Marie Curie moved from Warsaw to Paris.",
+             "北京 and 東京 are capitals 🙂"]
+    write_shards(tmp_path / "in", [[{"id": i, "text": t} for i, t in enumerate(texts)]])
+    report = run_job(job(ckpt, tmp_path, {"head": "classify"}), progress=False)
+    assert report.exit_code == 0 and report.totals.results == 3
+    model = AutoModelForTokenClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
+    for r in read_dir(tmp_path / "out" / "results").to_pylist():
+        text = texts[r["id"]]
+        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            expected = [names[i] for i in model(ids).logits[0].argmax(-1).tolist()]
+        assert r["token_labels"] == expected
+        for ent in r["entities"]:
+            assert ent["text"] == text[ent["start"]:ent["end"]] and ent["label"] in ("PER", "LOC")

@@ -107,6 +107,8 @@ class ClassifyHead(Head):
 
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         text = require_text(row, self.options.text_column)
+        if getattr(engine, "pooling_task", None) == "token_classify":
+            return await self._run_tokens(text, engine)
         if getattr(engine, "id2label", None):
             return await self._run_checkpoint(text, engine)
         if not self.labels:
@@ -170,3 +172,39 @@ class ClassifyHead(Head):
             "prompt_tokens": len(prompt),
             "completion_tokens": 0,
         }
+
+    async def _run_tokens(self, text: str, engine: Engine) -> dict[str, Any]:
+        ids, offsets = engine.token_offsets(text)
+        if len(ids) > engine.max_model_len:
+            raise RowError("prompt_too_long", f"the text has {len(ids)} tokens but model.max_model_len "
+                                              f"is {engine.max_model_len}; shorten it or raise max_model_len")
+        per_token = await engine.classify_tokens(ids)
+        labels = [engine.id2label[max(range(len(p)), key=p.__getitem__)] for p in per_token]
+        return {
+            "label": None, "labels": None, "confidence": None, "label_probs": None,
+            "token_labels": labels,
+            "entities": entities(text, labels, offsets),
+            "prompt_tokens": len(ids),
+            "completion_tokens": 0,
+        }
+
+
+def entities(text: str, labels: list[str], offsets: list[tuple[int, int]]) -> list[dict]:
+    """Spans of consecutive tokens with the same entity label; BIO prefixes (B-, I-) are read,
+    and O (or "outside") tokens end a span."""
+    spans: list[dict] = []
+    for label, (start, end) in zip(labels, offsets):
+        kind = label[2:] if label[:2] in ("B-", "I-") else label
+        if kind in ("O", "outside") or end <= start:
+            continue
+        prev = spans[-1] if spans else None
+        if prev and prev["label"] == kind and not label.startswith("B-") and text[prev["end"]:start].strip() == "":
+            prev["end"] = end
+        else:
+            spans.append({"label": kind, "start": start, "end": end})
+    for sp in spans:
+        # Byte-level tokens carry their leading space: trim it from the span.
+        while sp["start"] < sp["end"] and text[sp["start"]].isspace():
+            sp["start"] += 1
+        sp["text"] = text[sp["start"]:sp["end"]]
+    return spans
