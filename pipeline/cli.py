@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -79,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, InputError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
+        return 130
+    except Exception as e:
+        if os.environ.get("QWEN_BATCH_DEBUG"):
+            raise
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        console.print(f"[red]error:[/red] the run crashed: {type(e).__name__}: "
+                      f"{lines[-1] if lines else ''}\nCommitted shards are kept; rerun the same "
+                      f"command to resume. For details set QWEN_BATCH_DEBUG=1 (traceback) and "
+                      f"QWEN_BATCH_WORKER_LOGS=1 (engine logs).", highlight=False)
+        return 3
 
 
 if __name__ == "__main__":

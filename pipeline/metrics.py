@@ -65,7 +65,7 @@ def summary_table(totals: RunTotals, *, wall_seconds: float, title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("shard", "rows", "results", "errors", "in tok", "out tok", "rows/s", "out tok/s"):
+    for col in ("shard", "rows", "ok", "errors", "in tok", "out tok", "rows/s", "out tok/s"):
         t.add_column(col, justify="left" if col == "shard" else "right", no_wrap=True,
                      min_width=14 if col == "shard" else None)
 
@@ -73,7 +73,7 @@ def summary_table(totals: RunTotals, *, wall_seconds: float, title: str):
         return "-" if x is None else f"{x:,.1f}"
 
     for m in totals.shards[:20]:
-        t.add_row(m["shard"].rsplit("/", 1)[-1], f"{m['rows']:,}", f"{m['results']:,}", f"{m['errors']:,}",
+        t.add_row(m["shard"].rsplit("/", 1)[-1].removesuffix(".parquet"), f"{m['rows']:,}", f"{m['results']:,}", f"{m['errors']:,}",
                   f"{m['prompt_tokens']:,}", f"{m['completion_tokens']:,}", fmt(m["rows_per_s"]),
                   fmt(m["output_tokens_per_s"]))
     if len(totals.shards) > 20:

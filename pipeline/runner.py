@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import sys
@@ -65,10 +66,24 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
     ids = check_shards(fs, shards, id_column=spec.input.id_column,
                        any_of=getattr(head_obj, "required_any", head_obj.input_columns)(),
                        reads=reads)
+    _check_model(spec)
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
     done = [] if overwrite else _committed(spec, shards)
     return Plan(spec, shards, ids, id_type, columns, done)
+
+
+def _check_model(spec: JobSpec) -> None:
+    """The checkpoint's config must load (weights are not touched)."""
+    from pipeline.engine import hf_config
+
+    try:
+        hf_config(spec.model.source, spec.model.trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, ... with long texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"model.source {spec.model.source}: cannot read the checkpoint's config "
+                        f"({first}); give a Hugging Face id such as Qwen/Qwen3-8B or a local "
+                        f"checkpoint directory") from None
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:
@@ -113,9 +128,11 @@ def _connect_ray(spec: JobSpec, devices_per_replica: int) -> bool:
     cores = os.cpu_count() or 1
     # The CPU build's engines pin their own threads; Ray's CPU count is only for scheduling,
     # sized so that every replica and one read task can be placed at once.
+    # Workers' logs (vLLM's start-up chatter) stay in Ray's session folder unless asked for.
     ray.init(num_cpus=max(cores, spec.resources.replicas * devices_per_replica + 1),
-             include_dashboard=False, log_to_driver=True,
+             include_dashboard=False, log_to_driver=bool(os.environ.get("QWEN_BATCH_WORKER_LOGS")),
              logging_level="WARNING")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True
 
 
@@ -129,7 +146,7 @@ def _device(spec: JobSpec) -> str:
 
 def _actor_options(spec: JobSpec, device: str, run_id: str) -> dict:
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
-    env = {RUN_MARK: run_id, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    env = {RUN_MARK: run_id, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cores = os.cpu_count() or 1

@@ -24,9 +24,17 @@ def shards():
     return out
 
 
+MODEL = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _model(tiny_model):
+    MODEL["source"] = str(tiny_model)  # only its config is read: the engine is the fake
+
+
 def make_spec(tmp_path, **over):
     data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-            "model": {"source": "fake"}, "task": {"head": "chat"},
+            "model": dict(MODEL), "task": {"head": "chat"},
             "sampling": {"max_tokens": 5}, "resources": {"batch_size": 16}}
     for k, v in over.items():
         data[k] = {**data.get(k, {}), **v}
@@ -34,7 +42,7 @@ def make_spec(tmp_path, **over):
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, _model):
     tmp = tmp_path_factory.mktemp("fake")
     write_shards(tmp / "in", shards())
     spec = make_spec(tmp)

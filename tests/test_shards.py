@@ -7,12 +7,20 @@ import pytest
 from conftest import write_shards
 from pipeline.runner import plan_job
 from pipeline.shards import InputError, list_shard_paths
-from pipeline.spec import load_spec
+from pipeline.spec import SpecError, load_spec
+
+
+MODEL = {"source": "unset"}
+
+
+@pytest.fixture(autouse=True)
+def _model(tiny_model):
+    MODEL["source"] = str(tiny_model)
 
 
 def job(tmp_path, inp, **extra):
     data = {"input": {"path": str(inp)}, "output": {"path": str(tmp_path / "out")},
-            "model": {"source": "m"}, "task": {"head": "chat"}}
+            "model": dict(MODEL), "task": {"head": "chat"}}
     data.update(extra)
     return load_spec(data=data)
 
@@ -89,3 +97,10 @@ def test_validate_cli_reports_plan_and_errors(tmp_path):
     bad = run_cli("validate", str(spec), "--set", "model.max_model_lenn=5")
     assert bad.returncode == 2
     assert "Did you mean 'max_model_len'?" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unknown_model_is_refused_before_anything_runs(tmp_path):
+    write_shards(tmp_path / "in", [rows(1)])
+    spec = job(tmp_path, tmp_path / "in", model={"source": str(tmp_path / "no-such-model")})
+    with pytest.raises(SpecError, match="cannot read the checkpoint's config.*local checkpoint directory"):
+        plan_job(spec)
