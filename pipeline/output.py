@@ -32,6 +32,8 @@ class OutputDir:
         return posixpath.join(self.root, kind, f"{name}.parquet")
 
     def prepare(self) -> None:
+        """Create the folders; drop half-written files that a crashed run left in staging."""
+        self.fs.delete_dir_contents(posixpath.join(self.root, "_staging"), missing_dir_ok=True)
         for kind in KINDS:
             self.fs.create_dir(posixpath.join(self.root, kind), recursive=True)
             self.fs.create_dir(posixpath.join(self.staging, kind), recursive=True)
@@ -57,10 +59,18 @@ class OutputDir:
         self._commit(staged, posixpath.join(self.root, MANIFEST))
 
     def cleanup(self) -> None:
-        """Remove this run's (now empty) staging folder."""
-        self.fs.delete_dir(self.staging)
-        if not self.fs.get_file_info(pafs.FileSelector(posixpath.dirname(self.staging))):
-            self.fs.delete_dir(posixpath.dirname(self.staging))
+        """Remove the staging folder (only this run's, now empty, can be there)."""
+        self.fs.delete_dir(posixpath.dirname(self.staging))
+
+    def committed_names(self) -> set[str]:
+        """Shards whose files are all in place (metrics is moved last)."""
+        selector = pafs.FileSelector(posixpath.join(self.root, "metrics"), allow_not_found=True)
+        return {posixpath.basename(i.path).removesuffix(".parquet")
+                for i in self.fs.get_file_info(selector) if i.path.endswith(".parquet")}
+
+    def read_metrics(self, name: str) -> dict:
+        with self.fs.open_input_file(self.path("metrics", name)) as f:
+            return pq.read_table(f).to_pylist()[0]
 
     def read_manifest(self) -> dict | None:
         path = posixpath.join(self.root, MANIFEST)

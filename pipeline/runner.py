@@ -96,19 +96,24 @@ def _check_output_outside_input(spec: JobSpec) -> None:
 
 
 def _committed(spec: JobSpec, shards: list[Shard]) -> list[str]:
-    """Shards an earlier run of the same spec on the same input finished; refuse a changed spec."""
-    manifest = OutputDir(spec.output.path, "probe").read_manifest()
+    """Shards an earlier run of the same spec on the same input committed (its metrics file,
+    written last, is there); refuses an output folder that holds another job's results."""
+    out = OutputDir(spec.output.path, "probe")
+    manifest = out.read_manifest()
     if manifest is None:
+        if out.committed_names():
+            raise InputError(f"output.path {spec.output.path} holds results without a _manifest.json; "
+                             f"use another output path, or pass --overwrite to replace them")
         return []
     if manifest.get("spec_fingerprint") != spec.fingerprint():
         raise InputError(f"output.path {spec.output.path} holds a run of a different job spec; "
                          f"use another output path, or pass --overwrite to replace it")
-    before = {s["name"]: s for s in manifest.get("shards", [])}
+    inputs = {e["name"]: e.get("input") for e in manifest.get("shards", [])}
     done = []
+    committed = out.committed_names()
     for s in shards:
-        old = before.get(s.name)
-        if old and old.get("status") == "committed":
-            if old.get("input") != s.fingerprint():
+        if s.name in committed:
+            if inputs.get(s.name) != s.fingerprint():
                 raise InputError(f"input shard {s.path} changed since it was processed into "
                                  f"{spec.output.path}; pass --overwrite to redo the job")
             done.append(s.name)
@@ -249,18 +254,22 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
             ray.shutdown()
             reap_orphans(run_id)
     wall = time.time() - t0
-    for m in totals.shards:
-        entry = next(s for s in manifest["shards"] if s["path"] == m["shard"])
-        entry.update(status="committed", rows_in=m["rows"], results=m["results"], errors=m["errors"])
-    rate = totals.errors / totals.rows if totals.rows else 0.0
+    manifest["shards"] = _shard_entries(out, plan)
+    whole = {k: sum(e.get(k, 0) for e in manifest["shards"]) for k in ("rows", "results", "errors")}
+    rate = whole["errors"] / whole["rows"] if whole["rows"] else 0.0
     report = RunReport(spec.output.path, run_id, totals, wall, skipped_shards=len(plan.done))
-    if rate > spec.output.max_error_rate:
+    pending = [e["path"] for e in manifest["shards"] if e["status"] != "committed"]
+    if pending:
+        report.exit_code = EXIT_CRASHED
+        report.message = f"{len(pending)} shard(s) were not committed: {', '.join(pending[:5])}"
+    elif rate > spec.output.max_error_rate:
         report.exit_code = EXIT_TOO_MANY_ERRORS
-        report.message = (f"{totals.errors} of {totals.rows} rows failed ({rate:.1%}), above "
+        report.message = (f"{whole['errors']} of {whole['rows']} rows failed ({rate:.1%}), above "
                           f"output.max_error_rate {spec.output.max_error_rate:.1%}")
     manifest.update(status="failed" if report.exit_code else "complete", finished_at=time.time(),
-                    wall_seconds=wall, totals={k: getattr(totals, k) for k in
-                                              ("rows", "results", "errors", "prompt_tokens", "completion_tokens")})
+                    wall_seconds=wall, totals=whole,
+                    this_run={k: getattr(totals, k) for k in
+                              ("rows", "results", "errors", "prompt_tokens", "completion_tokens")})
     out.write_manifest(manifest)
     out.cleanup()
     console.print(summary_table(totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run_id})"))
@@ -272,19 +281,40 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
 
 
 def _manifest(spec: JobSpec, plan: Plan, run_id: str, *, status: str) -> dict:
-    old = {s["name"]: s for s in (OutputDir(spec.output.path, run_id).read_manifest() or {}).get("shards", [])}
     return {
         "run_id": run_id,
         "status": status,
         "spec_fingerprint": spec.fingerprint(),
         "spec": spec.model_dump(mode="json"),
         "started_at": time.time(),
-        "shards": [
-            old[s.name] if s.name in plan.done else
-            {"name": s.name, "path": s.path, "input": s.fingerprint(), "status": "pending"}
-            for s in plan.shards
-        ],
+        "shards": [{"name": s.name, "path": s.path, "input": s.fingerprint(), "status": "pending"}
+                   for s in plan.shards],
     }
+
+
+def _shard_entries(out: OutputDir, plan: Plan) -> list[dict]:
+    """Per-shard manifest entries from what is committed (this run's and earlier runs')."""
+    committed = out.committed_names()
+    entries = []
+    for s in plan.shards:
+        entry = {"name": s.name, "path": s.path, "input": s.fingerprint(), "status": "pending"}
+        if s.name in committed:
+            m = out.read_metrics(s.name)
+            entry.update(status="committed", run_id=m["run_id"], rows=m["rows"], results=m["results"],
+                         errors=m["errors"], exactly_once=True)
+        entries.append(entry)
+    return entries
+
+
+def _check_exactly_once(shard: Shard, ids: pa.Array, results: pa.Table, errors: pa.Table) -> None:
+    """Every input id is in results or errors, once; refuse to commit otherwise."""
+    out = results.column("id").to_pylist() + errors.column("id").to_pylist()
+    expected = ids.to_pylist()
+    if len(out) != len(expected) or set(out) != set(expected):
+        missing = set(expected) - set(out)
+        extra = len(out) - len(set(out))
+        raise RuntimeError(f"{shard.path}: refusing to commit: {len(missing)} id(s) missing, "
+                           f"{extra} duplicated (rows in {len(expected)}, out {len(out)})")
 
 
 def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console) -> RunTotals:
@@ -329,6 +359,7 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
                              "error_type": ["engine_died"] * len(missing),
                              "error_message": ["the row never came back from the engine actors"] * len(missing)})
             errors = pa.concat_tables([errors, lost.cast(errors.schema)])
+        _check_exactly_once(shard, plan.ids[shard.path], results, errors)
         m = shard_metrics(stage if stage is not None else pa.table({}), shard=shard.path, rows=shard.rows,
                           errors=errors.num_rows, context=context)
         out.commit_shard(shard.name, {"results": results, "errors": errors,

@@ -1,0 +1,283 @@
+"""Side-by-side throughput: bare vLLM `LLM.generate`, Ray Data LLM, and qwen-batch.
+
+Same model, same engine arguments, same prompts (chat-templated by each system), same
+sampling with ignore_eos so output lengths match. Each system runs in its own process, in
+alternating order, `--repeats` times; the table reports the median and the spread.
+
+    python benchmarks/throughput.py --prompts 1024 --repeats 3 --out bench-out
+
+Writes OUT/runs.parquet (one row per run), OUT/summary.parquet and OUT/throughput.png.
+`--data-path` also measures qwen-batch's read -> head -> write path with an instant fake
+engine (rows/s, our per-row overhead alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("vllm", "ray-data-llm", "qwen-batch")
+OUTPUT_LENGTHS = (16, 32, 64, 128)  # the chat mix: varied output lengths
+
+
+def prompts(n: int) -> list[dict]:
+    topics = ["rivers", "compilers", "jazz", "glaciers", "tea", "owls", "bridges", "primes"]
+    return [{"id": i, "prompt": f"Question {i}: explain {topics[i % 8]} to a {['child', 'student', 'expert'][i % 3]}.",
+             "max_tokens": OUTPUT_LENGTHS[i % len(OUTPUT_LENGTHS)]} for i in range(n)]
+
+
+def write_input(folder: Path, n: int, shards: int = 8) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = prompts(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-n // shards)
+    for s in range(shards):
+        part = rows[s * per:(s + 1) * per]
+        if part:
+            table = pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"],
+                                           "sampling": json.dumps({"max_tokens": r["max_tokens"]})}
+                                          for r in part])
+            pq.write_table(table, folder / f"part-{s:05d}.parquet")
+
+
+# --- one system per process -------------------------------------------------------------
+
+SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 1.0, "ignore_eos": True}
+
+
+def run_vllm(model: str, engine: dict, n: int) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    t0 = time.time()
+    llm = LLM(model=model, **engine)
+    t1 = time.time()
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = prompts(n)
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                     add_generation_prompt=True, enable_thinking=False) for r in rows]
+    params = [SamplingParams(max_tokens=r["max_tokens"], **SAMPLING) for r in rows]
+    outs = llm.generate(texts, params, use_tqdm=False)
+    t2 = time.time()
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    llm.llm_engine.engine_core.shutdown()
+    return {"wall_s": t2 - t0, "start_s": t1 - t0, "rows": len(outs), "output_tokens": out_tokens,
+            "input_tokens": in_tokens}
+
+
+def run_ray_data_llm(model: str, engine: dict, n: int, input_dir: str) -> dict:
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    t0 = time.time()
+    ray.init(num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=engine, concurrency=1, batch_size=64,
+        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False)
+    processor = build_processor(
+        config,
+        preprocess=lambda row: dict(
+            messages=[{"role": "user", "content": row["prompt"]}],
+            chat_template_kwargs={"enable_thinking": False},
+            sampling_params=dict(max_tokens=json.loads(row["sampling"])["max_tokens"], **SAMPLING)),
+        postprocess=lambda row: dict(id=row["id"], response=row["generated_text"],
+                                     num_generated_tokens=row["num_generated_tokens"],
+                                     num_input_tokens=row["num_input_tokens"]),
+    )
+    ds = processor(ray.data.read_parquet(input_dir))
+    out = ds.to_pandas()
+    t2 = time.time()
+    ray.shutdown()
+    return {"wall_s": t2 - t0, "start_s": None, "rows": len(out),
+            "output_tokens": int(out["num_generated_tokens"].sum()),
+            "input_tokens": int(out["num_input_tokens"].sum())}
+
+
+def run_qwen_batch(model: str, engine: dict, n: int, input_dir: str, out_dir: str) -> dict:
+    from pipeline.runner import run_job
+    from pipeline.spec import load_spec
+
+    t0 = time.time()
+    spec = load_spec(data={
+        "input": {"path": input_dir}, "output": {"path": out_dir},
+        "model": {"source": model, "max_model_len": engine["max_model_len"],
+                  "engine_kwargs": {k: v for k, v in engine.items() if k != "max_model_len"}},
+        "task": {"head": "chat"}, "sampling": SAMPLING,
+    })
+    report = run_job(spec, overwrite=True, progress=False)
+    t2 = time.time()
+    return {"wall_s": t2 - t0, "start_s": None, "rows": report.totals.rows,
+            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
+
+
+def run_data_path(n: int, input_dir: str, out_dir: str, model: str) -> dict:
+    from pipeline.runner import run_job
+    from pipeline.spec import load_spec
+    from pipeline.testing import fake_engine_factory
+
+    spec = load_spec(data={"input": {"path": input_dir}, "output": {"path": out_dir},
+                           "model": {"source": model}, "task": {"head": "chat"}})
+    t0 = time.time()
+    report = run_job(spec, overwrite=True, progress=False, engine_factory=fake_engine_factory())
+    return {"wall_s": time.time() - t0, "rows": report.totals.rows, "start_s": None,
+            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
+
+
+def child(args) -> None:
+    engine = json.loads(args.engine)
+    if args.system == "vllm":
+        result = run_vllm(args.model, engine, args.prompts)
+    elif args.system == "ray-data-llm":
+        result = run_ray_data_llm(args.model, engine, args.prompts, args.input)
+    elif args.system == "qwen-batch":
+        result = run_qwen_batch(args.model, engine, args.prompts, args.input, args.scratch)
+    else:
+        result = run_data_path(args.prompts, args.input, args.scratch, args.model)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+def measure(system: str, args, input_dir: Path, scratch: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", system, "--model", args.model, "--prompts", str(args.prompts),
+           "--engine", json.dumps(args.engine_kwargs), "--input", str(input_dir), "--scratch", str(scratch)]
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, start_new_session=True,
+                          timeout=args.timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    r = json.loads(line[7:])
+    r["system"] = system
+    r["output_tokens_per_s"] = r["output_tokens"] / r["wall_s"]
+    r["total_tokens_per_s"] = (r["output_tokens"] + r["input_tokens"]) / r["wall_s"]
+    r["rows_per_s"] = r["rows"] / r["wall_s"]
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint (default: the tiny Qwen3, built in OUT/model)")
+    p.add_argument("--prompts", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--data-path", action="store_true", help="also measure the data path with a fake engine")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.system = args.child
+        return child(args)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.model:
+        from pipeline.tiny_model import make_tiny_model
+
+        args.model = str(make_tiny_model(out / "model"))
+    args.engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.25, "enforce_eager": True}
+    input_dir = out / "input"
+    write_input(input_dir, args.prompts)
+    systems = [s for s in args.systems.split(",") if s]
+    runs = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for rep in range(args.repeats):
+            order = systems if rep % 2 == 0 else systems[::-1]  # alternate: machines drift
+            for system in order:
+                r = measure(system, args, input_dir, Path(scratch) / system)
+                r["repeat"] = rep
+                runs.append(r)
+                print(f"  {system:14s} run {rep + 1}: {r['wall_s']:7.1f} s  {r['output_tokens_per_s']:8.1f} out tok/s",
+                      flush=True)
+        if args.data_path:
+            for rep in range(args.repeats):
+                r = measure("data-path", args, input_dir, Path(scratch) / "data-path")
+                r["repeat"] = rep
+                runs.append(r)
+                print(f"  data path      run {rep + 1}: {r['rows_per_s']:8.1f} rows/s", flush=True)
+    pq.write_table(pa.Table.from_pylist(runs), out / "runs.parquet")
+    summary = summarize(runs, systems)
+    pq.write_table(pa.Table.from_pylist(summary), out / "summary.parquet")
+    print_table(summary)
+    chart(runs, systems + (["data-path"] if args.data_path else []), out / "throughput.png")
+    print(f"\nWrote {out}/runs.parquet, {out}/summary.parquet, {out}/throughput.png")
+
+
+def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
+    rows = []
+    base = {s: [r for r in runs if r["system"] == s] for s in set(r["system"] for r in runs)}
+    med = {s: statistics.median(r["wall_s"] for r in rs) for s, rs in base.items()}
+    for s, rs in base.items():
+        walls = [r["wall_s"] for r in rs]
+        row = {"system": s, "runs": len(rs), "wall_s_median": med[s], "wall_s_min": min(walls),
+               "wall_s_max": max(walls),
+               "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in rs),
+               "total_tokens_per_s": statistics.median(r["total_tokens_per_s"] for r in rs),
+               "rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
+               "output_tokens": rs[0]["output_tokens"]}
+        for ref in ("vllm", "ray-data-llm"):
+            if ref in med and s != ref:
+                # Throughput ratio: reference wall / our wall; spread from the extreme pairs.
+                ref_walls = [r["wall_s"] for r in base[ref]]
+                row[f"x_{ref}"] = med[ref] / med[s]
+                row[f"x_{ref}_min"] = min(ref_walls) / max(walls)
+                row[f"x_{ref}_max"] = max(ref_walls) / min(walls)
+        rows.append(row)
+    return rows
+
+
+def print_table(summary: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="throughput (median of runs; ratios are throughput vs. the reference, min-max)")
+    for c in ("system", "wall s (min-max)", "out tok/s", "total tok/s", "rows/s", "vs vLLM", "vs Ray Data LLM"):
+        t.add_column(c, justify="left" if c == "system" else "right")
+    for r in summary:
+        ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if k in r else "-")
+        t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
+                  f"{r['output_tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}",
+                  ratio("x_vllm"), ratio("x_ray-data-llm"))
+    Console().print(t)
+
+
+def chart(runs: list[dict], systems: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engine_systems = [s for s in systems if s != "data-path"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, s in enumerate(engine_systems):
+        vals = [r["output_tokens_per_s"] for r in runs if r["system"] == s]
+        ax.bar(i, statistics.median(vals), color="#4c78a8")
+        ax.scatter([i] * len(vals), vals, color="black", zorder=3, s=12)
+    ax.set_xticks(range(len(engine_systems)), engine_systems)
+    ax.set_ylabel("output tokens/s, end to end (engine start included)")
+    ax.set_title("Same prompts, model, engine settings; dots: single runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
