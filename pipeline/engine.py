@@ -48,6 +48,17 @@ POOLING_TASKS = {"ForSequenceClassification": "classify", "ForTokenClassificatio
 
 
 def hf_config(source: str, trust_remote_code: bool = False):
+    """The checkpoint's config. A local config.json is read as JSON (importing transformers
+    costs seconds on the driver); hub ids go through AutoConfig."""
+    from types import SimpleNamespace
+
+    local = os.path.join(source, "config.json")
+    if os.path.isfile(local):
+        with open(local) as f:
+            data = json.load(f)
+        data.setdefault("architectures", [])
+        data.setdefault("id2label", {})
+        return SimpleNamespace(**data)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -72,6 +83,8 @@ def long_context_args(model: ModelSpec) -> dict[str, Any]:
 
     config = hf_config(model.source, model.trust_remote_code)
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None):
+        rope["rope_theta"] = config.rope_theta  # configs written before transformers 5
     native = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
     wanted = model.long_context
     if model.max_model_len and model.max_model_len > wanted:
@@ -220,7 +233,7 @@ class VllmEngine:
         """Stop the engine and its worker processes."""
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
-            llm.shutdown()
+            llm.shutdown(timeout=5)
         kill_children()
 
 

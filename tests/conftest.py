@@ -15,6 +15,10 @@ import pytest
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+# Marks every process this test session starts (Ray workers and vLLM's children inherit it),
+# so the leftover check below never touches another session's processes.
+SESSION_MARK = "QWEN_BATCH_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,9 +51,10 @@ def read_dir(path: Path) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 
 
-def vllm_processes(*, session: int | None = None, run_id: str | None = None) -> list[psutil.Process]:
-    """vLLM engine-core and worker processes alive on this machine; only those of one
-    process session (a CLI run) or of one run (its RUN_MARK) when given."""
+def vllm_processes(*, session: int | None = None, run_id: str | None = None,
+                   ours: bool = True) -> list[psutil.Process]:
+    """vLLM engine-core and worker processes started by this test session; only those of
+    one process session (a CLI run) or of one run (its RUN_MARK) when given."""
     from pipeline.engine import RUN_MARK
 
     found = []
@@ -60,7 +65,10 @@ def vllm_processes(*, session: int | None = None, run_id: str | None = None) -> 
                 continue
             if session is not None and os.getsid(p.pid) != session:
                 continue
-            if run_id is not None and p.environ().get(RUN_MARK) != run_id:
+            env = p.environ()
+            if run_id is not None and env.get(RUN_MARK) != run_id:
+                continue
+            if ours and env.get(SESSION_MARK) != os.environ[SESSION_MARK]:
                 continue
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
