@@ -8,7 +8,7 @@ import sys
 
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths stay whole for copy and paste
 
 
 def _load(args):
@@ -23,6 +23,8 @@ def _load(args):
 def cmd_run(args) -> int:
     from pipeline.runner import run_job
 
+    if args.dry_run:
+        return cmd_validate(args)
     report = run_job(_load(args), overwrite=args.overwrite, progress=not args.no_progress)
     return report.exit_code
 
@@ -30,10 +32,17 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     from pipeline.runner import plan_job
 
-    plan = plan_job(_load(args))
+    plan = plan_job(_load(args), overwrite=getattr(args, "overwrite", False))
+    spec = plan.spec
     rows = sum(s.rows for s in plan.shards)
-    console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{plan.spec.task.head}', "
-                  f"model {plan.spec.model.source}; {len(plan.todo)} shard(s) to run.")
+    todo_rows = sum(s.rows for s in plan.todo)
+    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{spec.task.head}', "
+                  f"model {spec.model.source}.")
+    console.print(f"Plan: {len(plan.todo)} shard(s) and {todo_rows:,} rows to run "
+                  f"({len(plan.done)} already committed in {spec.output.path}); "
+                  f"{spec.resources.replicas} replica(s) x {devices} device(s) "
+                  f"(tensor {spec.model.tensor_parallel_size} x pipeline {spec.model.pipeline_parallel_size}).")
     return 0
 
 
@@ -63,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--overwrite", action="store_true", help="replace what output.path holds")
         if name == "run":
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
+            s.add_argument("--dry-run", action="store_true",
+                           help="check everything and print the plan; load no model")
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)

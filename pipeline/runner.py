@@ -226,7 +226,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
     """
     from rich.console import Console
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.time()
     plan = plan_job(spec, overwrite=overwrite)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]

@@ -104,3 +104,17 @@ def test_unknown_model_is_refused_before_anything_runs(tmp_path):
     spec = job(tmp_path, tmp_path / "in", model={"source": str(tmp_path / "no-such-model")})
     with pytest.raises(SpecError, match="cannot read the checkpoint's config.*local checkpoint directory"):
         plan_job(spec)
+
+
+def test_dry_run_prints_the_plan_and_loads_no_model(tmp_path):
+    import yaml
+    from conftest import run_cli
+
+    write_shards(tmp_path / "in", [rows(3), rows(2, 3)])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(job(tmp_path, tmp_path / "in").model_dump(mode="json")))
+    out = run_cli("run", "--dry-run", str(spec), "--set", "resources.replicas=3")
+    assert out.returncode == 0, out.stderr
+    assert "2 shard(s) and 5 rows to run (0 already committed" in out.stderr
+    assert "3 replica(s) x 1 device(s)" in out.stderr
+    assert not (tmp_path / "out").exists()
