@@ -34,6 +34,32 @@ def prompts(n: int) -> list[dict]:
              "max_tokens": OUTPUT_LENGTHS[i % len(OUTPUT_LENGTHS)]} for i in range(n)]
 
 
+def documents(n: int) -> list[dict]:
+    """Long documents, 0.5x to 8x a 1,024-token context, for the summarize mix."""
+    sizes = [60, 250, 500, 1000]  # sentences, ~13 tokens each
+    docs = []
+    for i in range(n):
+        sents = [f"Record {i}.{j}: shipment {j * 7} reached port {j % 13} on day {j % 28 + 1}. "
+                 for j in range(sizes[i % len(sizes)])]
+        docs.append({"id": i, "text": "\n\n".join("".join(sents[k:k + 5]) for k in range(0, len(sents), 5))})
+    return docs
+
+
+SUMMARY_TOKENS = 64
+
+
+def write_documents(folder: Path, n: int, shards: int = 4) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = documents(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-n // shards)
+    for s in range(shards):
+        if docs[s * per:(s + 1) * per]:
+            pq.write_table(pa.Table.from_pylist(docs[s * per:(s + 1) * per]), folder / f"part-{s:05d}.parquet")
+
+
 def write_input(folder: Path, n: int, shards: int = 8) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -52,7 +78,7 @@ def write_input(folder: Path, n: int, shards: int = 8) -> None:
 
 # --- one system per process -------------------------------------------------------------
 
-SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 1.0, "ignore_eos": True}
+SAMPLING = {"temperature": 0.0, "ignore_eos": True}  # greedy: the engine at its fastest, so overhead shows
 
 
 def run_vllm(model: str, engine: dict, n: int) -> dict:
@@ -124,6 +150,81 @@ def run_qwen_batch(model: str, engine: dict, n: int, input_dir: str, out_dir: st
             "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
 
 
+def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
+    """The straightforward map-reduce over bare vLLM: all chunks in one generate call, then
+    each reduce level in one call."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from pipeline.heads.summarize import SummarizeOptions, split_text
+
+    t0 = time.time()
+    llm = LLM(model=model, **engine)
+    tok = AutoTokenizer.from_pretrained(model)
+    opts = SummarizeOptions()
+    limit = engine["max_model_len"]
+
+    class Tok:  # what split_text needs
+        def tokenize(self, text):
+            return tok.encode(text, add_special_tokens=False)
+
+        def decode(self, ids):
+            return tok.decode(ids)
+
+    def prompt(instruction, text):
+        return tok.apply_chat_template([{"role": "user", "content": instruction.replace("{text}", text)}],
+                                       tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+    def fits(instruction):
+        return lambda t: len(tok.encode(prompt(instruction, t), add_special_tokens=False)) + SUMMARY_TOKENS <= limit
+
+    budget = limit - SUMMARY_TOKENS - len(tok.encode(prompt(opts.map_instruction, ""), add_special_tokens=False))
+    params = SamplingParams(max_tokens=SUMMARY_TOKENS, **SAMPLING)
+    work = {d["id"]: split_text(d["text"], Tok(), budget, overlap=0, fits=fits(opts.map_instruction))
+            for d in documents(n)}
+    out_tokens = in_tokens = 0
+    instruction = opts.map_instruction
+    while work:  # one generate call per level, over every document still in progress
+        keys = [(doc, i) for doc, parts in work.items() for i in range(len(parts))]
+        outs = llm.generate([prompt(instruction, work[d][i]) for d, i in keys], params, use_tqdm=False)
+        out_tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+        in_tokens += sum(len(o.prompt_token_ids) for o in outs)
+        summaries: dict = {}
+        for (d, _), o in zip(keys, outs):
+            summaries.setdefault(d, []).append(o.outputs[0].text)
+        instruction = opts.reduce_instruction
+        work = {}
+        for d, parts in summaries.items():
+            if len(parts) == 1:
+                continue  # this document is done
+            groups: list[str] = []
+            for part in parts:
+                if groups and fits(instruction)(groups[-1] + "\n\n" + part):
+                    groups[-1] += "\n\n" + part
+                else:
+                    groups.append(part)
+            work[d] = groups
+    t2 = time.time()
+    llm.llm_engine.engine_core.shutdown()
+    return {"wall_s": t2 - t0, "start_s": None, "rows": n, "output_tokens": out_tokens, "input_tokens": in_tokens}
+
+
+def run_qwen_batch_summarize(model: str, engine: dict, input_dir: str, out_dir: str) -> dict:
+    from pipeline.runner import run_job
+    from pipeline.spec import load_spec
+
+    t0 = time.time()
+    spec = load_spec(data={
+        "input": {"path": input_dir}, "output": {"path": out_dir},
+        "model": {"source": model, "max_model_len": engine["max_model_len"],
+                  "engine_kwargs": {k: v for k, v in engine.items() if k != "max_model_len"}},
+        "task": {"head": "summarize", "options": {"max_tokens": SUMMARY_TOKENS}}, "sampling": SAMPLING,
+    })
+    report = run_job(spec, overwrite=True, progress=False)
+    return {"wall_s": time.time() - t0, "start_s": None, "rows": report.totals.rows,
+            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
+
+
 def run_data_path(n: int, input_dir: str, out_dir: str, model: str) -> dict:
     from pipeline.runner import run_job
     from pipeline.spec import load_spec
@@ -145,6 +246,10 @@ def child(args) -> None:
         result = run_ray_data_llm(args.model, engine, args.prompts, args.input)
     elif args.system == "qwen-batch":
         result = run_qwen_batch(args.model, engine, args.prompts, args.input, args.scratch)
+    elif args.system == "vllm-map-reduce":
+        result = run_vllm_map_reduce(args.model, engine, args.prompts)
+    elif args.system == "qwen-batch-summarize":
+        result = run_qwen_batch_summarize(args.model, engine, args.input, args.scratch)
     else:
         result = run_data_path(args.prompts, args.input, args.scratch, args.model)
     print("RESULT " + json.dumps(result), flush=True)
@@ -178,7 +283,10 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint (default: the tiny Qwen3, built in OUT/model)")
     p.add_argument("--prompts", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=None, help="comma-separated; default: all for the mix")
+    p.add_argument("--mix", choices=["chat", "summarize"], default="chat",
+                   help="chat: short prompts, varied output lengths; summarize: long documents "
+                        "(bare-vLLM map-reduce against the summarize head)")
     p.add_argument("--data-path", action="store_true", help="also measure the data path with a fake engine")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--timeout", type=float, default=1800)
@@ -201,9 +309,14 @@ def main() -> None:
 
         args.model = str(make_tiny_model(out / "model"))
     args.engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.25, "enforce_eager": True}
-    input_dir = out / "input"
-    write_input(input_dir, args.prompts)
-    systems = [s for s in args.systems.split(",") if s]
+    input_dir = out / f"input-{args.mix}"
+    if args.mix == "chat":
+        write_input(input_dir, args.prompts)
+        default = SYSTEMS
+    else:
+        write_documents(input_dir, args.prompts)
+        default = ("vllm-map-reduce", "qwen-batch-summarize")
+    systems = [s for s in (args.systems.split(",") if args.systems else default) if s]
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for rep in range(args.repeats):
@@ -240,7 +353,7 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                "total_tokens_per_s": statistics.median(r["total_tokens_per_s"] for r in rs),
                "rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
                "output_tokens": rs[0]["output_tokens"]}
-        for ref in ("vllm", "ray-data-llm"):
+        for ref in ("vllm", "ray-data-llm", "vllm-map-reduce"):
             if ref in med and s != ref:
                 # Throughput ratio: reference wall / our wall; spread from the extreme pairs.
                 ref_walls = [r["wall_s"] for r in base[ref]]
@@ -255,14 +368,17 @@ def print_table(summary: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="throughput (median of runs; ratios are throughput vs. the reference, min-max)")
-    for c in ("system", "wall s (min-max)", "out tok/s", "total tok/s", "rows/s", "vs vLLM", "vs Ray Data LLM"):
+    t = Table(title="throughput (median of runs; ratios are throughput vs. the reference, min-max)",
+              width=140)
+    refs = [k for k in ("x_vllm", "x_ray-data-llm", "x_vllm-map-reduce") if any(k in r for r in summary)]
+    names = {"x_vllm": "vs vLLM", "x_ray-data-llm": "vs Ray Data LLM", "x_vllm-map-reduce": "vs vLLM map-reduce"}
+    for c in ("system", "wall s (min-max)", "out tok/s", "total tok/s", "rows/s", *[names[k] for k in refs]):
         t.add_column(c, justify="left" if c == "system" else "right")
     for r in summary:
         ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if k in r else "-")
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
                   f"{r['output_tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}",
-                  ratio("x_vllm"), ratio("x_ray-data-llm"))
+                  *[ratio(k) for k in refs])
     Console().print(t)
 
 

@@ -237,21 +237,27 @@ class VllmEngine:
         kill_children()
 
 
-def kill_children() -> None:
-    """Kill what is left of this process's children (vLLM's engine core and workers)."""
+def _kill(procs: list) -> int:
     import psutil
 
-    procs = psutil.Process().children(recursive=True)
     for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=5)
+    return len(procs)
+
+
+def kill_children() -> None:
+    """Kill what is left of this process's children (vLLM's engine core and workers)."""
+    import psutil
+
+    _kill(psutil.Process().children(recursive=True))
 
 
 def reap_orphans(run_id: str) -> int:
-    """Kill processes of this run (marked by RUN_MARK) that outlived their parent.
+    """Kill processes of this run (marked by RUN_MARK) still alive after Ray shut down.
 
     A killed engine actor leaves vLLM's engine core and workers running, reparented to init,
     each burning a core. Returns how many were killed.
@@ -259,18 +265,10 @@ def reap_orphans(run_id: str) -> int:
     import psutil
 
     found = []
-    for p in psutil.process_iter(["pid", "ppid"]):
-        if p.pid == os.getpid():
-            continue
+    for p in psutil.process_iter():
         try:
-            if p.environ().get(RUN_MARK) == run_id:
+            if p.pid != os.getpid() and p.environ().get(RUN_MARK) == run_id:
                 found.append(p)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
-    for p in found:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(found, timeout=5)
-    return len(found)
+    return _kill(found)

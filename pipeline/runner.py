@@ -157,7 +157,9 @@ def _actor_options(spec: JobSpec, device: str, run_id: str) -> dict:
         cores = os.cpu_count() or 1
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(devices))
     resources = {"num_gpus": devices, "num_cpus": 1} if device == "cuda" else {"num_cpus": devices}
-    return {**resources, "runtime_env": {"env_vars": env}}
+    restarts = spec.resources.max_engine_restarts
+    return {**resources, "runtime_env": {"env_vars": env},
+            "max_restarts": restarts, "max_task_retries": restarts}
 
 
 class _ShardAssembler:

@@ -115,6 +115,11 @@ class ResourcesSpec(_Section):
     batch_size: int = Field(
         64, ge=1, description="Rows per batch handed to an engine actor (several run at once)."
     )
+    max_engine_restarts: int = Field(
+        3, ge=0, description="Times an engine actor that died (killed, out of memory, engine "
+        "crash) is restarted and its unfinished rows retried; past that the run stops, keeps "
+        "the committed shards, and a rerun resumes."
+    )
     rows_in_flight: int = Field(
         512, ge=1, description="Rows submitted to each engine at once; keep it above the "
         "engine's max_num_seqs so it always has a full batch to schedule."

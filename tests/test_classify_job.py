@@ -125,3 +125,18 @@ def test_token_classification_checkpoint_matches_transformers(tmp_path, tokenize
         assert r["token_labels"] == expected
         for ent in r["entities"]:
             assert ent["text"] == text[ent["start"]:ent["end"]] and ent["label"] in ("PER", "LOC")
+
+
+def test_multi_label_returns_a_subset_with_consistent_probabilities(tiny_model, tmp_path):
+    rows = [{"id": i, "text": t} for i, t in enumerate(TEXTS[:4])]
+    write_shards(tmp_path / "in", [rows])
+    options = {"labels": {"shipping": "about delivery", "quality": "about the product",
+                          "service": "about support"}, "multi_label": True, "threshold": 0.5}
+    report = run_job(job(tiny_model, tmp_path, {"head": "classify", "options": options}), progress=False)
+    assert report.exit_code == 0 and report.totals.results == 4
+    for r in read_dir(tmp_path / "out" / "results").to_pylist():
+        probs = {d["label"]: d["prob"] for d in r["label_probs"]}
+        assert set(probs) == {"shipping", "quality", "service"}
+        assert all(0.0 <= p <= 1.0 for p in probs.values())
+        assert r["labels"] == [k for k in ("shipping", "quality", "service") if probs[k] >= 0.5]
+        assert r["label"] is None
