@@ -105,8 +105,10 @@ class SummarizeHead(Head):
             raise RowError("prompt_too_long",
                            f"model.max_model_len {engine.max_model_len} leaves no room to summarize "
                            f"with max_tokens {max_tokens}; raise max_model_len or lower max_tokens")
-        whole = self._prompt(engine, o.instruction, doc)
-        if len(whole) + max_tokens <= engine.max_model_len:
+        single_budget = self._budget(engine, o.instruction, max_tokens)
+        # Only a document near the budget needs its whole prompt counted exactly.
+        whole = self._prompt(engine, o.instruction, doc) if len(tokens) <= single_budget + 16 else None
+        if whole is not None and len(whole) + max_tokens <= engine.max_model_len:
             done = await self._call(engine, o.instruction, doc, sampling, tally)
             summary, n_chunks, levels = self._text(done), 1, 1
         else:
@@ -157,26 +159,30 @@ class SummarizeHead(Head):
 def split_text(text: str, engine: Engine, budget: int, *, overlap: int, fits) -> list[str]:
     """Cut text into chunks of at most `budget` tokens, preferring paragraph, then sentence,
     then token boundaries; `fits(chunk)` has the last word (it counts the real prompt)."""
+    # Each piece is tokenized once; chunks are packed by adding counts (the real prompt of
+    # every chunk is counted once more by `fits` below), so the work stays linear.
     budget -= 4  # slack for tokens that merge across the joins
-    units: list[str] = []
+    units: list[tuple[str, int]] = []
     for para in _keep_split(PARAGRAPH, text):
-        if len(engine.tokenize(para)) <= budget:
-            units.append(para)
+        n = len(engine.tokenize(para))
+        if n <= budget:
+            units.append((para, n))
             continue
         for sent in _keep_split(SENTENCE, para):
-            if len(engine.tokenize(sent)) <= budget:
-                units.append(sent)
+            n = len(engine.tokenize(sent))
+            if n <= budget:
+                units.append((sent, n))
             else:
-                units.extend(_token_windows(sent, engine, budget))
+                units.extend((w, len(engine.tokenize(w))) for w in _token_windows(sent, engine, budget))
     chunks: list[str] = []
-    cur = ""
-    for unit in units:
-        if cur and len(engine.tokenize(cur + unit)) <= budget:
-            cur += unit
+    cur, cur_n = "", 0
+    for unit, n in units:
+        if cur and cur_n + n <= budget:
+            cur, cur_n = cur + unit, cur_n + n
         else:
             if cur:
                 chunks.append(cur)
-            cur = unit
+            cur, cur_n = unit, n
     if cur:
         chunks.append(cur)
     if overlap:
