@@ -379,7 +379,7 @@ def print_table(summary: list[dict]) -> None:
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
                   f"{r['output_tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}",
                   *[ratio(k) for k in refs])
-    Console().print(t)
+    Console(width=160).print(t)
 
 
 def chart(runs: list[dict], systems: list[str], path: Path) -> None:

@@ -12,12 +12,12 @@ from conftest import REPO
 def test_benchmark_writes_runs_summary_and_chart(tmp_path, tiny_model):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--model", str(tiny_model),
-         "--prompts", "4", "--repeats", "1", "--systems", "vllm,qwen-batch", "--data-path",
+         "--prompts", "4", "--repeats", "1", "--systems", "vllm,qwen-batch",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = pq.read_table(tmp_path / "runs.parquet").to_pylist()
-    assert {r["system"] for r in runs} == {"vllm", "qwen-batch", "data-path"}
+    assert {r["system"] for r in runs} == {"vllm", "qwen-batch"}
     assert all(r["rows"] == 4 and r["wall_s"] > 0 for r in runs)
     summary = {r["system"]: r for r in pq.read_table(tmp_path / "summary.parquet").to_pylist()}
     assert summary["qwen-batch"]["x_vllm"] > 0
