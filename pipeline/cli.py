@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
     args = p.parse_args(argv)
 
+    from pipeline.runner import EXIT_CRASHED, EXIT_INVALID
     from pipeline.shards import InputError
     from pipeline.spec import SpecError
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except (SpecError, InputError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
-        return 2
+        return EXIT_INVALID
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
         return 130
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{lines[-1] if lines else ''}\nCommitted shards are kept; rerun the same "
                       f"command to resume. For details set QWEN_BATCH_DEBUG=1 (traceback) and "
                       f"QWEN_BATCH_WORKER_LOGS=1 (engine logs).", highlight=False)
-        return 3
+        return EXIT_CRASHED
 
 
 if __name__ == "__main__":

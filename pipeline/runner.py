@@ -64,7 +64,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
     _check_output_outside_input(spec)
     reads = head_obj.input_columns()
     ids = check_shards(fs, shards, id_column=spec.input.id_column,
-                       any_of=getattr(head_obj, "required_any", head_obj.input_columns)(),
+                       any_of=head_obj.required_any(),
                        reads=reads)
     _check_model(spec)
     id_type = shards[0].schema.field(spec.input.id_column).type

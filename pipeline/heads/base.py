@@ -104,8 +104,12 @@ class Head:
         return None
 
     def input_columns(self) -> list[str]:
-        """Columns this head reads (besides the id); at least one must be present in a shard."""
+        """Columns this head reads (besides the id) when a shard has them."""
         raise NotImplementedError
+
+    def required_any(self) -> list[str]:
+        """Columns of which every shard must have at least one."""
+        return self.input_columns()
 
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         """Turn one input row into one result row (without the id), or raise RowError."""
