@@ -54,6 +54,13 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipeline.report import render_report
+
+    console.print(f"Report written to {render_report(args.output)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("report", help="charts and an HTML page from a run's metrics")
+    s.add_argument("output", help="the job's output.path")
     s = sub.add_parser("demo", help="build the tiny model, write sample shards, run the demo jobs")
     s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
     args = p.parse_args(argv)
@@ -86,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.spec import SpecError
 
     handler = {"run": cmd_run, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model,
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo, "report": cmd_report}[args.command]
     try:
         return handler(args)
-    except (SpecError, InputError) as e:
+    except (SpecError, InputError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return EXIT_INVALID
     except KeyboardInterrupt:

@@ -106,3 +106,15 @@ def test_error_rate_above_threshold_fails_the_run(tmp_path):
     assert report.exit_code == EXIT_TOO_MANY_ERRORS
     assert "5 of 10 rows failed" in report.message
     assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["status"] == "failed"
+
+
+def test_report_renders_charts_and_html(first_run):
+    from conftest import run_cli
+
+    tmp = first_run[0]
+    proc = run_cli("report", str(tmp / "out"))
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp / "out" / "report" / "index.html").read_text()
+    assert "3 shards, 120 rows, 2 errors" in page
+    for png in ("shard_throughput.png", "replicas_timeline.png", "errors.png", "token_lengths.png"):
+        assert png in page and (tmp / "out" / "report" / png).stat().st_size > 1000

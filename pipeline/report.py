@@ -1,0 +1,95 @@
+"""`qwen-batch report OUTPUT`: a run's metrics as PNG charts and a small HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _read(folder: Path) -> pa.Table | None:
+    files = sorted(folder.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+
+
+def render_report(output: str | Path) -> Path:
+    """Write OUTPUT/report/{index.html, *.png}; returns the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output)
+    metrics = _read(out / "metrics")
+    if metrics is None:
+        raise FileNotFoundError(f"{out}/metrics has no committed shards: run the job first")
+    results, errors = _read(out / "results"), _read(out / "errors")
+    folder = out / "report"
+    folder.mkdir(exist_ok=True)
+    m = metrics.to_pylist()
+    charts = []
+
+    def save(fig, name, caption):
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        charts.append((name, caption))
+
+    names = [r["shard"].rsplit("/", 1)[-1].removesuffix(".parquet") for r in m]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(m)), [r["output_tokens_per_s"] or 0 for r in m], color="#4c78a8")
+    ax.set_xticks(range(len(m)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("output tokens/s")
+    save(fig, "shard_throughput.png", "Output tokens/s per shard (first row started to last row finished).")
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    t0 = min(r["started_at"] for r in m if r["started_at"])
+    workers = sorted({w for r in m for w in (r["workers"] or [])})
+    for i, w in enumerate(workers):
+        spans = [(r["started_at"] - t0, r["finished_at"] - r["started_at"], r["output_tokens_per_s"] or 0)
+                 for r in m if w in (r["workers"] or [])]
+        for start, width, rate in spans:
+            ax.broken_barh([(start, max(width, 0.01))], (i - 0.4, 0.8), color="#72b7b2")
+            ax.text(start, i, f"{rate:,.0f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(workers)), workers, fontsize=7)
+    ax.set_xlabel("seconds since the first row started")
+    save(fig, "replicas_timeline.png", "Shards over time per engine replica, labeled with output tokens/s.")
+
+    kinds = Counter(errors.column("error_type").to_pylist()) if errors is not None else Counter()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(list(kinds) or ["none"], list(kinds.values()) or [0], color="#e45756")
+    ax.set_ylabel("error rows")
+    save(fig, "errors.png", "Error rows by error_type.")
+
+    if results is not None and "prompt_tokens" in results.column_names:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for col, color in (("prompt_tokens", "#4c78a8"), ("completion_tokens", "#f58518")):
+            values = [v for v in results.column(col).to_pylist() if v is not None]
+            if values:
+                ax.hist(values, bins=30, alpha=0.6, label=col, color=color)
+        ax.set_xlabel("tokens per row")
+        ax.legend()
+        save(fig, "token_lengths.png", "Prompt and completion tokens per result row.")
+
+    rows = sum(r["rows"] for r in m)
+    errs = sum(r["errors"] for r in m)
+    out_tok = sum(r["completion_tokens"] for r in m)
+    wall = max(r["finished_at"] for r in m if r["finished_at"]) - t0
+    settings = next((r["engine_settings"] for r in m if r.get("engine_settings")), None)
+    headline = (f"{len(m)} shards, {rows:,} rows, {errs:,} errors, {out_tok:,} output tokens; "
+                f"{out_tok / wall if wall > 0 else 0:,.0f} output tokens/s over {wall:,.1f} s of inference")
+    manifest = out / "_manifest.json"
+    status = json.loads(manifest.read_text()).get("status") if manifest.exists() else "unknown"
+    body = "".join(f'<figure><img src="{n}"><figcaption>{html.escape(c)}</figcaption></figure>'
+                   for n, c in charts)
+    page = (f"<!doctype html><meta charset=utf-8><title>qwen-batch report</title>"
+            f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}img{{max-width:100%}}</style>"
+            f"<h1>qwen-batch report</h1><p>{html.escape(str(out))} &mdash; status <b>{html.escape(str(status))}</b></p>"
+            f"<p>{html.escape(headline)}</p><p>Engine settings: <code>{html.escape(str(settings))}</code></p>{body}")
+    (folder / "index.html").write_text(page)
+    print(headline)
+    return folder / "index.html"
