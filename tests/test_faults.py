@@ -92,3 +92,49 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
     assert manifest["status"] == "complete" and manifest["totals"]["rows"] == 80
     assert all(e["status"] == "committed" and e["exactly_once"] for e in manifest["shards"])
     assert not (tmp_path / "out" / "_staging").exists()
+
+
+def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
+    """SIGKILL the engine actor (real vLLM) once it has committed a shard: Ray restarts it,
+    its unfinished rows run again, every id lands once, and no engine process is left."""
+    import threading
+
+    from conftest import SESSION_MARK, vllm_processes
+    from pipeline.engine import RUN_MARK
+
+    rows = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(12)] for s in range(5)]
+    write_shards(tmp_path / "in", rows)
+    spec = load_spec(data={
+        "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
+        "model": {"source": str(tiny_model), "max_model_len": 256, "engine_kwargs": {"enforce_eager": True}},
+        "task": {"head": "chat"}, "sampling": {"max_tokens": 48, "temperature": 0},
+        "resources": {"batch_size": 4, "rows_in_flight": 4},
+    })
+    killed = []
+
+    def killer():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            if list((tmp_path / "out" / "metrics").glob("*.parquet")):
+                for p in psutil.process_iter(["cmdline"]):
+                    try:
+                        cmd = " ".join(p.info["cmdline"] or [])
+                        env = p.environ()
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    if ("MapWorker" in cmd and RUN_MARK in env
+                            and env.get(SESSION_MARK) == os.environ[SESSION_MARK]):
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    report = run_job(spec, progress=False)
+    thread.join(timeout=5)
+    assert killed, "the engine actor was not found to kill"
+    assert report.exit_code == 0
+    ids = ids_out(tmp_path / "out")
+    assert sorted(ids) == sorted(r["id"] for shard in rows for r in shard)
+    assert vllm_processes(run_id=report.run_id) == []
