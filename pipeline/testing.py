@@ -12,12 +12,17 @@ from typing import Any
 from pipeline.heads.base import Completion, RowError
 
 
+class EngineDeadError(RuntimeError):
+    """Named like vLLM's: the worker recognizes a dead engine by this name."""
+
+
 class FakeEngine:
     """Answers instantly with "ok ok ..."; its tokens are whitespace-separated words.
 
     fail_on: prompts containing any of these strings fail with an engine_error.
     die_on: a prompt containing this string kills the whole actor process (os._exit), once
     per marker file, so the restarted actor succeeds.
+    dead_on: likewise, but the engine reports itself dead (vLLM's EngineDeadError), once.
     """
 
     max_model_len = 4096
@@ -25,8 +30,9 @@ class FakeEngine:
 
     def __init__(self, args: dict[str, Any] | None = None, *, device: str = "cpu",
                  fail_on: tuple[str, ...] = (), die_on: str | None = None, marker: str | None = None,
-                 delay: float = 0.0):
+                 delay: float = 0.0, dead_on: str | None = None):
         self.fail_on, self.die_on, self.marker, self.delay = fail_on, die_on, marker, delay
+        self.dead_on = dead_on
         self.vocab: dict[str, int] = {"ok": 0}
         self.words: list[str] = ["ok"]
 
@@ -53,6 +59,9 @@ class FakeEngine:
         if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
+        if self.dead_on and self.dead_on in text and self.marker and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise EngineDeadError("the fake engine core died")
         if any(f in text for f in self.fail_on):
             raise RowError("engine_error", "the fake engine was told to fail this prompt")
         n = min(sampling.get("max_tokens", 16), 16)

@@ -59,7 +59,10 @@ class InferenceWorker:
             out = {"error_type": e.error_type, "error_message": e.message}
         except Exception as e:
             if is_engine_dead(e):
-                raise  # not this row's fault: the actor dies and Ray retries its rows
+                # Not this row's fault, and this engine will not answer again: end the actor
+                # so that Ray restarts it (a fresh engine) and retries its unfinished rows.
+                self._shutdown_engine()
+                os._exit(70)
             out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
         out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
                    _engine_settings=self.engine_settings, _worker=self.worker_id)
@@ -69,7 +72,10 @@ class InferenceWorker:
         rows = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
         yield pa.Table.from_pylist(rows, schema=self.schema)
 
+    def _shutdown_engine(self) -> None:
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()
+        self._shutdown_engine()

@@ -138,3 +138,14 @@ def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
     ids = ids_out(tmp_path / "out")
     assert sorted(ids) == sorted(r["id"] for shard in rows for r in shard)
     assert vllm_processes(run_id=report.run_id) == []
+
+
+def test_engine_reporting_itself_dead_gets_a_fresh_actor(tmp_path, tiny_model):
+    rows = [[{"id": s * 100 + i, "prompt": "CRASH here" if (s, i) == (0, 7) else f"row {i}"}
+             for i in range(15)] for s in range(2)]
+    write_shards(tmp_path / "in", rows)
+    factory = fake_engine_factory(dead_on="CRASH", marker=str(tmp_path / "dead"))
+    report = run_job(spec_for(tmp_path, tiny_model), progress=False, engine_factory=factory)
+    assert (tmp_path / "dead").exists(), "the fault was not injected"
+    assert report.exit_code == 0 and report.totals.errors == 0
+    assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
