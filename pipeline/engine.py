@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import uuid
@@ -47,6 +48,7 @@ MAX_YARN_FACTOR = 4.0
 POOLING_TASKS = {"ForSequenceClassification": "classify", "ForTokenClassification": "token_classify"}
 
 
+@functools.cache  # the driver asks for it several times per run (checks, pooling, YaRN)
 def hf_config(source: str, trust_remote_code: bool = False):
     """The checkpoint's config. A local config.json is read as JSON (importing transformers
     costs seconds on the driver); hub ids go through AutoConfig."""

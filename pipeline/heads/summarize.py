@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
@@ -52,7 +52,6 @@ class _Tally:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    prompts: list[int] = field(default_factory=list)
 
 
 class SummarizeHead(Head):
@@ -85,7 +84,6 @@ class SummarizeHead(Head):
         tally.calls += 1
         tally.prompt_tokens += done.prompt_tokens
         tally.completion_tokens += done.completion_tokens
-        tally.prompts.append(len(prompt))
         return done
 
     def _text(self, done: Completion) -> str:
