@@ -343,7 +343,7 @@ def main() -> None:
 
 def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
     rows = []
-    base = {s: [r for r in runs if r["system"] == s] for s in set(r["system"] for r in runs)}
+    base = {s: [r for r in runs if r["system"] == s] for s in dict.fromkeys(r["system"] for r in runs)}
     med = {s: statistics.median(r["wall_s"] for r in rs) for s, rs in base.items()}
     for s, rs in base.items():
         walls = [r["wall_s"] for r in rs]
@@ -354,6 +354,9 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                "rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
                "output_tokens": rs[0]["output_tokens"]}
         for ref in ("vllm", "ray-data-llm", "vllm-map-reduce"):
+            # Every row gets every ratio column (None where it does not apply): Arrow takes a
+            # table's columns from its rows, and a reference's own row has no ratio to itself.
+            row.update({f"x_{ref}": None, f"x_{ref}_min": None, f"x_{ref}_max": None})
             if ref in med and s != ref:
                 # Throughput ratio: reference wall / our wall; spread from the extreme pairs.
                 ref_walls = [r["wall_s"] for r in base[ref]]
@@ -370,12 +373,12 @@ def print_table(summary: list[dict]) -> None:
 
     t = Table(title="throughput (median of runs; ratios are throughput vs. the reference, min-max)",
               width=140)
-    refs = [k for k in ("x_vllm", "x_ray-data-llm", "x_vllm-map-reduce") if any(k in r for r in summary)]
+    refs = [k for k in ("x_vllm", "x_ray-data-llm", "x_vllm-map-reduce") if any(r.get(k) is not None for r in summary)]
     names = {"x_vllm": "vs vLLM", "x_ray-data-llm": "vs Ray Data LLM", "x_vllm-map-reduce": "vs vLLM map-reduce"}
     for c in ("system", "wall s (min-max)", "out tok/s", "total tok/s", "rows/s", *[names[k] for k in refs]):
         t.add_column(c, justify="left" if c == "system" else "right")
     for r in summary:
-        ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if k in r else "-")
+        ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if r.get(k) is not None else "-")
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
                   f"{r['output_tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}",
                   *[ratio(k) for k in refs])
