@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from pipeline.engine import RUN_MARK, engine_args, reap_orphans
 from pipeline.heads import head_class
+from pipeline.ledger import RowLedger
 from pipeline.metrics import RunTotals, shard_metrics, summary_table
 from pipeline.output import OutputDir
 from pipeline.schemas import arrow_schema
@@ -335,10 +336,12 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
         target_num_rows_per_block=spec.resources.batch_size)
     batch = spec.resources.batch_size
     in_flight = max(2, -(-spec.resources.rows_in_flight // batch))
+    ledger = ray.remote(RowLedger).options(num_cpus=0).remote()
     ds = ds.map_batches(
         InferenceWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
-                               "engine_args": args, "device": device, "engine_factory": engine_factory},
+                               "engine_args": args, "device": device, "engine_factory": engine_factory,
+                               "ledger": ledger},
         batch_size=spec.resources.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,

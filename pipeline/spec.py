@@ -117,8 +117,9 @@ class ResourcesSpec(_Section):
     )
     max_engine_restarts: int = Field(
         3, ge=0, description="Times an engine actor that died (killed, out of memory, engine "
-        "crash) is restarted and its unfinished rows retried; past that the run stops, keeps "
-        "the committed shards, and a rerun resumes."
+        "crash) is restarted and its unfinished rows retried. A row that kills the engine on "
+        "its own uses two restarts and then ends as an engine_died error row. Past the bound the "
+        "run stops, keeps the committed shards, and a rerun resumes."
     )
     rows_in_flight: int = Field(
         512, ge=1, description="Rows submitted to each engine at once; keep it above the "

@@ -23,6 +23,7 @@ class FakeEngine:
     die_on: a prompt containing this string kills the whole actor process (os._exit), once
     per marker file, so the restarted actor succeeds.
     dead_on: likewise, but the engine reports itself dead (vLLM's EngineDeadError), once.
+    poison_on: a prompt containing this string kills the actor process every time.
     """
 
     max_model_len = 4096
@@ -30,9 +31,9 @@ class FakeEngine:
 
     def __init__(self, args: dict[str, Any] | None = None, *, device: str = "cpu",
                  fail_on: tuple[str, ...] = (), die_on: str | None = None, marker: str | None = None,
-                 delay: float = 0.0, dead_on: str | None = None):
+                 delay: float = 0.0, dead_on: str | None = None, poison_on: str | None = None):
         self.fail_on, self.die_on, self.marker, self.delay = fail_on, die_on, marker, delay
-        self.dead_on = dead_on
+        self.dead_on, self.poison_on = dead_on, poison_on
         self.vocab: dict[str, int] = {"ok": 0}
         self.words: list[str] = ["ok"]
 
@@ -58,6 +59,8 @@ class FakeEngine:
         text = self.decode(prompt_token_ids)
         if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
+            os._exit(1)
+        if self.poison_on and self.poison_on in text:
             os._exit(1)
         if self.dead_on and self.dead_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 import pyarrow as pa
 
 from pipeline.heads import RowError, head_class
+from pipeline.ledger import EngineGate, batch_key
 from pipeline.schemas import arrow_schema
 from pipeline.spec import JobSpec
 
@@ -40,7 +41,7 @@ class InferenceWorker:
     """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
 
     def __init__(self, *, spec_json: str, id_type: pa.DataType, engine_args: dict[str, Any],
-                 device: str, engine_factory=None):
+                 device: str, engine_factory=None, ledger=None):
         spec = JobSpec.model_validate_json(spec_json)
         self.id_column = spec.input.id_column
         self.head = head_class(spec.task.head)(spec.task.options, sampling=spec.sampling.merged())
@@ -50,11 +51,14 @@ class InferenceWorker:
         self.engine = engine_factory(engine_args, device=device)
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
+        self.gate = EngineGate()
 
-    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+    async def _one(self, row: dict[str, Any], *, alone: bool = False) -> dict[str, Any]:
         started = time.time()
         try:
-            out = await self.head.run(row, self.engine)
+            async with (self.gate.exclusive() if alone else self.gate.shared()):
+                out = await self.head.run(row, self.engine)
         except RowError as e:
             out = {"error_type": e.error_type, "error_message": e.message}
         except Exception as e:
@@ -64,13 +68,38 @@ class InferenceWorker:
                 self._shutdown_engine()
                 os._exit(70)
             out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
+        return self._finish(out, row, started)
+
+    def _finish(self, out: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
         out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
                    _engine_settings=self.engine_settings, _worker=self.worker_id)
         return out
 
+    async def _suspect(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Run a row of a batch whose engine died: alone, so a second death names this row."""
+        key = batch_key(row[SHARD_COLUMN], [row[self.id_column]])
+        deaths = await self.ledger.begin_alone.remote(key)
+        if deaths:
+            out = self._finish({"error_type": "engine_died", "error_message": (
+                f"the engine process died {deaths} time(s) while running this row alone, so the row "
+                f"was not tried again; it likely hits an engine bug or runs out of memory "
+                f"(check its length and content)")}, row, time.time())
+        else:
+            out = await self._one(row, alone=True)
+        await self.ledger.end_alone.remote(key)
+        return out
+
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
-        rows = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
-        yield pa.Table.from_pylist(rows, schema=self.schema)
+        rows = batch.to_pylist()
+        key = batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows]) if rows else ""
+        retry = bool(self.ledger and rows and await self.ledger.begin.remote(key))
+        if retry:
+            out = [await self._suspect(r) for r in rows]
+        else:
+            out = await asyncio.gather(*(self._one(r) for r in rows))
+        if self.ledger and rows:
+            await self.ledger.end.remote(key)
+        yield pa.Table.from_pylist(out, schema=self.schema)
 
     def _shutdown_engine(self) -> None:
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)

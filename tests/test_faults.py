@@ -149,3 +149,24 @@ def test_engine_reporting_itself_dead_gets_a_fresh_actor(tmp_path, tiny_model):
     assert (tmp_path / "dead").exists(), "the fault was not injected"
     assert report.exit_code == 0 and report.totals.errors == 0
     assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
+
+
+def test_poison_row_that_kills_every_engine_ends_as_one_error_row(tmp_path, tiny_model):
+    """A row that kills the engine each time it runs: its batch is retried with rows one at a
+    time, the row that was alone when the engine died becomes an engine_died error row, and
+    every other row, including its batch mates, gets a result."""
+    rows = [[{"id": s * 100 + i, "prompt": "POISON pill" if (s, i) == (1, 2) else f"row {i}"}
+             for i in range(12)] for s in range(3)]
+    write_shards(tmp_path / "in", rows)
+    factory = fake_engine_factory(poison_on="POISON")
+    report = run_job(spec_for(tmp_path, tiny_model), progress=False, engine_factory=factory)
+    assert report.exit_code == 0, report.message
+    errors = read_dir(tmp_path / "out" / "errors")
+    assert errors.column("id").to_pylist() == [102]
+    assert errors.column("error_type").to_pylist() == ["engine_died"]
+    assert "died 1 time(s) while running this row alone" in errors.column("error_message")[0].as_py()
+    results = read_dir(tmp_path / "out" / "results")
+    assert sorted(results.column("id").to_pylist()) == sorted(
+        r["id"] for shard in rows for r in shard if r["id"] != 102)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["totals"] == {"rows": 36, "results": 35, "errors": 1}
