@@ -42,15 +42,27 @@ class OutputDir:
         self.fs.move(staged, final)
 
     def commit_shard(self, name: str, tables: dict[str, pa.Table]) -> None:
-        """Write results, errors and metrics of one shard, then move all three into place."""
-        staged = {}
-        for kind, table in tables.items():
-            staged[kind] = posixpath.join(self.staging, kind, f"{name}.parquet")
-            with self.fs.open_output_stream(staged[kind]) as f:
-                pq.write_table(table, f)
-        for kind in KINDS:  # metrics last: its presence means the shard is complete
-            if kind in staged:
-                self._commit(staged[kind], self.path(kind, name))
+        """Write results, errors and metrics of one shard, then move all three into place.
+
+        On failure (a full disk, say) nothing of the shard is left in place or in staging.
+        """
+        staged = {kind: posixpath.join(self.staging, kind, f"{name}.parquet") for kind in tables}
+        moved = []
+        try:
+            for kind, table in tables.items():
+                with self.fs.open_output_stream(staged[kind]) as f:
+                    pq.write_table(table, f)
+            for kind in KINDS:  # metrics last: its presence means the shard is complete
+                if kind in staged:
+                    self._commit(staged[kind], self.path(kind, name))
+                    moved.append(self.path(kind, name))
+        except BaseException:
+            for path in list(staged.values()) + moved:
+                try:
+                    self.fs.delete_file(path)
+                except OSError:
+                    pass
+            raise
 
     def write_manifest(self, manifest: dict) -> None:
         staged = posixpath.join(self.staging, MANIFEST)

@@ -241,15 +241,26 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
         console.print(f"Nothing to do: all {len(plan.shards)} shards are already in {spec.output.path}.")
         return RunReport(spec.output.path, run_id, RunTotals(), time.time() - t0,
                          skipped_shards=len(plan.shards), message="nothing to do")
-    out.prepare()
+    manifest = _manifest(spec, plan, run_id, status="running")
+    try:
+        out.prepare()
+        out.write_manifest(manifest)
+    except OSError as e:
+        raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    totals = RunTotals()
+    stopped = None  # why the run stopped early, if it did
     started_ray = _connect_ray(spec, devices)
     try:
         device = _device(spec)
         args = engine_args(spec.model, device=device)
-        manifest = _manifest(spec, plan, run_id, status="running")
-        out.write_manifest(manifest)
-        totals = _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console)
+        _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console, totals)
+    except (SpecError, InputError):
+        raise
+    except Exception as e:
+        if os.environ.get("QWEN_BATCH_DEBUG"):
+            raise
+        stopped = _reason(e)
     finally:
         if started_ray:
             import ray
@@ -264,16 +275,23 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
     pending = [e["path"] for e in manifest["shards"] if e["status"] != "committed"]
     if pending:
         report.exit_code = EXIT_CRASHED
-        report.message = f"{len(pending)} shard(s) were not committed: {', '.join(pending[:5])}"
+        report.message = (f"{len(pending)} shard(s) were not committed: {', '.join(pending[:5])}"
+                          + (f"\nThe run stopped: {stopped}" if stopped else "")
+                          + f"\n{len(manifest['shards']) - len(pending)} committed shard(s) are kept; "
+                            f"rerun the same command to resume.")
     elif rate > spec.output.max_error_rate:
         report.exit_code = EXIT_TOO_MANY_ERRORS
         report.message = (f"{whole['errors']} of {whole['rows']} rows failed ({rate:.1%}), above "
                           f"output.max_error_rate {spec.output.max_error_rate:.1%}")
     manifest.update(status="failed" if report.exit_code else "complete", finished_at=time.time(),
-                    wall_seconds=wall, totals=whole,
+                    wall_seconds=wall, totals=whole, stopped_because=stopped,
                     this_run={k: getattr(totals, k) for k in
                               ("rows", "results", "errors", "prompt_tokens", "completion_tokens")})
-    out.write_manifest(manifest)
+    try:
+        out.write_manifest(manifest)
+    except OSError as e:  # a full disk: what is committed stays valid without the final manifest
+        report.message += f"\nThe manifest could not be updated: {e}"
+        report.exit_code = report.exit_code or EXIT_CRASHED
     out.cleanup()
     console.print(summary_table(totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run_id})"))
     console.print(f"Results in {spec.output.path}/results, errors in {spec.output.path}/errors, "
@@ -281,6 +299,19 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
     if report.message:
         console.print(f"[red]{report.message}[/red]")
     return report
+
+
+class OutputWriteError(RuntimeError):
+    """A shard's output could not be written (full disk, no permission, ...)."""
+
+
+def _reason(e: BaseException) -> str:
+    """One line for people: the last line of the error that stopped the run."""
+    if isinstance(e, OutputWriteError):
+        return str(e)
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (f"{type(e).__name__}: {lines[-1] if lines else ''} (details: rerun with "
+            f"QWEN_BATCH_DEBUG=1 for the traceback, QWEN_BATCH_WORKER_LOGS=1 for engine logs)")
 
 
 def _manifest(spec: JobSpec, plan: Plan, run_id: str, *, status: str) -> dict:
@@ -320,7 +351,7 @@ def _check_exactly_once(shard: Shard, ids: pa.Array, results: pa.Table, errors: 
                            f"{extra} duplicated (rows in {len(expected)}, out {len(out)})")
 
 
-def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console) -> RunTotals:
+def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console, totals: RunTotals):
     import ray
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -354,7 +385,6 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
                "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device,
                }
     metrics_schema = arrow_schema("metrics")
-    totals = RunTotals()
     assembler = _ShardAssembler(plan)
 
     def commit(shard: Shard, stage: pa.Table | None, missing: list = ()):
@@ -367,8 +397,12 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
         _check_exactly_once(shard, plan.ids[shard.path], results, errors)
         m = shard_metrics(stage if stage is not None else pa.table({}), shard=shard.path, rows=shard.rows,
                           errors=errors.num_rows, context=context)
-        out.commit_shard(shard.name, {"results": results, "errors": errors,
-                                      "metrics": pa.Table.from_pylist([m], schema=metrics_schema)})
+        try:
+            out.commit_shard(shard.name, {"results": results, "errors": errors,
+                                          "metrics": pa.Table.from_pylist([m], schema=metrics_schema)})
+        except OSError as e:  # stop: the next shards would fail the same way
+            raise OutputWriteError(f"cannot write the output of {shard.path} to {spec.output.path}: "
+                                   f"{e}. Free space or fix permissions there") from e
         totals.add(m)
 
     for shard in [s for s in todo if s.rows == 0]:
@@ -397,4 +431,3 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
         print(f"warning: {len(missing)} row(s) of {shard.path} never came back; "
               f"recorded as errors", file=sys.stderr)
         commit(shard, stage, missing)
-    return totals

@@ -170,3 +170,53 @@ def test_poison_row_that_kills_every_engine_ends_as_one_error_row(tmp_path, tiny
         r["id"] for shard in rows for r in shard if r["id"] != 102)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["totals"] == {"rows": 36, "results": 35, "errors": 1}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 KiB tmpfs: room for the manifest and about two shards' files."""
+    mount = tmp_path / "out"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path, tiny_model, small_disk):
+    rows = [[{"id": s * 100 + i, "prompt": f"row {i} " + "word " * 50} for i in range(40)] for s in range(6)]
+    write_shards(tmp_path / "in", rows)
+    spec = load_spec(data={
+        "input": {"path": str(tmp_path / "in")}, "output": {"path": str(small_disk)},
+        "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
+        "sampling": {"max_tokens": 16}, "resources": {"batch_size": 10},
+    })
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    assert report.exit_code == 3
+    assert "No space left on device" in report.message and "rerun the same command" in report.message
+    committed = {p.name for p in (small_disk / "metrics").glob("*.parquet")}
+    assert 0 < len(committed) < 6
+    # nothing half-written is visible: every file in place belongs to a committed shard
+    assert {p.name for p in (small_disk / "results").glob("*")} == committed
+    assert {p.name for p in (small_disk / "errors").glob("*")} == committed
+    assert not (small_disk / "_staging").exists()
+    for name in committed:
+        s = int(name.split("-")[1].split(".")[0])
+        assert sorted(read_dir_file(small_disk / "results" / name)) == [s * 100 + i for i in range(40)]
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    assert report.exit_code == 0, report.message
+    assert report.skipped_shards == len(committed)
+    ids = ids_out(small_disk)
+    assert sorted(ids) == sorted(r["id"] for shard in rows for r in shard)
+    manifest = json.loads((small_disk / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["totals"]["rows"] == 240
+
+
+def read_dir_file(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).column("id").to_pylist()
