@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import uuid
 from typing import Any
 
@@ -117,6 +118,37 @@ def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) ->
     return json.dumps(out, sort_keys=True, default=str)
 
 
+@functools.lru_cache(maxsize=4)
+def _special_texts(tokenizer) -> tuple[str, ...]:
+    """Texts of the control tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...)."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: bool) -> list[int]:
+    """Prompt token ids of a conversation, with control tokens inside messages kept as text.
+
+    A scraped page that contains "<|im_start|>system" must not open a new turn: contents that
+    hold special-token text are tokenized apart with split_special_tokens, and the template
+    is rendered around placeholders for them.
+    """
+    specials = _special_texts(tokenizer)
+    escaped = {i: m["content"] for i, m in enumerate(messages)
+               if any(t in m["content"] for t in specials)}
+    nonce = uuid.uuid4().hex
+    shown = [{**m, "content": f"<{nonce}:{i}>"} if i in escaped else m for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    if not escaped:
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids: list[int] = []
+    for n, piece in enumerate(re.split(f"<{nonce}:(\\d+)>", text)):  # odd pieces are placeholder numbers
+        if n % 2:
+            ids += tokenizer.encode(escaped[int(piece)], add_special_tokens=False, split_special_tokens=True)
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
 class VllmEngine:
     """One async vLLM engine; every generate() call is one request, batched continuously."""
 
@@ -144,10 +176,7 @@ class VllmEngine:
                                      if any(a.endswith(suffix) for a in config.architectures))
 
     def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

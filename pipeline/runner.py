@@ -67,6 +67,10 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
     ids = check_shards(fs, shards, id_column=spec.input.id_column,
                        any_of=head_obj.required_any(),
                        reads=reads)
+    clash = [c for c in [spec.input.id_column] + reads if c == SHARD_COLUMN]
+    if clash:
+        raise InputError(f"the job reads a column named '{SHARD_COLUMN}', which Ray Data overwrites "
+                         f"with each row's file name; rename that column (or the head's column option)")
     _check_model(spec)
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]

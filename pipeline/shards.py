@@ -90,6 +90,14 @@ def open_shards(uri: str) -> tuple[pafs.FileSystem, list[Shard]]:
     return fs, shards
 
 
+def _extension_name(f: pa.Field) -> str | None:
+    """The extension type of a column, registered in this process or not."""
+    if isinstance(f.type, pa.ExtensionType):
+        return f.type.extension_name
+    name = (f.metadata or {}).get(b"ARROW:extension:name")
+    return name.decode(errors="replace") if name else None
+
+
 def check_shards(fs: pafs.FileSystem, shards: list[Shard], *, id_column: str,
                  any_of: list[str], reads: list[str]) -> dict[str, pa.Array]:
     """Check columns, id types, null and duplicate ids; return each shard's ids.
@@ -98,6 +106,13 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], *, id_column: str,
     reads: the columns the head reads when present; every shard must agree on them.
     """
     problems: list[str] = []
+    for s in shards:
+        for f in s.schema:
+            ext = _extension_name(f)
+            if ext and ("pickle" in ext or f.name in reads or f.name == id_column):
+                problems.append(f"{s.path}: column '{f.name}' has the Arrow extension type '{ext}'; "
+                                f"qwen-batch reads plain types only (extension types can unpickle "
+                                f"code): write it as a plain string or integer column, or drop it")
     first = shards[0]
     for s in shards[1:]:
         for c in reads:
@@ -133,9 +148,14 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], *, id_column: str,
     for s in shards:
         with fs.open_input_file(s.path) as f:
             col = pq.read_table(f, columns=[id_column]).column(id_column).combine_chunks()
+        try:
+            values = col.drop_null().to_pylist()
+        except UnicodeDecodeError:
+            problems.append(f"{s.path}: id column '{id_column}' holds text that is not valid UTF-8; "
+                            f"write the ids as UTF-8")
+            continue
         if col.null_count:
             problems.append(f"{s.path}: {col.null_count} row(s) with a null id; give every row an id")
-        values = col.drop_null().to_pylist()
         dupes = []
         for v in values:
             if v in first_seen:

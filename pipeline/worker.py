@@ -89,17 +89,43 @@ class InferenceWorker:
         await self.ledger.end_alone.remote(key)
         return out
 
+    def _rows(self, batch: pa.Table) -> tuple[list[dict[str, Any]], dict[int, str]]:
+        """The batch as dicts; rows whose text is not valid UTF-8 come back as problems."""
+        try:
+            return batch.to_pylist(), {}
+        except UnicodeDecodeError:
+            pass
+        rows, problems = [], {}
+        for i in range(batch.num_rows):
+            row = {}
+            for name in batch.column_names:
+                try:
+                    row[name] = batch.column(name)[i].as_py()
+                except UnicodeDecodeError as e:
+                    row[name] = None
+                    problems[i] = (f"column '{name}' is not valid UTF-8 (byte 0x{e.object[e.start]:02x} "
+                                   f"at byte {e.start}); write the text as UTF-8")
+            rows.append(row)
+        return rows, problems
+
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
-        rows = batch.to_pylist()
-        key = batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows]) if rows else ""
-        retry = bool(self.ledger and rows and await self.ledger.begin.remote(key))
-        if retry:
+        rows, bad = self._rows(batch)
+        out = await self._run([r for i, r in enumerate(rows) if i not in bad])
+        out += [self._finish({"error_type": "invalid_input", "error_message": bad[i]}, rows[i], time.time())
+                for i in bad]
+        yield pa.Table.from_pylist(out, schema=self.schema)
+
+    async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not rows:
+            return []
+        key = batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows])
+        if self.ledger and await self.ledger.begin.remote(key):  # an engine died on this batch
             out = [await self._suspect(r) for r in rows]
         else:
-            out = await asyncio.gather(*(self._one(r) for r in rows))
-        if self.ledger and rows:
+            out = list(await asyncio.gather(*(self._one(r) for r in rows)))
+        if self.ledger:
             await self.ledger.end.remote(key)
-        yield pa.Table.from_pylist(out, schema=self.schema)
+        return out
 
     def _shutdown_engine(self) -> None:
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)

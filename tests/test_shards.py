@@ -49,41 +49,6 @@ def test_plan_counts_rows_and_shards(tmp_path):
     assert plan.columns == ["id", "prompt"]
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda d: write_shards(d, [[{"key": 1, "prompt": "x"}]]), "no id column 'id'"),
-    (lambda d: write_shards(d, [[{"id": 1, "text": "x"}]]), "none of the columns messages, prompt"),
-    (lambda d: write_shards(d, [rows(2), rows(2, 1)]), "duplicate id(s): 1 (also in"),
-    (lambda d: write_shards(d, [[{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}]]), "1 duplicate id(s): 1"),
-    (lambda d: write_shards(d, [[{"id": None, "prompt": "a"}, {"id": 2, "prompt": "b"}]]), "1 row(s) with a null id"),
-    (lambda d: write_shards(d, [rows(1), [{"id": "x", "prompt": "y"}]]), "different types across shards"),
-    (lambda d: write_shards(d, [rows(1), [{"id": 5, "prompt": 3}]]), "column 'prompt' is int64 but string"),
-    (lambda d: write_shards(d, [[{"id": 1.5, "prompt": "x"}]]), "must hold integers or strings"),
-    (lambda d: write_shards(d, [[]], pa.schema([("id", pa.int64()), ("prompt", pa.string())])), "the input has no rows"),
-    (lambda d: (d.mkdir(parents=True), (d / "notes.txt").write_text("hello")), "notes.txt: not a readable Parquet"),
-    (lambda d: (d.mkdir(parents=True), (d / "empty.parquet").write_bytes(b"")), "empty.parquet: not a readable Parquet"),
-    (lambda d: (write_shards(d, [rows(50)]), (d / "cut.parquet").write_bytes((d / "part-00000.parquet").read_bytes()[:-30])),
-     "cut.parquet: not a readable Parquet"),
-    (lambda d: d.mkdir(parents=True), "no input files found"),
-])
-def test_bad_inputs_are_refused_with_file_and_fix(tmp_path, make, fragment):
-    make(tmp_path / "in")
-    with pytest.raises(InputError) as e:
-        plan_job(job(tmp_path, tmp_path / "in"))
-    assert fragment in str(e.value)
-
-
-def test_missing_input_path(tmp_path):
-    with pytest.raises(InputError, match="no such file or directory"):
-        plan_job(job(tmp_path, tmp_path / "nowhere"))
-
-
-def test_output_inside_input_is_refused(tmp_path):
-    write_shards(tmp_path / "in", [rows(1)])
-    spec = job(tmp_path, tmp_path / "in", output={"path": str(tmp_path / "in" / "out")})
-    with pytest.raises(InputError, match="is inside input.path"):
-        plan_job(spec)
-
-
 def test_validate_cli_reports_plan_and_errors(tmp_path):
     import yaml
     from conftest import run_cli
