@@ -30,6 +30,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from pipeline.redact import redact_text
     from pipeline.runner import plan_job
 
     plan = plan_job(_load(args), overwrite=getattr(args, "overwrite", False))
@@ -38,9 +39,9 @@ def cmd_validate(args) -> int:
     todo_rows = sum(s.rows for s in plan.todo)
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{spec.task.head}', "
-                  f"model {spec.model.source}.")
+                  f"model {spec.model.source}.", highlight=False)
     console.print(f"Plan: {len(plan.todo)} shard(s) and {todo_rows:,} rows to run "
-                  f"({len(plan.done)} already committed in {spec.output.path}); "
+                  f"({len(plan.done)} already committed in {redact_text(spec.output.path)}); "
                   f"{spec.resources.replicas} replica(s) x {devices} device(s) "
                   f"(tensor {spec.model.tensor_parallel_size} x pipeline {spec.model.pipeline_parallel_size}).")
     return 0
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
     args = p.parse_args(argv)
 
+    from pipeline.redact import redact_text
     from pipeline.runner import EXIT_CRASHED, EXIT_INVALID
     from pipeline.shards import InputError
     from pipeline.spec import SpecError
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (SpecError, InputError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {redact_text(str(e))}", highlight=False)
         return EXIT_INVALID
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         lines = [line for line in str(e).splitlines() if line.strip()]
         console.print(f"[red]error:[/red] the run crashed: {type(e).__name__}: "
-                      f"{lines[-1] if lines else ''}\nCommitted shards are kept; rerun the same "
+                      f"{redact_text(lines[-1]) if lines else ''}\nCommitted shards are kept; rerun the same "
                       f"command to resume. For details set QWEN_BATCH_DEBUG=1 (traceback) and "
                       f"QWEN_BATCH_WORKER_LOGS=1 (engine logs).", highlight=False)
         return EXIT_CRASHED

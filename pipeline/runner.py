@@ -18,6 +18,7 @@ from pipeline.heads import head_class
 from pipeline.ledger import RowLedger
 from pipeline.metrics import RunTotals, shard_metrics, summary_table
 from pipeline.output import OutputDir
+from pipeline.redact import redact, redact_text
 from pipeline.schemas import arrow_schema
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
 from pipeline.spec import JobSpec, SpecError
@@ -242,7 +243,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
         for kind in ("results", "errors", "metrics"):
             out.fs.delete_dir_contents(posixpath.join(out.root, kind), missing_dir_ok=True)
     if not plan.todo:
-        console.print(f"Nothing to do: all {len(plan.shards)} shards are already in {spec.output.path}.")
+        console.print(f"Nothing to do: all {len(plan.shards)} shards are already in "
+                      f"{redact_text(spec.output.path)}.")
         return RunReport(spec.output.path, run_id, RunTotals(), time.time() - t0,
                          skipped_shards=len(plan.shards), message="nothing to do")
     manifest = _manifest(spec, plan, run_id, status="running")
@@ -298,10 +300,11 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
         report.exit_code = report.exit_code or EXIT_CRASHED
     out.cleanup()
     console.print(summary_table(totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run_id})"))
-    console.print(f"Results in {spec.output.path}/results, errors in {spec.output.path}/errors, "
-                  f"metrics in {spec.output.path}/metrics.")
+    shown = redact_text(spec.output.path)
+    console.print(f"Results in {shown}/results, errors in {shown}/errors, metrics in {shown}/metrics.")
     if report.message:
-        console.print(f"[red]{report.message}[/red]")
+        report.message = redact_text(report.message)
+        console.print(f"[red]{report.message}[/red]", highlight=False)
     return report
 
 
@@ -323,7 +326,7 @@ def _manifest(spec: JobSpec, plan: Plan, run_id: str, *, status: str) -> dict:
         "run_id": run_id,
         "status": status,
         "spec_fingerprint": spec.fingerprint(),
-        "spec": spec.model_dump(mode="json"),
+        "spec": redact(spec.model_dump(mode="json")),
         "started_at": time.time(),
         "shards": [{"name": s.name, "path": s.path, "input": s.fingerprint(), "status": "pending"}
                    for s in plan.shards],

@@ -1,10 +1,13 @@
 """The data path on a real local Ray cluster with an instant fake engine: counts, errors,
 output layout, manifest, resume. (The real vLLM engine runs in test_chat_job.py.)"""
 
+import io
 import json
 
 import pyarrow.parquet as pq
 import pytest
+
+from rich.console import Console
 
 from conftest import read_dir, write_shards
 from pipeline.runner import EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
@@ -45,9 +48,32 @@ def make_spec(tmp_path, **over):
 def first_run(tmp_path_factory, _model):
     tmp = tmp_path_factory.mktemp("fake")
     write_shards(tmp / "in", shards())
-    spec = make_spec(tmp)
-    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(fail_on=("FAIL",)))
+    spec = make_spec(tmp, model={"engine_kwargs": {"hf_token": SECRET}})
+    log = io.StringIO()
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(fail_on=("FAIL",)),
+                     console=Console(file=log, width=200))
+    report.log = log.getvalue()
     return tmp, spec, report
+
+
+SECRET = "hf_SeCrEt123"
+
+
+def test_secrets_stay_out_of_the_manifest_and_the_log(first_run):
+    tmp, _, report = first_run
+    manifest = (tmp / "out" / "_manifest.json").read_text()
+    assert "hf_token" in manifest and SECRET not in manifest and SECRET not in report.log
+    assert "qwen-batch" in report.log  # the summary was printed
+
+
+def test_redaction_of_uris_and_keys():
+    from pipeline.redact import redact, redact_text
+
+    assert (redact_text("s3://b/in?region=eu&access_key=AKIA1&secret_key=xyz")
+            == "s3://b/in?region=eu&access_key=***&secret_key=***")
+    assert redact_text("see https://ann:pw0rd@host/x now") == "see https://***@host/x now"
+    assert redact({"api_key": "k", "max_num_seqs": 8, "nested": [{"password": "p"}]}) == \
+        {"api_key": "***", "max_num_seqs": 8, "nested": [{"password": "***"}]}
 
 
 def test_every_row_is_one_result_or_one_error(first_run):
