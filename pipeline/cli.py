@@ -31,19 +31,26 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     from pipeline.redact import redact_text
-    from pipeline.runner import plan_job
+    from pipeline.runner import estimate_input_tokens, plan_job
 
     plan = plan_job(_load(args), overwrite=getattr(args, "overwrite", False))
     spec = plan.spec
+    try:
+        tokens, sampled = estimate_input_tokens(plan)
+        estimate = f"about {tokens:,} input tokens of text (from {sampled} sampled rows)"
+    except Exception as e:  # no tokenizer here (a hub id offline, say): the plan still stands
+        estimate = f"input tokens unknown (tokenizer not available: {type(e).__name__})"
     rows = sum(s.rows for s in plan.shards)
     todo_rows = sum(s.rows for s in plan.todo)
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{spec.task.head}', "
                   f"model {spec.model.source}.", highlight=False)
+    low, high = spec.resources.replica_range
     console.print(f"Plan: {len(plan.todo)} shard(s) and {todo_rows:,} rows to run "
-                  f"({len(plan.done)} already committed in {redact_text(spec.output.path)}); "
-                  f"{spec.resources.replicas} replica(s) x {devices} device(s) "
-                  f"(tensor {spec.model.tensor_parallel_size} x pipeline {spec.model.pipeline_parallel_size}).")
+                  f"({len(plan.done)} already committed in {redact_text(spec.output.path)}); {estimate}; "
+                  f"{low if low == high else f'{low}-{high}'} replica(s) x {devices} device(s) "
+                  f"(tensor {spec.model.tensor_parallel_size} x pipeline {spec.model.pipeline_parallel_size}, "
+                  f"device {spec.resources.device}).", highlight=False)
     return 0
 
 
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
     args = p.parse_args(argv)
 
+    from rich.markup import escape
+
     from pipeline.redact import redact_text
     from pipeline.runner import EXIT_CRASHED, EXIT_INVALID
     from pipeline.shards import InputError
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (SpecError, InputError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {redact_text(str(e))}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(redact_text(str(e)))}", highlight=False)
         return EXIT_INVALID
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         lines = [line for line in str(e).splitlines() if line.strip()]
         console.print(f"[red]error:[/red] the run crashed: {type(e).__name__}: "
-                      f"{redact_text(lines[-1]) if lines else ''}\nCommitted shards are kept; rerun the same "
+                      f"{escape(redact_text(lines[-1])) if lines else ''}\nCommitted shards are kept; rerun the same "
                       f"command to resume. For details set QWEN_BATCH_DEBUG=1 (traceback) and "
                       f"QWEN_BATCH_WORKER_LOGS=1 (engine logs).", highlight=False)
         return EXIT_CRASHED

@@ -40,7 +40,10 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
     if device == "cpu":
         args["gpu_memory_utilization"] = CPU_KV_CACHE_SHARE
     if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
-        args["distributed_executor_backend"] = "mp"  # ranks are this actor's children
+        # Matches pipeline.placement: one node per replica, ranks as this actor's children;
+        # GPU pipeline stages may span nodes, one Ray worker per GPU bundle.
+        cross_node = device == "cuda" and model.pipeline_parallel_size > 1
+        args["distributed_executor_backend"] = "ray" if cross_node else "mp"
     args.update(model.engine_kwargs)
     return args
 
@@ -303,3 +306,17 @@ def reap_orphans(run_id: str) -> int:
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return _kill(found)
+
+
+def reap_on_every_node(run_id: str) -> int:
+    """reap_orphans(run_id) on every node of the connected Ray cluster; how many were killed."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    reap = ray.remote(num_cpus=0, max_retries=0)(reap_orphans)
+    refs = [reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(run_id)
+            for n in ray.nodes() if n.get("Alive")]
+    try:
+        return sum(ray.get(refs, timeout=60))
+    except Exception:  # a node went away: nothing of ours is left running there
+        return 0

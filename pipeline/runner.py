@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.engine import RUN_MARK, engine_args, reap_orphans
+from pipeline.engine import RUN_MARK, engine_args, reap_on_every_node, reap_orphans
 from pipeline.heads import head_class
 from pipeline.ledger import RowLedger
 from pipeline.metrics import RunTotals, shard_metrics, summary_table
 from pipeline.output import OutputDir
+from pipeline.placement import ReplicaPlacer, replica_shape
 from pipeline.redact import redact, redact_text
 from pipeline.schemas import arrow_schema
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
@@ -79,6 +80,31 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
     return Plan(spec, shards, ids, id_type, columns, done)
 
 
+def estimate_input_tokens(plan: Plan, *, sample_rows: int = 256) -> tuple[int, int]:
+    """(estimated text tokens of the input, rows sampled): the tokenizer's count over a sample
+    of rows from up to 16 shards, scaled to all rows. Chat templates add a few tokens a row."""
+    import json
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    spec = plan.spec
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.source, trust_remote_code=spec.model.trust_remote_code)
+    fs, _ = resolve_filesystem(spec.input.path)
+    text_columns = [c for c in plan.columns if c != spec.input.id_column]
+    picked = plan.shards[:: max(1, len(plan.shards) // 16)][:16]
+    per_shard = max(1, sample_rows // len(picked))
+    tokens = rows = 0
+    for shard in picked:
+        with fs.open_input_file(shard.path) as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=per_shard, columns=text_columns), None)
+        for row in (batch.to_pylist() if batch is not None else []):
+            texts = [v if isinstance(v, str) else json.dumps(v) for v in row.values() if v is not None]
+            tokens += sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+            rows += 1
+    total_rows = sum(s.rows for s in plan.shards)
+    return (round(tokens / rows * total_rows) if rows else 0), rows
+
+
 def _check_model(spec: JobSpec) -> None:
     """The checkpoint's config must load (weights are not touched)."""
     from pipeline.engine import hf_config
@@ -126,25 +152,28 @@ def _committed(spec: JobSpec, shards: list[Shard]) -> list[str]:
     return done
 
 
-def _connect_ray(spec: JobSpec, devices_per_replica: int) -> bool:
-    """Join spec.ray.address / RAY_ADDRESS, or start a local Ray; True if started here."""
+def _connect_ray(spec: JobSpec, devices_per_replica: int) -> str | None:
+    """Join spec.ray.address / RAY_ADDRESS, or start a local Ray. Returns "local" or "cluster"
+    when this call connected (the run then disconnects), None when Ray was already up."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
+        ray.init(address=address, log_to_driver=bool(os.environ.get("QWEN_BATCH_WORKER_LOGS")),
+                 logging_level="WARNING")
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        return "cluster"
     cores = os.cpu_count() or 1
     # The CPU build's engines pin their own threads; Ray's CPU count is only for scheduling,
     # sized so that every replica and one read task can be placed at once.
     # Workers' logs (vLLM's start-up chatter) stay in Ray's session folder unless asked for.
-    ray.init(num_cpus=max(cores, spec.resources.replicas * devices_per_replica + 1),
+    ray.init(num_cpus=max(cores, spec.resources.replica_range[1] * devices_per_replica + 1),
              include_dashboard=False, log_to_driver=bool(os.environ.get("QWEN_BATCH_WORKER_LOGS")),
              logging_level="WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return True
+    return "local"
 
 
 def _device(spec: JobSpec) -> str:
@@ -155,16 +184,15 @@ def _device(spec: JobSpec) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
-def _actor_options(spec: JobSpec, device: str, run_id: str) -> dict:
+def _actor_options(spec: JobSpec, device: str, run_id: str, shape: ReplicaShape) -> dict:
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     env = {RUN_MARK: run_id, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cores = os.cpu_count() or 1
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(devices))
-    resources = {"num_gpus": devices, "num_cpus": 1} if device == "cuda" else {"num_cpus": devices}
     restarts = spec.resources.max_engine_restarts
-    return {**resources, "runtime_env": {"env_vars": env},
+    return {**shape.actor, "runtime_env": {"env_vars": env},
             "max_restarts": restarts, "max_task_retries": restarts}
 
 
@@ -233,6 +261,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
     engine_factory replaces the vLLM engine (tests inject faults with it).
     """
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.time()
@@ -256,21 +285,23 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     totals = RunTotals()
     stopped = None  # why the run stopped early, if it did
-    started_ray = _connect_ray(spec, devices)
+    invalid = False
+    connected = _connect_ray(spec, devices)
     try:
         device = _device(spec)
         args = engine_args(spec.model, device=device)
         _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console, totals)
-    except (SpecError, InputError):
-        raise
     except Exception as e:
         if os.environ.get("QWEN_BATCH_DEBUG"):
             raise
         stopped = _reason(e)
+        invalid = isinstance(e, (SpecError, InputError))  # e.g. a replica no node can hold
     finally:
-        if started_ray:
+        if connected:
             import ray
 
+            if connected == "cluster":  # engines orphaned on other nodes, while we can reach them
+                reap_on_every_node(run_id)
             ray.shutdown()
             reap_orphans(run_id)
     wall = time.time() - t0
@@ -285,7 +316,9 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
                           + (f"\nThe run stopped: {stopped}" if stopped else "")
                           + f"\n{len(manifest['shards']) - len(pending)} committed shard(s) are kept; "
                             f"rerun the same command to resume.")
-    elif rate > spec.output.max_error_rate:
+    if invalid:
+        report.exit_code, report.message = EXIT_INVALID, stopped
+    elif rate > spec.output.max_error_rate and not pending:
         report.exit_code = EXIT_TOO_MANY_ERRORS
         report.message = (f"{whole['errors']} of {whole['rows']} rows failed ({rate:.1%}), above "
                           f"output.max_error_rate {spec.output.max_error_rate:.1%}")
@@ -304,7 +337,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
     console.print(f"Results in {shown}/results, errors in {shown}/errors, metrics in {shown}/metrics.")
     if report.message:
         report.message = redact_text(report.message)
-        console.print(f"[red]{report.message}[/red]", highlight=False)
+        console.print(f"[red]{escape(report.message)}[/red]", highlight=False)
     return report
 
 
@@ -314,7 +347,7 @@ class OutputWriteError(RuntimeError):
 
 def _reason(e: BaseException) -> str:
     """One line for people: the last line of the error that stopped the run."""
-    if isinstance(e, OutputWriteError):
+    if isinstance(e, (OutputWriteError, SpecError, InputError)):
         return str(e)
     lines = [line for line in str(e).splitlines() if line.strip()]
     return (f"{type(e).__name__}: {lines[-1] if lines else ''} (details: rerun with "
@@ -359,38 +392,54 @@ def _check_exactly_once(shard: Shard, ids: pa.Array, results: pa.Table, errors: 
 
 
 def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, console, totals: RunTotals):
+    placer = ReplicaPlacer(replica_shape(spec, device))
+    placer.check()
+    try:
+        ds = _inference_dataset(spec, plan, run_id, device, args, engine_factory, placer)
+        context = {"run_id": run_id, "replicas": spec.resources.replica_range[1], "model": spec.model.source,
+                   "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
+                   "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device}
+        _stream(ds, spec, plan, out, context, progress, console, totals)
+    finally:
+        placer.release()
+
+
+def _inference_dataset(spec, plan, run_id, device, args, engine_factory, placer):
+    """read_parquet -> batches -> engine actors (one placement group each) -> stage rows."""
     import ray
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    todo = plan.todo
     fs, _ = resolve_filesystem(spec.input.path)
-    ds = ray.data.read_parquet([s.path for s in todo], filesystem=fs, include_paths=True)
+    ds = ray.data.read_parquet([s.path for s in plan.todo], filesystem=fs, include_paths=True)
     # Blocks of one batch each, so that every replica gets work and rows stream through
     # instead of waiting for whole files.
-    ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(
-        target_num_rows_per_block=spec.resources.batch_size)
     batch = spec.resources.batch_size
-    in_flight = max(2, -(-spec.resources.rows_in_flight // batch))
+    ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=batch)
+    low, high = spec.resources.replica_range
     ledger = ray.remote(RowLedger).options(num_cpus=0).remote()
-    ds = ds.map_batches(
+    return ds.map_batches(
         InferenceWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
                                "engine_args": args, "device": device, "engine_factory": engine_factory,
                                "ledger": ledger},
-        batch_size=spec.resources.batch_size,
+        batch_size=batch,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=spec.resources.replicas,
-                                           max_tasks_in_flight_per_actor=in_flight),
-        **_actor_options(spec, device, run_id),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high,
+            max_tasks_in_flight_per_actor=max(2, -(-spec.resources.rows_in_flight // batch))),
+        ray_remote_args_fn=placer.remote_args_fn,
+        **_actor_options(spec, device, run_id, placer.shape),
     )
-    context = {"run_id": run_id, "replicas": spec.resources.replicas, "model": spec.model.source,
-               "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
-               "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device,
-               }
+
+
+def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals) -> None:
+    """Pull stage rows from the engine actors; commit each shard once all its rows are back."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    todo = plan.todo
     metrics_schema = arrow_schema("metrics")
     assembler = _ShardAssembler(plan)
 

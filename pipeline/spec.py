@@ -108,7 +108,13 @@ class TaskSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    replicas: int = Field(1, ge=1, description="Engine actors, each holding one model copy.")
+    replicas: int | tuple[int, int] = Field(
+        1, description="Engine actors, each holding one model copy: a number, or [min, max] to "
+        "let Ray Data add replicas while work is queued (the cluster autoscaler adds nodes).")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources each replica reserves on its node, "
+        "e.g. {\"accelerator_type:H100\": 0.001} or a custom resource that pins replicas to a "
+        "node type.")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: GPUs when the Ray cluster has them, else the CPU build."
     )
@@ -125,6 +131,28 @@ class ResourcesSpec(_Section):
         512, ge=1, description="Rows submitted to each engine at once; keep it above the "
         "engine's max_num_seqs so it always has a full batch to schedule."
     )
+
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas_range(cls, v):
+        value = v
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+            value = tuple(v)
+            low, high = value
+        elif isinstance(v, int) and not isinstance(v, bool):
+            low = high = v
+        else:
+            low = high = 0
+        if low < 1 or high < low:
+            raise ValueError("give a number >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) replicas."""
+        r = self.replicas
+        return (r, r) if isinstance(r, int) else (r[0], r[1])
 
 
 class RaySpec(_Section):

@@ -37,6 +37,16 @@ def is_engine_dead(e: BaseException) -> bool:
     return type(e).__name__ == "EngineDeadError"  # vLLM's; matched by name to stay engine-free
 
 
+def _node_id() -> str:
+    """The Ray node this actor runs on (short), so metrics show where each replica ran."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # outside Ray (unit tests)
+        return "local"
+
+
 class InferenceWorker:
     """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
 
@@ -50,7 +60,7 @@ class InferenceWorker:
             from pipeline.engine import VllmEngine as engine_factory
         self.engine = engine_factory(engine_args, device=device)
         self.engine_settings = getattr(self.engine, "settings", None)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
         self.gate = EngineGate()
 

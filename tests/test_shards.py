@@ -71,15 +71,18 @@ def test_unknown_model_is_refused_before_anything_runs(tmp_path):
         plan_job(spec)
 
 
-def test_dry_run_prints_the_plan_and_loads_no_model(tmp_path):
+def test_dry_run_prints_the_plan_and_loads_no_model(tmp_path, tokenizer):
     import yaml
     from conftest import run_cli
 
     write_shards(tmp_path / "in", [rows(3), rows(2, 3)])
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(job(tmp_path, tmp_path / "in").model_dump(mode="json")))
-    out = run_cli("run", "--dry-run", str(spec), "--set", "resources.replicas=3")
+    out = run_cli("run", "--dry-run", str(spec), "--set", "resources.replicas=[1, 3]")
     assert out.returncode == 0, out.stderr
     assert "2 shard(s) and 5 rows to run (0 already committed" in out.stderr
-    assert "3 replica(s) x 1 device(s)" in out.stderr
+    tokens = sum(len(tokenizer.encode(f"p{i}", add_special_tokens=False)) for i in range(5))
+    assert f"about {tokens:,} input tokens of text (from 5 sampled rows)" in out.stderr
+    assert "1-3 replica(s) x 1 device(s) (tensor 1 x pipeline 1, device auto)" in out.stderr
     assert not (tmp_path / "out").exists()
+    assert not out.leftovers
