@@ -411,6 +411,9 @@ def _inference_dataset(spec, plan, run_id, device, args, engine_factory, placer)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    # All first replicas load before work starts, so that they share it from the first batch
+    # (and an engine that cannot start fails the run now, not after the others finished).
+    ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)
     fs, _ = resolve_filesystem(spec.input.path)
     ds = ray.data.read_parquet([s.path for s in plan.todo], filesystem=fs, include_paths=True)
     # Blocks of one batch each, so that every replica gets work and rows stream through

@@ -115,6 +115,10 @@ class ResourcesSpec(_Section):
         default_factory=dict, description="Extra Ray resources each replica reserves on its node, "
         "e.g. {\"accelerator_type:H100\": 0.001} or a custom resource that pins replicas to a "
         "node type.")
+    start_timeout_s: float = Field(
+        1800, gt=0, description="How long the first replicas (resources.replicas, or its min) "
+        "may take to be placed and load the model; work starts once all are up, and the run "
+        "fails if they are not up in time (an autoscaling cluster may need to start nodes).")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: GPUs when the Ray cluster has them, else the CPU build."
     )
