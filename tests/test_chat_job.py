@@ -9,8 +9,6 @@ import pytest
 import yaml
 
 from conftest import read_dir, run_cli, vllm_processes, write_shards
-from pipeline.runner import run_job
-from pipeline.spec import load_spec
 
 MAX_LEN = 256
 TOPICS = ["rivers", "prime numbers", "jazz", "glaciers", "compilers", "tea", "owls", "bridges"]
@@ -130,41 +128,3 @@ def test_metrics_and_manifest(cli_job):
     manifest = json.loads((tmp / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["totals"]["results"] + manifest["totals"]["errors"] == 24
-
-
-def test_tensor_parallel_2_with_thinking(tiny_model, tokenizer, tmp_path):
-    rows = [{"id": f"t{i}", "prompt": f"Why is the sky blue? ({i})"} for i in range(6)]
-    write_shards(tmp_path / "in", [rows[:3], rows[3:]])
-    spec = load_spec(data=job_data(tiny_model, tmp_path / "in", tmp_path / "out",
-                                   model={"tensor_parallel_size": 2},
-                                   task={"options": {"enable_thinking": True, "system_prompt": "You are helpful."}}))
-    report = run_job(spec, progress=False)
-    assert report.exit_code == 0 and report.totals.results == 6
-    results = read_dir(tmp_path / "out" / "results").to_pylist()
-    for r in results:
-        text = tokenizer.apply_chat_template(
-            [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": next(x["prompt"] for x in rows if x["id"] == r["id"])}],
-            tokenize=False, add_generation_prompt=True, enable_thinking=True)
-        assert not text.endswith("</think>\n\n")
-        assert r["prompt_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        # Random weights never close </think>: all output is reasoning, and no answer is invented.
-        assert r["reasoning"] is not None and r["response"] == ""
-    m = read_dir(tmp_path / "out" / "metrics").to_pylist()
-    assert {x["tensor_parallel_size"] for x in m} == {2}
-    assert vllm_processes(run_id=report.run_id) == []
-
-
-def test_two_replicas_share_the_shards(tiny_model, tmp_path):
-    # Few rows in flight per engine, so that the first engine up cannot take all the work
-    # before the second has loaded.
-    shards = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(16)] for s in range(6)]
-    write_shards(tmp_path / "in", shards)
-    spec = load_spec(data=job_data(tiny_model, tmp_path / "in", tmp_path / "out",
-                                   resources={"replicas": 2, "batch_size": 4, "rows_in_flight": 8}))
-    report = run_job(spec, progress=False)
-    assert report.exit_code == 0 and report.totals.results == 96
-    metrics = read_dir(tmp_path / "out" / "metrics").to_pylist()
-    workers = {w for m in metrics for w in m["workers"]}
-    assert len(workers) == 2, workers
-    assert {m["replicas"] for m in metrics} == {2}
-    assert vllm_processes(run_id=report.run_id) == []
