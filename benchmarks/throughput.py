@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("vllm", "ray-data-llm", "qwen-batch")
+# Baselines the ratios are computed against, with their names in the table.
+REFERENCES = {"vllm": "vLLM", "ray-data-llm": "Ray Data LLM", "vllm-map-reduce": "vLLM map-reduce",
+              "vllm-score": "vLLM scoring"}
 OUTPUT_LENGTHS = (16, 32, 64, 128)  # the chat mix: varied output lengths
 
 
@@ -46,34 +49,32 @@ def documents(n: int) -> list[dict]:
 
 
 SUMMARY_TOKENS = 64
+LABELS = ["positive", "negative", "neutral", "mixed"]
 
 
-def write_documents(folder: Path, n: int, shards: int = 4) -> None:
+def reviews(n: int) -> list[dict]:
+    """Product reviews of 1 to 12 sentences, for the classify mix."""
+    parts = ["The blender {} my smoothies.", "Delivery took {} days.", "Support answered {}.",
+             "The lid {} after a week.", "I would {} buy it again."]
+    words = ["ruined", "perfected", "three", "twelve", "quickly", "never", "cracked", "held", "gladly", "not"]
+    return [{"id": i, "text": " ".join(parts[(i + k) % 5].format(words[(i * 7 + k) % 10])
+                                       for k in range(1 + i % 12))} for i in range(n)]
+
+
+def write_rows(folder: Path, rows: list[dict], shards: int = 8) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    docs = documents(n)
     folder.mkdir(parents=True, exist_ok=True)
-    per = -(-n // shards)
+    per = -(-len(rows) // shards)
     for s in range(shards):
-        if docs[s * per:(s + 1) * per]:
-            pq.write_table(pa.Table.from_pylist(docs[s * per:(s + 1) * per]), folder / f"part-{s:05d}.parquet")
+        if rows[s * per:(s + 1) * per]:
+            pq.write_table(pa.Table.from_pylist(rows[s * per:(s + 1) * per]), folder / f"part-{s:05d}.parquet")
 
 
-def write_input(folder: Path, n: int, shards: int = 8) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = prompts(n)
-    folder.mkdir(parents=True, exist_ok=True)
-    per = -(-n // shards)
-    for s in range(shards):
-        part = rows[s * per:(s + 1) * per]
-        if part:
-            table = pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"],
-                                           "sampling": json.dumps({"max_tokens": r["max_tokens"]})}
-                                          for r in part])
-            pq.write_table(table, folder / f"part-{s:05d}.parquet")
+def write_input(folder: Path, n: int) -> None:
+    write_rows(folder, [{"id": r["id"], "prompt": r["prompt"], "sampling": json.dumps({"max_tokens": r["max_tokens"]})}
+                        for r in prompts(n)])
 
 
 # --- one system per process -------------------------------------------------------------
@@ -225,6 +226,58 @@ def run_qwen_batch_summarize(model: str, engine: dict, input_dir: str, out_dir: 
             "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
 
 
+def run_vllm_score(model: str, engine: dict, n: int) -> dict:
+    """Label scoring over bare vLLM, the way the classify head does it: every (prompt, label)
+    sequence in one generate call with prompt log-probabilities."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from pipeline.heads.classify import END_OF_TURN, ClassifyHead
+
+    t0 = time.time()
+    llm = LLM(model=model, **engine)
+    tok = AutoTokenizer.from_pretrained(model)
+    head = ClassifyHead({"labels": LABELS})  # its prompt wording, so both systems read the same
+    answers = [tok.encode(label + END_OF_TURN, add_special_tokens=False) for label in LABELS]
+    seqs, starts = [], []
+    for r in reviews(n):
+        text = tok.apply_chat_template(head._turns(r["text"]), tokenize=False, add_generation_prompt=True,
+                                       enable_thinking=False)
+        prompt = tok.encode(text, add_special_tokens=False)
+        for a in answers:
+            seqs.append(TokensPrompt(prompt_token_ids=prompt + a))
+            starts.append(len(prompt))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate(seqs, params, use_tqdm=False)
+    chosen = []
+    for i in range(0, len(outs), len(LABELS)):
+        scores = [sum(o.prompt_logprobs[j][o.prompt_token_ids[j]].logprob
+                      for j in range(starts[i + k], len(o.prompt_token_ids)))
+                  for k, o in enumerate(outs[i:i + len(LABELS)])]
+        chosen.append(LABELS[max(range(len(scores)), key=scores.__getitem__)])
+    t2 = time.time()
+    in_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    llm.llm_engine.engine_core.shutdown()
+    return {"wall_s": t2 - t0, "start_s": None, "rows": len(chosen), "output_tokens": 0, "input_tokens": in_tokens}
+
+
+def run_qwen_batch_classify(model: str, engine: dict, input_dir: str, out_dir: str) -> dict:
+    from pipeline.runner import run_job
+    from pipeline.spec import load_spec
+
+    t0 = time.time()
+    spec = load_spec(data={
+        "input": {"path": input_dir}, "output": {"path": out_dir},
+        "model": {"source": model, "max_model_len": engine["max_model_len"],
+                  "engine_kwargs": {k: v for k, v in engine.items() if k != "max_model_len"}},
+        "task": {"head": "classify", "options": {"labels": LABELS}},
+    })
+    report = run_job(spec, overwrite=True, progress=False)
+    return {"wall_s": time.time() - t0, "start_s": None, "rows": report.totals.rows,
+            "output_tokens": 0, "input_tokens": report.totals.prompt_tokens}
+
+
 def run_data_path(n: int, input_dir: str, out_dir: str, model: str) -> dict:
     from pipeline.runner import run_job
     from pipeline.spec import load_spec
@@ -250,6 +303,10 @@ def child(args) -> None:
         result = run_vllm_map_reduce(args.model, engine, args.prompts)
     elif args.system == "qwen-batch-summarize":
         result = run_qwen_batch_summarize(args.model, engine, args.input, args.scratch)
+    elif args.system == "vllm-score":
+        result = run_vllm_score(args.model, engine, args.prompts)
+    elif args.system == "qwen-batch-classify":
+        result = run_qwen_batch_classify(args.model, engine, args.input, args.scratch)
     else:
         result = run_data_path(args.prompts, args.input, args.scratch, args.model)
     print("RESULT " + json.dumps(result), flush=True)
@@ -284,9 +341,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--systems", default=None, help="comma-separated; default: all for the mix")
-    p.add_argument("--mix", choices=["chat", "summarize"], default="chat",
+    p.add_argument("--mix", choices=["chat", "summarize", "classify"], default="chat",
                    help="chat: short prompts, varied output lengths; summarize: long documents "
-                        "(bare-vLLM map-reduce against the summarize head)")
+                        "(bare-vLLM map-reduce against the summarize head); classify: reviews "
+                        "and 4 labels (bare-vLLM label scoring against the classify head)")
     p.add_argument("--data-path", action="store_true", help="also measure the data path with a fake engine")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--timeout", type=float, default=1800)
@@ -313,9 +371,12 @@ def main() -> None:
     if args.mix == "chat":
         write_input(input_dir, args.prompts)
         default = SYSTEMS
-    else:
-        write_documents(input_dir, args.prompts)
+    elif args.mix == "summarize":
+        write_rows(input_dir, documents(args.prompts), shards=4)
         default = ("vllm-map-reduce", "qwen-batch-summarize")
+    else:
+        write_rows(input_dir, reviews(args.prompts))
+        default = ("vllm-score", "qwen-batch-classify")
     systems = [s for s in (args.systems.split(",") if args.systems else default) if s]
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -337,7 +398,8 @@ def main() -> None:
     summary = summarize(runs, systems)
     pq.write_table(pa.Table.from_pylist(summary), out / "summary.parquet")
     print_table(summary)
-    chart(runs, systems + (["data-path"] if args.data_path else []), out / "throughput.png")
+    chart(runs, systems + (["data-path"] if args.data_path else []), out / "throughput.png",
+          metric="rows_per_s" if args.mix == "classify" else "output_tokens_per_s")
     print(f"\nWrote {out}/runs.parquet, {out}/summary.parquet, {out}/throughput.png")
 
 
@@ -353,7 +415,7 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                "total_tokens_per_s": statistics.median(r["total_tokens_per_s"] for r in rs),
                "rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
                "output_tokens": rs[0]["output_tokens"]}
-        for ref in ("vllm", "ray-data-llm", "vllm-map-reduce"):
+        for ref in REFERENCES:
             # Every row gets every ratio column (None where it does not apply): Arrow takes a
             # table's columns from its rows, and a reference's own row has no ratio to itself.
             row.update({f"x_{ref}": None, f"x_{ref}_min": None, f"x_{ref}_max": None})
@@ -373,8 +435,8 @@ def print_table(summary: list[dict]) -> None:
 
     t = Table(title="throughput (median of runs; ratios are throughput vs. the reference, min-max)",
               width=140)
-    refs = [k for k in ("x_vllm", "x_ray-data-llm", "x_vllm-map-reduce") if any(r.get(k) is not None for r in summary)]
-    names = {"x_vllm": "vs vLLM", "x_ray-data-llm": "vs Ray Data LLM", "x_vllm-map-reduce": "vs vLLM map-reduce"}
+    refs = [f"x_{k}" for k in REFERENCES if any(r.get(f"x_{k}") is not None for r in summary)]
+    names = {f"x_{k}": f"vs {v}" for k, v in REFERENCES.items()}
     for c in ("system", "wall s (min-max)", "out tok/s", "total tok/s", "rows/s", *[names[k] for k in refs]):
         t.add_column(c, justify="left" if c == "system" else "right")
     for r in summary:
@@ -385,7 +447,7 @@ def print_table(summary: list[dict]) -> None:
     Console(width=160).print(t)
 
 
-def chart(runs: list[dict], systems: list[str], path: Path) -> None:
+def chart(runs: list[dict], systems: list[str], path: Path, *, metric: str = "output_tokens_per_s") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,11 +456,11 @@ def chart(runs: list[dict], systems: list[str], path: Path) -> None:
     engine_systems = [s for s in systems if s != "data-path"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, s in enumerate(engine_systems):
-        vals = [r["output_tokens_per_s"] for r in runs if r["system"] == s]
+        vals = [r[metric] for r in runs if r["system"] == s]
         ax.bar(i, statistics.median(vals), color="#4c78a8")
         ax.scatter([i] * len(vals), vals, color="black", zorder=3, s=12)
     ax.set_xticks(range(len(engine_systems)), engine_systems)
-    ax.set_ylabel("output tokens/s, end to end (engine start included)")
+    ax.set_ylabel(f"{metric.replace('_per_s', '/s').replace('_', ' ')}, end to end (engine start included)")
     ax.set_title("Same prompts, model, engine settings; dots: single runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,13 +1,14 @@
-"""Where replicas run: one Ray placement group per engine replica.
+"""Where replicas run, and whether the cluster can hold one at all.
 
 A replica's tensor-parallel group is one bundle on one node (STRICT_PACK): the actor reserves
 all its devices and vLLM's multiprocessing executor starts the ranks as the actor's children.
-With pipeline parallelism on GPUs the stages may span nodes: one bundle per GPU (PACK), and
-vLLM's Ray executor starts a worker in each.
+With pipeline parallelism on GPUs the stages may span nodes: a placement group of one bundle
+per GPU (PACK), and vLLM's Ray executor starts a worker in each.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,16 +64,9 @@ def unplaceable(shape: ReplicaShape, nodes: list[dict[str, float]]) -> str | Non
         need = shape.bundles[0]
         if any(_fits(need, n) for n in nodes):
             return None
-    else:
-        total: dict[str, float] = {}
-        for n in nodes:
-            for k, v in n.items():
-                total[k] = total.get(k, 0) + v
-        need = {}
-        for b in shape.bundles:
-            for k, v in b.items():
-                need[k] = need.get(k, 0) + v
-        if _fits(need, total):
+    else:  # the bundles may land on different nodes: compare with the whole cluster
+        need = dict(sum((Counter(b) for b in shape.bundles), Counter()))
+        if _fits(need, sum((Counter(n) for n in nodes), Counter())):
             return None
     biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
     keys = [k for k in need if k in ("CPU", "GPU")] + [k for k in need if k not in ("CPU", "GPU")]

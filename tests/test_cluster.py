@@ -241,3 +241,32 @@ def test_cluster_launcher_config_passes_rays_validation():
     broken["available_node_types"]["head"]["resourcez"] = {}
     with pytest.raises(Exception, match="resourcez"):
         validate_config(prepare_config(broken))
+
+
+def _spec(**model):
+    from pipeline.spec import load_spec
+
+    return load_spec(data={"input": {"path": "in"}, "output": {"path": "out"}, "task": {"head": "chat"},
+                           "model": {"source": "Qwen/Qwen3-32B", **model},
+                           "resources": {"replica_resources": {"accelerator_type:H100": 0.001}}})
+
+
+def test_replica_shapes_and_what_the_cluster_can_hold():
+    from pipeline.placement import replica_shape, unplaceable
+
+    h100_node = {"CPU": 192, "GPU": 8, "accelerator_type:H100": 1}
+    tp4 = replica_shape(_spec(tensor_parallel_size=4), "cuda")
+    assert tp4.strategy == "STRICT_PACK" and tp4.bundles == [{"CPU": 1, "GPU": 4, "accelerator_type:H100": 0.001}]
+    assert tp4.actor == {"num_cpus": 1, "num_gpus": 4, "resources": {"accelerator_type:H100": 0.001}}
+    assert unplaceable(tp4, [h100_node]) is None
+    # two 4-GPU nodes hold 8 GPUs, but not a tensor-parallel group of 8
+    tp8 = replica_shape(_spec(tensor_parallel_size=8), "cuda")
+    small = [{"CPU": 48, "GPU": 4, "accelerator_type:H100": 1}] * 2
+    assert "needs {CPU: 1, GPU: 8, accelerator_type:H100: 0.001} on one node, but the largest node has " \
+           "{CPU: 48, GPU: 4, accelerator_type:H100: 1}" in unplaceable(tp8, small)
+    # pipeline stages may span nodes: 4 x 2 GPUs fit on those two nodes
+    pp2 = replica_shape(_spec(tensor_parallel_size=4, pipeline_parallel_size=2), "cuda")
+    assert pp2.strategy == "PACK" and len(pp2.bundles) == 9 and pp2.actor["num_gpus"] == 0
+    assert unplaceable(pp2, small) is None
+    # a replica that asks for an accelerator no node has is refused
+    assert unplaceable(tp4, [{"CPU": 192, "GPU": 8}]) is not None
