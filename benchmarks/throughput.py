@@ -110,7 +110,7 @@ def run_ray_data_llm(model: str, engine: dict, n: int, input_dir: str) -> dict:
     t0 = time.time()
     # Its CPU stages (chat template, tokenize, detokenize) each hold an actor: give Ray enough
     # logical CPUs to place all of them beside the engine, or the pipeline waits forever.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=engine, concurrency=1, batch_size=64,

@@ -25,7 +25,8 @@ def cmd_run(args) -> int:
 
     if args.dry_run:
         return cmd_validate(args)
-    report = run_job(_load(args), overwrite=args.overwrite, progress=not args.no_progress)
+    report = run_job(_load(args), overwrite=args.overwrite, resume_anyway=args.resume_anyway,
+                     progress=not args.no_progress)
     return report.exit_code
 
 
@@ -33,7 +34,7 @@ def cmd_validate(args) -> int:
     from pipeline.redact import redact_text
     from pipeline.runner import estimate_input_tokens, plan_job
 
-    plan = plan_job(_load(args), overwrite=getattr(args, "overwrite", False))
+    plan = plan_job(_load(args), overwrite=args.overwrite, resume_anyway=args.resume_anyway)
     spec = plan.spec
     try:
         tokens, sampled = estimate_input_tokens(plan)
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a spec key, e.g. --set sampling.max_tokens=64 (repeatable)")
         s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
         s.add_argument("--overwrite", action="store_true", help="replace what output.path holds")
+        s.add_argument("--resume-anyway", action="store_true",
+                       help="keep shards committed by a different spec or from changed inputs; run the rest")
         if name == "run":
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
             s.add_argument("--dry-run", action="store_true",

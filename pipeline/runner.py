@@ -56,8 +56,14 @@ class RunReport:
     message: str = ""
 
 
-def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
-    """Check the spec, the inputs and the output folder; raises SpecError or InputError."""
+def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = False) -> Plan:
+    """Check the spec, the inputs and the output folder; raises SpecError or InputError.
+
+    resume_anyway keeps shards committed by a run of another spec, or from since-changed
+    input files, and plans only the rest.
+    """
+    if overwrite and resume_anyway:
+        raise SpecError("--overwrite and --resume-anyway contradict each other; pick one")
     head = head_class(spec.task.head)
     problem = head.check_options(spec.task.options)
     if problem:
@@ -76,7 +82,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> Plan:
     _check_model(spec)
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
-    done = [] if overwrite else _committed(spec, shards)
+    done = [] if overwrite else _committed(spec, shards, strict=not resume_anyway)
     return Plan(spec, shards, ids, id_type, columns, done)
 
 
@@ -127,27 +133,28 @@ def _check_output_outside_input(spec: JobSpec) -> None:
                          f"the next run would read its own output. Choose a folder outside the input")
 
 
-def _committed(spec: JobSpec, shards: list[Shard]) -> list[str]:
+CHOICES = ("use another output path, pass --overwrite to replace it, or --resume-anyway to keep "
+           "its committed shards and run only the others")
+
+
+def _committed(spec: JobSpec, shards: list[Shard], *, strict: bool = True) -> list[str]:
     """Shards an earlier run of the same spec on the same input committed (its metrics file,
-    written last, is there); refuses an output folder that holds another job's results."""
+    written last, is there); refuses an output folder that holds another job's results,
+    unless not strict."""
     out = OutputDir(spec.output.path, "probe")
     manifest = out.read_manifest()
-    if manifest is None:
-        if out.committed_names():
-            raise InputError(f"output.path {spec.output.path} holds results without a _manifest.json; "
-                             f"use another output path, or pass --overwrite to replace them")
-        return []
-    if manifest.get("spec_fingerprint") != spec.fingerprint():
-        raise InputError(f"output.path {spec.output.path} holds a run of a different job spec; "
-                         f"use another output path, or pass --overwrite to replace it")
-    inputs = {e["name"]: e.get("input") for e in manifest.get("shards", [])}
-    done = []
     committed = out.committed_names()
+    if manifest is None and committed and strict:
+        raise InputError(f"output.path {spec.output.path} holds results without a _manifest.json; {CHOICES}")
+    if manifest and manifest.get("spec_fingerprint") != spec.fingerprint() and strict:
+        raise InputError(f"output.path {spec.output.path} holds a run of a different job spec; {CHOICES}")
+    inputs = {e["name"]: e.get("input") for e in (manifest or {}).get("shards", [])}
+    done = []
     for s in shards:
         if s.name in committed:
-            if inputs.get(s.name) != s.fingerprint():
+            if strict and inputs.get(s.name) != s.fingerprint():
                 raise InputError(f"input shard {s.path} changed since it was processed into "
-                                 f"{spec.output.path}; pass --overwrite to redo the job")
+                                 f"{spec.output.path}; {CHOICES}")
             done.append(s.name)
     return done
 
@@ -169,7 +176,9 @@ def _connect_ray(spec: JobSpec, devices_per_replica: int) -> str | None:
     # The CPU build's engines pin their own threads; Ray's CPU count is only for scheduling,
     # sized so that every replica and one read task can be placed at once.
     # Workers' logs (vLLM's start-up chatter) stay in Ray's session folder unless asked for.
-    ray.init(num_cpus=max(cores, spec.resources.replica_range[1] * devices_per_replica + 1),
+    # address="local": a new private Ray, even when a `ray start` cluster runs on this machine
+    # (plain ray.init() would join it, or fail on the stale address a killed one left behind).
+    ray.init(address="local", num_cpus=max(cores, spec.resources.replica_range[1] * devices_per_replica + 1),
              include_dashboard=False, log_to_driver=bool(os.environ.get("QWEN_BATCH_WORKER_LOGS")),
              logging_level="WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -254,7 +263,7 @@ def _split(stage: pa.Table | None, spec: JobSpec, id_type: pa.DataType) -> tuple
     return results, errors
 
 
-def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
+def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = False, progress: bool = True,
             engine_factory=None, console=None) -> RunReport:
     """Run a job to completion and return its report; see the README for the output layout.
 
@@ -265,7 +274,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
 
     console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.time()
-    plan = plan_job(spec, overwrite=overwrite)
+    plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     out = OutputDir(spec.output.path, run_id)
     if overwrite:
@@ -277,6 +286,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, progress: bool = True,
         return RunReport(spec.output.path, run_id, RunTotals(), time.time() - t0,
                          skipped_shards=len(plan.shards), message="nothing to do")
     manifest = _manifest(spec, plan, run_id, status="running")
+    if resume_anyway:  # some committed shards may come from another spec or older input
+        manifest["resumed_anyway"] = True
     try:
         out.prepare()
         out.write_manifest(manifest)

@@ -98,6 +98,10 @@ class LocalCluster:
                 pass
         for n in self.nodes:
             n.wait(timeout=30)
+        # `ray start` leaves its address for later `ray.init()` calls to join; ours is gone
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
+            current.unlink()
 
 
 @pytest.fixture(scope="module")

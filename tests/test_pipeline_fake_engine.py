@@ -144,3 +144,28 @@ def test_report_renders_charts_and_html(first_run):
     assert "3 shards, 120 rows, 2 errors" in page
     for png in ("shard_throughput.png", "replicas_timeline.png", "errors.png", "token_lengths.png"):
         assert png in page and (tmp / "out" / "report" / png).stat().st_size > 1000
+
+
+def test_resume_anyway_keeps_committed_shards_of_another_spec(tmp_path):
+    write_shards(tmp_path / "in", [[{"id": s * 10 + i, "prompt": f"q {i}"} for i in range(6)] for s in range(3)])
+    first = run_job(make_spec(tmp_path), progress=False, engine_factory=fake_engine_factory())
+    assert first.exit_code == EXIT_OK
+    (tmp_path / "out" / "metrics" / "part-00001.parquet").unlink()  # as if that shard never committed
+    changed = make_spec(tmp_path, sampling={"max_tokens": 2})
+    with pytest.raises(InputError, match="different job spec.*--resume-anyway"):
+        run_job(changed, progress=False, engine_factory=fake_engine_factory())
+    again = run_job(changed, resume_anyway=True, progress=False, engine_factory=fake_engine_factory())
+    assert again.exit_code == EXIT_OK and again.skipped_shards == 2 and again.totals.rows == 6
+    tokens = {r["id"]: r["completion_tokens"] for r in read_dir(tmp_path / "out" / "results").to_pylist()}
+    assert sorted(tokens) == sorted(s * 10 + i for s in range(3) for i in range(6))
+    assert {tokens[10], tokens[0]} == {2, 5}  # shard 1 ran with the new spec, shard 0 kept
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["resumed_anyway"] and manifest["status"] == "complete"
+
+
+def test_replicas_range_runs_and_records_the_max(tmp_path):
+    write_shards(tmp_path / "in", [[{"id": s * 10 + i, "prompt": f"q {i}"} for i in range(8)] for s in range(4)])
+    report = run_job(make_spec(tmp_path, resources={"replicas": [1, 2], "batch_size": 4}), progress=False,
+                     engine_factory=fake_engine_factory(delay=0.05))
+    assert report.exit_code == EXIT_OK and report.totals.results == 32
+    assert {m["replicas"] for m in read_dir(tmp_path / "out" / "metrics").to_pylist()} == {2}
