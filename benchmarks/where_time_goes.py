@@ -1,7 +1,7 @@
 """Where a qwen-batch run spends its CPU: py-spy samples the driver and every process it
 starts (Ray, the engine actor, vLLM's engine core) during a chat-mix run.
 
-    python benchmarks/profile.py --prompts 512 --out profile-out
+    python benchmarks/where_time_goes.py --prompts 512 --out profile-out
 
 Writes OUT/profile.txt (py-spy's collapsed stacks) and OUT/summary.md: the share of samples
 per process kind (driver, engine actor, engine core, Ray's own processes) and, for each, the
