@@ -67,9 +67,14 @@ def test_probabilities_match_transformers(classify_job, tiny_model, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     head = ClassifyHead({"labels": LABELS})
     for i in (0, 3, 5, 6):
-        text = tokenizer.apply_chat_template(head._turns(TEXTS[i]), tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False)
-        prompt = tokenizer.encode(text, add_special_tokens=False)
+        turns = head._turns(TEXTS[i])
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+        # Control tokens inside the row's text stay text (rows 5 and 6 carry some).
+        before, content, after = text.partition(turns[-1]["content"])
+        prompt = (tokenizer.encode(before, add_special_tokens=False)
+                  + tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+                  + tokenizer.encode(after, add_special_tokens=False))
         scores = []
         for label in LABELS:
             cont = tokenizer.encode(label + "<|im_end|>", add_special_tokens=False)
