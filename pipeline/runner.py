@@ -486,17 +486,23 @@ def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals) 
                             errors=0, tok="-")
         first = None
         done_rows = errors = out_tokens = 0
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            first = first or time.time()
-            done_rows += batch.num_rows
-            errors += batch.num_rows - batch.column("error_type").null_count
-            out_tokens += int(pc.sum(batch.column("completion_tokens")).as_py() or 0) \
-                if "completion_tokens" in batch.column_names else 0
-            elapsed = time.time() - first
-            bar.update(task, completed=done_rows, errors=errors,
-                       tok=f"{out_tokens / elapsed:,.0f}" if elapsed > 1 else "-")
-            for shard, stage in assembler.add(batch):
-                commit(shard, stage)
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+        try:
+            for batch in batches:
+                first = first or time.time()
+                done_rows += batch.num_rows
+                errors += batch.num_rows - batch.column("error_type").null_count
+                out_tokens += int(pc.sum(batch.column("completion_tokens")).as_py() or 0) \
+                    if "completion_tokens" in batch.column_names else 0
+                elapsed = time.time() - first
+                bar.update(task, completed=done_rows, errors=errors,
+                           tok=f"{out_tokens / elapsed:,.0f}" if elapsed > 1 else "-")
+                for shard, stage in assembler.add(batch):
+                    commit(shard, stage)
+        finally:
+            # Stop Ray Data's executor now, not when the iterator is collected: a run that
+            # stops early (a full disk) must not shut Ray down under a running executor.
+            getattr(batches, "close", lambda: None)()
     for shard, stage, missing in assembler.leftovers():
         print(f"warning: {len(missing)} row(s) of {shard.path} never came back; "
               f"recorded as errors", file=sys.stderr)

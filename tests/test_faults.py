@@ -186,6 +186,9 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path, tiny_model, small_disk):
+    """The run in its own process (as users run it), into an output that fills up."""
+    import yaml
+
     rows = [[{"id": s * 100 + i, "prompt": f"row {i} " + "word " * 50} for i in range(40)] for s in range(6)]
     write_shards(tmp_path / "in", rows)
     spec = load_spec(data={
@@ -193,9 +196,11 @@ def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path,
         "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
         "sampling": {"max_tokens": 16}, "resources": {"batch_size": 10},
     })
-    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
-    assert report.exit_code == 3
-    assert "No space left on device" in report.message and "rerun the same command" in report.message
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    first = run_driver(spec_file)
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "No space left on device" in first.stderr and "rerun the same command" in first.stderr
     committed = {p.name for p in (small_disk / "metrics").glob("*.parquet")}
     assert 0 < len(committed) < 6
     # nothing half-written is visible: every file in place belongs to a committed shard
@@ -205,15 +210,39 @@ def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path,
     for name in committed:
         s = int(name.split("-")[1].split(".")[0])
         assert sorted(read_dir_file(small_disk / "results" / name)) == [s * 100 + i for i in range(40)]
+    assert json.loads((small_disk / "_manifest.json").read_text())["stopped_because"].startswith("cannot write")
 
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
-    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
-    assert report.exit_code == 0, report.message
-    assert report.skipped_shards == len(committed)
+    again = run_driver(spec_file)
+    assert again.returncode == 0, again.stderr[-3000:]
     ids = ids_out(small_disk)
     assert sorted(ids) == sorted(r["id"] for shard in rows for r in shard)
     manifest = json.loads((small_disk / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["totals"]["rows"] == 240
+
+
+EXIT_WITH_REPORT = """
+import sys
+from pipeline.runner import run_job
+from pipeline.spec import load_spec
+from pipeline.testing import fake_engine_factory
+report = run_job(load_spec(sys.argv[1]), progress=False, engine_factory=fake_engine_factory())
+sys.exit(report.exit_code)
+"""
+
+
+def run_driver(spec_file):
+    """run_job with the fake engine in its own process (and process group)."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_WITH_REPORT, str(spec_file)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def read_dir_file(path):
