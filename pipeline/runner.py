@@ -6,6 +6,7 @@ import logging
 import os
 import posixpath
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -486,7 +487,10 @@ def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals) 
                             errors=0, tok="-")
         first = None
         done_rows = errors = out_tokens = 0
-        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+        # prefetch_batches=0: no background prefetch thread, which could still call into Ray
+        # after a run that stopped early has shut it down (Ray then ends the process, exit 1).
+        threads_before = set(threading.enumerate())
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         try:
             for batch in batches:
                 first = first or time.time()
@@ -499,10 +503,15 @@ def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals) 
                            tok=f"{out_tokens / elapsed:,.0f}" if elapsed > 1 else "-")
                 for shard, stage in assembler.add(batch):
                     commit(shard, stage)
-        finally:
-            # Stop Ray Data's executor now, not when the iterator is collected: a run that
-            # stops early (a full disk) must not shut Ray down under a running executor.
+        except BaseException:
+            # Stopping early (a full disk): stop Ray Data's executor now, not when the iterator
+            # is collected, and let its threads wind down, or one may call into Ray after the
+            # run shut it down (Ray then ends the process with exit code 1).
             getattr(batches, "close", lambda: None)()
+            deadline = time.time() + 10
+            for t in set(threading.enumerate()) - threads_before:
+                t.join(timeout=max(0.0, deadline - time.time()))
+            raise
     for shard, stage, missing in assembler.leftovers():
         print(f"warning: {len(missing)} row(s) of {shard.path} never came back; "
               f"recorded as errors", file=sys.stderr)
