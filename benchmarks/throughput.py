@@ -99,7 +99,7 @@ def run_vllm(model: str, engine: dict, n: int) -> dict:
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(o.prompt_token_ids) for o in outs)
     llm.llm_engine.engine_core.shutdown()
-    return {"wall_s": t2 - t0, "start_s": t1 - t0, "rows": len(outs), "output_tokens": out_tokens,
+    return {"wall_s": t2 - t0, "gen_s": t2 - t1, "rows": len(outs), "output_tokens": out_tokens,
             "input_tokens": in_tokens}
 
 
@@ -121,20 +121,25 @@ def run_ray_data_llm(model: str, engine: dict, n: int, input_dir: str) -> dict:
             messages=[{"role": "user", "content": row["prompt"]}],
             chat_template_kwargs={"enable_thinking": False},
             sampling_params=dict(max_tokens=json.loads(row["sampling"])["max_tokens"], **SAMPLING)),
+        # each row's answer time and how long its request took: the span of generation
         postprocess=lambda row: dict(id=row["id"], response=row["generated_text"],
                                      num_generated_tokens=row["num_generated_tokens"],
-                                     num_input_tokens=row["num_input_tokens"]),
+                                     num_input_tokens=row["num_input_tokens"], done=time.time(),
+                                     took=row["time_taken_llm"]),
     )
     ds = processor(ray.data.read_parquet(input_dir))
     out = ds.to_pandas()
     t2 = time.time()
     ray.shutdown()
-    return {"wall_s": t2 - t0, "start_s": None, "rows": len(out),
+    return {"wall_s": t2 - t0, "gen_s": float(out["done"].max() - (out["done"] - out["took"]).min()),
+            "rows": len(out),
             "output_tokens": int(out["num_generated_tokens"].sum()),
             "input_tokens": int(out["num_input_tokens"].sum())}
 
 
-def run_qwen_batch(model: str, engine: dict, n: int, input_dir: str, out_dir: str) -> dict:
+def run_qwen_batch(model: str, engine: dict, input_dir: str, out_dir: str, *, task: dict,
+                   sampling: dict | None = None, engine_factory=None) -> dict:
+    """A qwen-batch job as a user runs it; the generation span comes from its own metrics."""
     from pipeline.runner import run_job
     from pipeline.spec import load_spec
 
@@ -143,11 +148,14 @@ def run_qwen_batch(model: str, engine: dict, n: int, input_dir: str, out_dir: st
         "input": {"path": input_dir}, "output": {"path": out_dir},
         "model": {"source": model, "max_model_len": engine["max_model_len"],
                   "engine_kwargs": {k: v for k, v in engine.items() if k != "max_model_len"}},
-        "task": {"head": "chat"}, "sampling": SAMPLING,
+        "task": task, "sampling": sampling or {},
     })
-    report = run_job(spec, overwrite=True, progress=False)
-    t2 = time.time()
-    return {"wall_s": t2 - t0, "start_s": None, "rows": report.totals.rows,
+    report = run_job(spec, overwrite=True, progress=False, engine_factory=engine_factory)
+    wall = time.time() - t0
+    shards = report.totals.shards
+    first = min(m["started_at"] for m in shards if m["started_at"])
+    last = max(m["finished_at"] for m in shards if m["finished_at"])
+    return {"wall_s": wall, "gen_s": last - first, "rows": report.totals.rows,
             "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
 
 
@@ -161,6 +169,7 @@ def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
 
     t0 = time.time()
     llm = LLM(model=model, **engine)
+    t1 = time.time()
     tok = AutoTokenizer.from_pretrained(model)
     opts = SummarizeOptions()
     limit = engine["max_model_len"]
@@ -207,23 +216,7 @@ def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
             work[d] = groups
     t2 = time.time()
     llm.llm_engine.engine_core.shutdown()
-    return {"wall_s": t2 - t0, "start_s": None, "rows": n, "output_tokens": out_tokens, "input_tokens": in_tokens}
-
-
-def run_qwen_batch_summarize(model: str, engine: dict, input_dir: str, out_dir: str) -> dict:
-    from pipeline.runner import run_job
-    from pipeline.spec import load_spec
-
-    t0 = time.time()
-    spec = load_spec(data={
-        "input": {"path": input_dir}, "output": {"path": out_dir},
-        "model": {"source": model, "max_model_len": engine["max_model_len"],
-                  "engine_kwargs": {k: v for k, v in engine.items() if k != "max_model_len"}},
-        "task": {"head": "summarize", "options": {"max_tokens": SUMMARY_TOKENS}}, "sampling": SAMPLING,
-    })
-    report = run_job(spec, overwrite=True, progress=False)
-    return {"wall_s": time.time() - t0, "start_s": None, "rows": report.totals.rows,
-            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
+    return {"wall_s": t2 - t0, "gen_s": t2 - t1, "rows": n, "output_tokens": out_tokens, "input_tokens": in_tokens}
 
 
 def run_vllm_score(model: str, engine: dict, n: int) -> dict:
@@ -237,6 +230,7 @@ def run_vllm_score(model: str, engine: dict, n: int) -> dict:
 
     t0 = time.time()
     llm = LLM(model=model, **engine)
+    t1 = time.time()
     tok = AutoTokenizer.from_pretrained(model)
     head = ClassifyHead({"labels": LABELS})  # its prompt wording, so both systems read the same
     answers = [tok.encode(label + END_OF_TURN, add_special_tokens=False) for label in LABELS]
@@ -259,36 +253,8 @@ def run_vllm_score(model: str, engine: dict, n: int) -> dict:
     t2 = time.time()
     in_tokens = sum(len(o.prompt_token_ids) for o in outs)
     llm.llm_engine.engine_core.shutdown()
-    return {"wall_s": t2 - t0, "start_s": None, "rows": len(chosen), "output_tokens": 0, "input_tokens": in_tokens}
-
-
-def run_qwen_batch_classify(model: str, engine: dict, input_dir: str, out_dir: str) -> dict:
-    from pipeline.runner import run_job
-    from pipeline.spec import load_spec
-
-    t0 = time.time()
-    spec = load_spec(data={
-        "input": {"path": input_dir}, "output": {"path": out_dir},
-        "model": {"source": model, "max_model_len": engine["max_model_len"],
-                  "engine_kwargs": {k: v for k, v in engine.items() if k != "max_model_len"}},
-        "task": {"head": "classify", "options": {"labels": LABELS}},
-    })
-    report = run_job(spec, overwrite=True, progress=False)
-    return {"wall_s": time.time() - t0, "start_s": None, "rows": report.totals.rows,
-            "output_tokens": 0, "input_tokens": report.totals.prompt_tokens}
-
-
-def run_data_path(n: int, input_dir: str, out_dir: str, model: str) -> dict:
-    from pipeline.runner import run_job
-    from pipeline.spec import load_spec
-    from pipeline.testing import fake_engine_factory
-
-    spec = load_spec(data={"input": {"path": input_dir}, "output": {"path": out_dir},
-                           "model": {"source": model}, "task": {"head": "chat"}})
-    t0 = time.time()
-    report = run_job(spec, overwrite=True, progress=False, engine_factory=fake_engine_factory())
-    return {"wall_s": time.time() - t0, "rows": report.totals.rows, "start_s": None,
-            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
+    return {"wall_s": t2 - t0, "gen_s": t2 - t1, "rows": len(chosen), "output_tokens": 0,
+            "input_tokens": in_tokens}
 
 
 def child(args) -> None:
@@ -298,17 +264,23 @@ def child(args) -> None:
     elif args.system == "ray-data-llm":
         result = run_ray_data_llm(args.model, engine, args.prompts, args.input)
     elif args.system == "qwen-batch":
-        result = run_qwen_batch(args.model, engine, args.prompts, args.input, args.scratch)
+        result = run_qwen_batch(args.model, engine, args.input, args.scratch, task={"head": "chat"},
+                                sampling=SAMPLING)
     elif args.system == "vllm-map-reduce":
         result = run_vllm_map_reduce(args.model, engine, args.prompts)
     elif args.system == "qwen-batch-summarize":
-        result = run_qwen_batch_summarize(args.model, engine, args.input, args.scratch)
+        result = run_qwen_batch(args.model, engine, args.input, args.scratch, sampling=SAMPLING,
+                                task={"head": "summarize", "options": {"max_tokens": SUMMARY_TOKENS}})
     elif args.system == "vllm-score":
         result = run_vllm_score(args.model, engine, args.prompts)
     elif args.system == "qwen-batch-classify":
-        result = run_qwen_batch_classify(args.model, engine, args.input, args.scratch)
-    else:
-        result = run_data_path(args.prompts, args.input, args.scratch, args.model)
+        result = run_qwen_batch(args.model, engine, args.input, args.scratch,
+                                task={"head": "classify", "options": {"labels": LABELS}})
+    else:  # the data path: an instant fake engine, so only our own per-row work remains
+        from pipeline.testing import fake_engine_factory
+
+        result = run_qwen_batch(args.model, engine, args.input, args.scratch, task={"head": "chat"},
+                                engine_factory=fake_engine_factory())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -414,12 +386,16 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in rs),
                "total_tokens_per_s": statistics.median(r["total_tokens_per_s"] for r in rs),
                "rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
-               "output_tokens": rs[0]["output_tokens"]}
+               "output_tokens": rs[0]["output_tokens"],
+               # without engine start: first request to last answer, in the system's own clock
+               "gen_s_median": statistics.median(r["gen_s"] for r in rs),
+               "gen_output_tokens_per_s": statistics.median(r["output_tokens"] / r["gen_s"] for r in rs),
+               "gen_rows_per_s": statistics.median(r["rows"] / r["gen_s"] for r in rs)}
         for ref in REFERENCES:
             # Every row gets every ratio column (None where it does not apply): Arrow takes a
             # table's columns from its rows, and a reference's own row has no ratio to itself.
             row.update({f"x_{ref}": None, f"x_{ref}_min": None, f"x_{ref}_max": None})
-            if ref in med and s != ref:
+            if ref in med and s != ref and s != "data-path":  # the fake engine is no rival
                 # Throughput ratio: reference wall / our wall; spread from the extreme pairs.
                 ref_walls = [r["wall_s"] for r in base[ref]]
                 row[f"x_{ref}"] = med[ref] / med[s]
@@ -433,18 +409,21 @@ def print_table(summary: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="throughput (median of runs; ratios are throughput vs. the reference, min-max)",
-              width=140)
+    t = Table(title="throughput, median of runs (min-max). wall: the whole process; gen: first request to last "
+                    "answer (no imports, no engine start); ratios: end-to-end throughput vs. the reference",
+              width=170)
     refs = [f"x_{k}" for k in REFERENCES if any(r.get(f"x_{k}") is not None for r in summary)]
     names = {f"x_{k}": f"vs {v}" for k, v in REFERENCES.items()}
-    for c in ("system", "wall s (min-max)", "out tok/s", "total tok/s", "rows/s", *[names[k] for k in refs]):
+    for c in ("system", "wall s", "gen s", "out tok/s", "gen out tok/s", "total tok/s", "rows/s", "gen rows/s",
+              *[names[k] for k in refs]):
         t.add_column(c, justify="left" if c == "system" else "right")
     for r in summary:
         ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if r.get(k) is not None else "-")
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
-                  f"{r['output_tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}",
+                  f"{r['gen_s_median']:.1f}", f"{r['output_tokens_per_s']:.0f}", f"{r['gen_output_tokens_per_s']:.0f}",
+                  f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}", f"{r['gen_rows_per_s']:.1f}",
                   *[ratio(k) for k in refs])
-    Console(width=160).print(t)
+    Console(width=190).print(t)
 
 
 def chart(runs: list[dict], systems: list[str], path: Path, *, metric: str = "output_tokens_per_s") -> None:

@@ -36,6 +36,24 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+def prompt_rows(n: int, start: int = 0, **cols) -> list[dict]:
+    """Rows {id, prompt: "p<id>", **cols} for ids start .. start+n-1."""
+    return [{"id": i, "prompt": f"p{i}", **cols} for i in range(start, start + n)]
+
+
+@pytest.fixture
+def chat_job(tmp_path, tiny_model):
+    """Make a chat-head spec reading tmp_path/in and writing tmp_path/out; top-level keys given replace these."""
+    from pipeline.spec import load_spec
+
+    def make(**sections):
+        data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
+                "model": {"source": str(tiny_model)}, "task": {"head": "chat"}}
+        return load_spec(data={**data, **sections})
+
+    return make
+
+
 def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -10,28 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import read_dir, write_shards
+from conftest import prompt_rows, read_dir, write_shards
 from pipeline.runner import plan_job, run_job
 from pipeline.shards import InputError
-from pipeline.spec import load_spec
 
-MODEL = {"source": "unset"}
-
-
-@pytest.fixture(autouse=True)
-def _model(tiny_model):
-    MODEL["source"] = str(tiny_model)
-
-
-def job(tmp_path, **extra):
-    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-            "model": dict(MODEL), "task": {"head": "chat"}}
-    data.update(extra)
-    return load_spec(data=data)
-
-
-def rows(n, start=0, **cols):
-    return [{"id": i, "prompt": f"p{i}", **cols} for i in range(start, start + n)]
 
 
 class Unpickled:
@@ -62,16 +44,16 @@ JOB_LEVEL = {
                           "part-00000.parquet: no id column 'id' (columns: key, prompt); add it or set input.id_column"),
     "missing text column": (lambda d: write_shards(d, [[{"id": 1, "text": "x"}]]),
                             "none of the columns messages, prompt; add one or set the head's column option"),
-    "duplicate ids across shards": (lambda d: write_shards(d, [rows(2), rows(2, 1)]),
+    "duplicate ids across shards": (lambda d: write_shards(d, [prompt_rows(2), prompt_rows(2, 1)]),
                                     "part-00001.parquet: 1 duplicate id(s): 1 (also in"),
     "duplicate ids in a shard": (lambda d: write_shards(d, [[{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}]]),
                                  "1 duplicate id(s): 1; ids must be unique across the input"),
     "null id": (lambda d: write_shards(d, [[{"id": None, "prompt": "a"}, {"id": 2, "prompt": "b"}]]),
                 "1 row(s) with a null id; give every row an id"),
-    "mixed id types": (lambda d: write_shards(d, [rows(1), [{"id": "x", "prompt": "y"}]]),
+    "mixed id types": (lambda d: write_shards(d, [prompt_rows(1), [{"id": "x", "prompt": "y"}]]),
                        "id column 'id' has different types across shards"),
     "float ids": (lambda d: write_shards(d, [[{"id": 1.5, "prompt": "x"}]]), "must hold integers or strings"),
-    "schema drift": (lambda d: write_shards(d, [rows(1), [{"id": 5, "prompt": 3}]]),
+    "schema drift": (lambda d: write_shards(d, [prompt_rows(1), [{"id": 5, "prompt": 3}]]),
                      "column 'prompt' is int64 but string in"),
     "no rows": (lambda d: write_shards(d, [[]], pa.schema([("id", pa.int64()), ("prompt", pa.string())])),
                 "the input has no rows"),
@@ -79,7 +61,7 @@ JOB_LEVEL = {
                          "notes.txt: not a readable Parquet file"),
     "zero-byte file": (lambda d: (d.mkdir(parents=True), (d / "empty.parquet").write_bytes(b"")),
                        "empty.parquet: not a readable Parquet file"),
-    "truncated Parquet": (lambda d: (write_shards(d, [rows(50)]),
+    "truncated Parquet": (lambda d: (write_shards(d, [prompt_rows(50)]),
                                      (d / "cut.parquet").write_bytes((d / "part-00000.parquet").read_bytes()[:-30])),
                           "cut.parquet: not a readable Parquet file"),
     "empty folder": (lambda d: d.mkdir(parents=True), "no input files found; point it at Parquet shards"),
@@ -95,28 +77,28 @@ JOB_LEVEL = {
 
 
 @pytest.mark.parametrize("kind", JOB_LEVEL)
-def test_job_level_bad_input_is_refused_with_file_and_fix(tmp_path, kind):
+def test_job_level_bad_input_is_refused_with_file_and_fix(tmp_path, kind, chat_job):
     make, message = JOB_LEVEL[kind]
     make(tmp_path / "in")
     extra = {"task": {"head": "chat", "options": {"prompt_column": "path"}}} if "path" in kind else {}
     with pytest.raises(InputError) as e:
-        plan_job(job(tmp_path, **extra))
+        plan_job(chat_job(**extra))
     assert message in str(e.value)
     assert not (tmp_path / "unpickled").exists(), "a pickled value was unpickled"
 
 
-def test_output_inside_input_is_refused(tmp_path):
-    write_shards(tmp_path / "in", [rows(1)])
+def test_output_inside_input_is_refused(tmp_path, chat_job):
+    write_shards(tmp_path / "in", [prompt_rows(1)])
     with pytest.raises(InputError, match="is inside input.path .* the next run would read its own output"):
-        plan_job(job(tmp_path, output={"path": str(tmp_path / "in" / "out")}))
+        plan_job(chat_job(output={"path": str(tmp_path / "in" / "out")}))
 
 
-def test_stray_success_and_crc_files_are_skipped(tmp_path):
-    write_shards(tmp_path / "in", [rows(2), rows(2, 2)])
+def test_stray_success_and_crc_files_are_skipped(tmp_path, chat_job):
+    write_shards(tmp_path / "in", [prompt_rows(2), prompt_rows(2, 2)])
     (tmp_path / "in" / "_SUCCESS").write_text("")
     (tmp_path / "in" / ".part-00000.parquet.crc").write_bytes(b"\x00\x01")
     (tmp_path / "in" / "_manifest.json").write_text("{}")
-    plan = plan_job(job(tmp_path))
+    plan = plan_job(chat_job())
     assert [s.name for s in plan.shards] == ["part-00000", "part-00001"]
 
 
@@ -142,7 +124,7 @@ ROW_LEVEL = {
 }
 
 
-def test_row_level_bad_input_becomes_one_error_row_each_on_the_real_engine(tmp_path, tokenizer):
+def test_row_level_bad_input_becomes_one_error_row_each_on_the_real_engine(tmp_path, tokenizer, chat_job, tiny_model):
     ids = list(ROW_LEVEL)
     table = pa.table({
         "id": ids,
@@ -152,7 +134,7 @@ def test_row_level_bad_input_becomes_one_error_row_each_on_the_real_engine(tmp_p
     })
     (tmp_path / "in").mkdir()
     pq.write_table(table, tmp_path / "in" / "rows.parquet")
-    spec = job(tmp_path, model={**MODEL, "max_model_len": 256, "engine_kwargs": {"enforce_eager": True}},
+    spec = chat_job(model={"source": str(tiny_model), "max_model_len": 256, "engine_kwargs": {"enforce_eager": True}},
                sampling={"max_tokens": 2, "temperature": 0})
     report = run_job(spec, progress=False)
     results, errors = read_dir(tmp_path / "out" / "results"), read_dir(tmp_path / "out" / "errors")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from conftest import read_dir, run_cli, vllm_processes, write_shards
+from conftest import read_dir, run_cli, write_shards
 
 MAX_LEN = 256
 TOPICS = ["rivers", "prime numbers", "jazz", "glaciers", "compilers", "tea", "owls", "bridges"]

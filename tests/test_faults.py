@@ -48,8 +48,8 @@ import sys
 from pipeline.runner import run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
-spec = load_spec(sys.argv[1])
-run_job(spec, progress=False, engine_factory=fake_engine_factory(delay=float(sys.argv[2])))
+report = run_job(load_spec(sys.argv[1]), progress=False, engine_factory=fake_engine_factory(delay=float(sys.argv[2])))
+sys.exit(report.exit_code)
 """
 
 
@@ -221,19 +221,9 @@ def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path,
     assert manifest["status"] == "complete" and manifest["totals"]["rows"] == 240
 
 
-EXIT_WITH_REPORT = """
-import sys
-from pipeline.runner import run_job
-from pipeline.spec import load_spec
-from pipeline.testing import fake_engine_factory
-report = run_job(load_spec(sys.argv[1]), progress=False, engine_factory=fake_engine_factory())
-sys.exit(report.exit_code)
-"""
-
-
 def run_driver(spec_file):
     """run_job with the fake engine in its own process (and process group)."""
-    proc = subprocess.Popen([sys.executable, "-c", EXIT_WITH_REPORT, str(spec_file)], start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), "0"], start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=300)

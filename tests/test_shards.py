@@ -1,37 +1,18 @@
 """Input discovery and checks: every bad input is named with its file and the fix."""
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_shards
+from conftest import prompt_rows, write_shards
 from pipeline.runner import plan_job
-from pipeline.shards import InputError, list_shard_paths
-from pipeline.spec import SpecError, load_spec
+from pipeline.shards import list_shard_paths
+from pipeline.spec import SpecError
 
 
-MODEL = {"source": "unset"}
-
-
-@pytest.fixture(autouse=True)
-def _model(tiny_model):
-    MODEL["source"] = str(tiny_model)
-
-
-def job(tmp_path, inp, **extra):
-    data = {"input": {"path": str(inp)}, "output": {"path": str(tmp_path / "out")},
-            "model": dict(MODEL), "task": {"head": "chat"}}
-    data.update(extra)
-    return load_spec(data=data)
-
-
-def rows(n, start=0, **cols):
-    return [{"id": i, "prompt": f"p{i}", **cols} for i in range(start, start + n)]
 
 
 def test_directory_glob_and_file_are_found_and_hidden_files_skipped(tmp_path):
     inp = tmp_path / "in"
-    write_shards(inp, [rows(2), rows(2, 2)])
+    write_shards(inp, [prompt_rows(2), prompt_rows(2, 2)])
     (inp / "_SUCCESS").write_text("")
     (inp / ".part-00000.parquet.crc").write_text("x")
     _, paths = list_shard_paths(str(inp))
@@ -42,20 +23,20 @@ def test_directory_glob_and_file_are_found_and_hidden_files_skipped(tmp_path):
     assert len(paths) == 1
 
 
-def test_plan_counts_rows_and_shards(tmp_path):
-    write_shards(tmp_path / "in", [rows(3), rows(4, 3)])
-    plan = plan_job(job(tmp_path, tmp_path / "in"))
+def test_plan_counts_rows_and_shards(tmp_path, chat_job):
+    write_shards(tmp_path / "in", [prompt_rows(3), prompt_rows(4, 3)])
+    plan = plan_job(chat_job())
     assert [s.rows for s in plan.shards] == [3, 4]
     assert plan.columns == ["id", "prompt"]
 
 
-def test_validate_cli_reports_plan_and_errors(tmp_path):
+def test_validate_cli_reports_plan_and_errors(tmp_path, chat_job):
     import yaml
     from conftest import run_cli
 
-    write_shards(tmp_path / "in", [rows(3), rows(2, 3)])
+    write_shards(tmp_path / "in", [prompt_rows(3), prompt_rows(2, 3)])
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(job(tmp_path, tmp_path / "in").model_dump(mode="json")))
+    spec.write_text(yaml.safe_dump(chat_job().model_dump(mode="json")))
     ok = run_cli("validate", str(spec))
     assert ok.returncode == 0, ok.stderr
     assert "2 shard(s), 5 rows" in ok.stderr
@@ -64,20 +45,20 @@ def test_validate_cli_reports_plan_and_errors(tmp_path):
     assert "Did you mean 'max_model_len'?" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_unknown_model_is_refused_before_anything_runs(tmp_path):
-    write_shards(tmp_path / "in", [rows(1)])
-    spec = job(tmp_path, tmp_path / "in", model={"source": str(tmp_path / "no-such-model")})
+def test_unknown_model_is_refused_before_anything_runs(tmp_path, chat_job):
+    write_shards(tmp_path / "in", [prompt_rows(1)])
+    spec = chat_job(model={"source": str(tmp_path / "no-such-model")})
     with pytest.raises(SpecError, match="cannot read the checkpoint's config.*local checkpoint directory"):
         plan_job(spec)
 
 
-def test_dry_run_prints_the_plan_and_loads_no_model(tmp_path, tokenizer):
+def test_dry_run_prints_the_plan_and_loads_no_model(tmp_path, tokenizer, chat_job):
     import yaml
     from conftest import run_cli
 
-    write_shards(tmp_path / "in", [rows(3), rows(2, 3)])
+    write_shards(tmp_path / "in", [prompt_rows(3), prompt_rows(2, 3)])
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(job(tmp_path, tmp_path / "in").model_dump(mode="json")))
+    spec.write_text(yaml.safe_dump(chat_job().model_dump(mode="json")))
     out = run_cli("run", "--dry-run", str(spec), "--set", "resources.replicas=[1, 3]")
     assert out.returncode == 0, out.stderr
     assert "2 shard(s) and 5 rows to run (0 already committed" in out.stderr
