@@ -220,7 +220,9 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+        # detokenize=False: only the numbers are read; decoding every prompt position's
+        # token would cost the front end (on the engine's cores) more than the scoring itself
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
 
         async def one(cont: list[int]) -> float:

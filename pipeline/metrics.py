@@ -14,6 +14,23 @@ def _sum(table: pa.Table, column: str) -> int:
     return int(pc.sum(table.column(column)).as_py() or 0)
 
 
+TIMELINE_S = 10.0  # window of the per-replica output timeline
+
+
+def timeline(stage: pa.Table) -> list[dict]:
+    """Rows finished and tokens generated per TIMELINE_S window and engine actor."""
+    if stage.num_rows == 0:
+        return []
+    window = pc.multiply(pc.floor(pc.divide(stage.column("_finished"), TIMELINE_S)), TIMELINE_S)
+    tokens = stage.column("completion_tokens") if "completion_tokens" in stage.column_names \
+        else pa.nulls(stage.num_rows, pa.int64())
+    table = pa.table({"at": window, "worker": stage.column("_worker"), "tokens": pc.fill_null(tokens, 0)})
+    grouped = table.group_by(["at", "worker"]).aggregate([("tokens", "sum"), ("tokens", "count")])
+    return sorted(({"at": r["at"], "worker": r["worker"], "rows": r["tokens_count"],
+                    "completion_tokens": r["tokens_sum"]} for r in grouped.to_pylist()),
+                  key=lambda r: (r["at"], r["worker"] or ""))
+
+
 def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int,
                   context: dict) -> dict:
     """One metrics row for a shard from the stage rows it produced (per-row start/finish)."""
@@ -42,6 +59,7 @@ def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int,
         **context,
         "engine_settings": settings[0].as_py() if len(settings) else None,
         "workers": sorted(pc.unique(stage.column("_worker").drop_null()).to_pylist()) if stage.num_rows else [],
+        "timeline": timeline(stage),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import posixpath
 
@@ -65,14 +66,30 @@ class OutputDir:
             raise
 
     def write_manifest(self, manifest: dict) -> None:
-        staged = posixpath.join(self.staging, MANIFEST)
-        with self.fs.open_output_stream(staged) as f:
-            f.write(json.dumps(manifest, indent=2, default=str).encode())
-        self._commit(staged, posixpath.join(self.root, MANIFEST))
+        """Replace _manifest.json whole; on a full disk, in place (its own space is reused),
+        so that a run stopped by a full disk can still say why."""
+        staged, final = posixpath.join(self.staging, MANIFEST), posixpath.join(self.root, MANIFEST)
+        data = json.dumps(manifest, indent=2, default=str).encode()
+        try:
+            with self.fs.open_output_stream(staged) as f:
+                f.write(data)
+            self._commit(staged, final)
+        except OSError as e:
+            if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                raise
+            try:
+                self.fs.delete_file(staged)
+            except OSError:
+                pass
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
 
     def cleanup(self) -> None:
         """Remove the staging folder (only this run's, now empty, can be there)."""
-        self.fs.delete_dir(posixpath.dirname(self.staging))
+        try:
+            self.fs.delete_dir(posixpath.dirname(self.staging))
+        except FileNotFoundError:
+            pass
 
     def committed_names(self) -> set[str]:
         """Shards whose files are all in place (metrics is moved last)."""

@@ -59,6 +59,30 @@ def render_report(output: str | Path) -> Path:
     ax.set_xlabel("seconds since the first row started")
     save(fig, "replicas_timeline.png", "Shards over time per engine replica, labeled with output tokens/s.")
 
+    windows: dict[str, dict[float, int]] = {}  # worker -> window start -> tokens
+    for r in m:
+        for w in r.get("timeline") or []:
+            per = windows.setdefault(w["worker"] or "?", {})
+            per[w["at"]] = per.get(w["at"], 0) + w["completion_tokens"]
+    if windows:
+        from pipeline.metrics import TIMELINE_S
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        total: dict[float, int] = {}
+        for worker, per in sorted(windows.items()):
+            xs = sorted(per)
+            ax.plot([x - t0 for x in xs], [per[x] / TIMELINE_S for x in xs], marker=".", label=worker)
+            for x in xs:
+                total[x] = total.get(x, 0) + per[x]
+        if len(windows) > 1:
+            xs = sorted(total)
+            ax.plot([x - t0 for x in xs], [total[x] / TIMELINE_S for x in xs], color="black", label="all replicas")
+        ax.set_xlabel("seconds since the first row started")
+        ax.set_ylabel("output tokens/s")
+        ax.legend(fontsize=7)
+        save(fig, "tokens_over_time.png",
+             f"Output tokens/s over time per engine replica ({TIMELINE_S:.0f}-second windows).")
+
     kinds = Counter(errors.column("error_type").to_pylist()) if errors is not None else Counter()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar(list(kinds) or ["none"], list(kinds.values()) or [0], color="#e45756")

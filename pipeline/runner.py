@@ -19,7 +19,8 @@ from pipeline.heads import head_class
 from pipeline.ledger import RowLedger
 from pipeline.metrics import RunTotals, shard_metrics, summary_table
 from pipeline.output import OutputDir
-from pipeline.placement import ReplicaPlacer, replica_shape
+from pipeline.output_lock import OutputLock
+from pipeline.placement import ReplicaPlacer, ReplicaShape, replica_shape
 from pipeline.redact import redact, redact_text
 from pipeline.schemas import arrow_schema
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
@@ -179,6 +180,9 @@ def _connect_ray(spec: JobSpec, devices_per_replica: int) -> str | None:
     # Workers' logs (vLLM's start-up chatter) stay in Ray's session folder unless asked for.
     # address="local": a new private Ray, even when a `ray start` cluster runs on this machine
     # (plain ray.init() would join it, or fail on the stale address a killed one left behind).
+    # Ray starts its workers at nice 15, below the driver and Ray's own services; on a small
+    # machine those then preempt the engine. A run owns this Ray: engines at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=max(cores, spec.resources.replica_range[1] * devices_per_replica + 1),
              include_dashboard=False, log_to_driver=bool(os.environ.get("QWEN_BATCH_WORKER_LOGS")),
              logging_level="WARNING")
@@ -278,14 +282,34 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
     plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     out = OutputDir(spec.output.path, run_id)
-    if overwrite:
-        for kind in ("results", "errors", "metrics"):
-            out.fs.delete_dir_contents(posixpath.join(out.root, kind), missing_dir_ok=True)
     if not plan.todo:
         console.print(f"Nothing to do: all {len(plan.shards)} shards are already in "
                       f"{redact_text(spec.output.path)}.")
         return RunReport(spec.output.path, run_id, RunTotals(), time.time() - t0,
                          skipped_shards=len(plan.shards), message="nothing to do")
+    lock = OutputLock(out.fs, out.root, run_id)
+    try:
+        out.fs.create_dir(out.root, recursive=True)
+        note = lock.acquire()  # OutputBusyError while another run writes here
+    except OSError as e:
+        raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
+    try:
+        if note:
+            console.print(f"[yellow]{escape(redact_text(note))}[/yellow]", highlight=False)
+        if overwrite:
+            for kind in ("results", "errors", "metrics"):
+                out.fs.delete_dir_contents(posixpath.join(out.root, kind), missing_dir_ok=True)
+        return _run_locked(spec, plan, out, run_id, resume_anyway=resume_anyway, progress=progress,
+                           engine_factory=engine_factory, console=console, t0=t0)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: JobSpec, plan: Plan, out: OutputDir, run_id: str, *, resume_anyway: bool, progress: bool,
+                engine_factory, console, t0: float) -> RunReport:
+    """Run the plan's shards into an output this run holds the lock of; record the outcome."""
+    from rich.markup import escape
+
     manifest = _manifest(spec, plan, run_id, status="running")
     if resume_anyway:  # some committed shards may come from another spec or older input
         manifest["resumed_anyway"] = True

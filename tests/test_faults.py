@@ -1,6 +1,7 @@
 """Nothing lost through faults: an engine actor that dies mid-shard, a driver killed mid-run
 and rerun. Fake engines fail on cue; the invariant is checked on the real output files."""
 
+import io
 import json
 import os
 import signal
@@ -10,8 +11,10 @@ import time
 
 import psutil
 import pytest
+from rich.console import Console
 
 from conftest import read_dir, write_shards
+from pipeline.output_lock import OutputBusyError
 from pipeline.runner import run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
@@ -71,6 +74,9 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the first run ended before it could be killed"
+    # a second run of the same job while the first one writes is refused, touching nothing
+    with pytest.raises(OutputBusyError, match=f"being written by another run .*pid {proc.pid} on"):
+        run_job(spec, progress=False, engine_factory=fake_engine_factory())
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     for p in psutil.process_iter():  # Ray's processes of the killed run
@@ -84,7 +90,11 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "running"
 
-    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    console = Console(file=io.StringIO(), width=200)
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(), console=console)
+    assert f"took over a stale lock on {tmp_path / 'out'}: run " in console.file.getvalue()
+    assert "is no longer running" in console.file.getvalue()
+    assert not (tmp_path / "out" / "_lock.json").exists()
     assert report.skipped_shards >= len(committed_before)
     ids = ids_out(tmp_path / "out")
     assert len(ids) == len(set(ids)) == 80
@@ -174,10 +184,10 @@ def test_poison_row_that_kills_every_engine_ends_as_one_error_row(tmp_path, tiny
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 48 KiB tmpfs: room for the manifest and about two shards' files."""
+    """A 52 KiB tmpfs: room for the lock, the manifest and about two shards' files."""
     mount = tmp_path / "out"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=52k", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     # Not a skip: without a real full disk this fault would go untested (CI runs as root).
     assert done.returncode == 0, f"the full-disk test mounts a small tmpfs and needs root: {done.stderr.strip()}"

@@ -142,8 +142,14 @@ def test_report_renders_charts_and_html(first_run):
     assert proc.returncode == 0, proc.stderr
     page = (tmp / "out" / "report" / "index.html").read_text()
     assert "3 shards, 120 rows, 2 errors" in page
-    for png in ("shard_throughput.png", "replicas_timeline.png", "errors.png", "token_lengths.png"):
+    for png in ("shard_throughput.png", "replicas_timeline.png", "tokens_over_time.png", "errors.png",
+                "token_lengths.png"):
         assert png in page and (tmp / "out" / "report" / png).stat().st_size > 1000
+    # the timeline adds up to each shard's totals
+    for m in read_dir(tmp / "out" / "metrics").to_pylist():
+        assert sum(w["rows"] for w in m["timeline"]) == m["rows"]
+        assert sum(w["completion_tokens"] for w in m["timeline"]) == m["completion_tokens"]
+        assert {w["worker"] for w in m["timeline"]} == set(m["workers"])
 
 
 def test_resume_anyway_keeps_committed_shards_of_another_spec(tmp_path):

@@ -1,0 +1,137 @@
+"""One run at a time per output folder: OUTPUT/_lock.json names the run that holds it.
+
+Two runs writing the same output would clear each other's staged files and commit the same
+shards twice. A lock is stale (taken over) when its run's process is gone from this host,
+or when it has not been refreshed for STALE_AFTER_S (a machine that died, on any host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+
+import pyarrow.fs as pafs
+
+from pipeline.shards import InputError
+
+LOCK = "_lock.json"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+class OutputBusyError(InputError):
+    """Another live run holds the output folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, but alive
+        return True
+    return True
+
+
+class OutputLock:
+    """Hold OUTPUT/_lock.json for a run; refreshed in the background until released."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, run_id: str):
+        self.fs, self.root, self.run_id = fs, root, run_id
+        self.path = posixpath.join(root, LOCK)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat_at": time.time()}).encode()
+
+    def holder(self) -> dict | None:
+        """The lock's current content, or None when nobody holds it."""
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return json.loads(f.read() or b"{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: half written by a run that died; treated as stale below
+
+    @staticmethod
+    def stale_reason(holder: dict) -> str | None:
+        """Why a lock no longer protects a live run, or None when it does."""
+        if not holder.get("run_id"):
+            return "the lock file is unreadable"
+        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+            return f"run {holder['run_id']} (pid {holder.get('pid')} on this host) is no longer running"
+        age = time.time() - float(holder.get("heartbeat_at", 0))
+        if age > STALE_AFTER_S:
+            return f"run {holder['run_id']} on {holder.get('host')} has not been seen for {age / 60:.0f} min"
+        return None
+
+    def acquire(self) -> str | None:
+        """Take the lock, or raise OutputBusyError naming the run that holds it. Returns a
+        note when a stale lock was taken over."""
+        note = None
+        holder = self.holder()
+        if holder is not None:
+            reason = self.stale_reason(holder)
+            if reason is None:
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["heartbeat_at"])))
+                raise OutputBusyError(
+                    f"output.path {self.root} is being written by another run ({holder['run_id']}, pid "
+                    f"{holder.get('pid')} on {holder.get('host')}, last seen {started}). Wait for it to finish "
+                    f"and rerun (finished shards are kept), or write elsewhere. If that run is dead, delete "
+                    f"{self.path}; a lock also expires {STALE_AFTER_S / 60:.0f} min after its run was last seen.")
+            note = f"took over a stale lock on {self.root}: {reason}"
+            self.fs.delete_file(self.path)
+        self._create()
+        self._thread = threading.Thread(target=self._beat, name="qwen-batch-lock", daemon=True)
+        self._thread.start()
+        return note
+
+    def _create(self) -> None:
+        if isinstance(self.fs, pafs.LocalFileSystem):  # atomic: exactly one of two racing runs wins
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise OutputBusyError(f"output.path {self.root}: another run took the lock a moment ago; "
+                                      f"wait for it to finish and rerun") from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+            return
+        # Object stores have no create-if-absent here: write, then check that ours stuck.
+        self._write()
+        time.sleep(1.0)
+        if (self.holder() or {}).get("run_id") != self.run_id:
+            raise OutputBusyError(f"output.path {self.root}: another run took the lock a moment ago; "
+                                  f"wait for it to finish and rerun")
+
+    def _write(self) -> None:
+        """Replace the lock's content whole (a reader never sees half of it)."""
+        staged = f"{self.path}.{self.run_id}"
+        with self.fs.open_output_stream(staged) as f:
+            f.write(self._record())
+        self.fs.move(staged, self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                if (self.holder() or {}).get("run_id") == self.run_id:
+                    self._write()
+            except OSError:  # a full disk: the run reports it where it writes shards
+                pass
+
+    def release(self) -> None:
+        """Stop refreshing and remove the lock if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if (self.holder() or {}).get("run_id") == self.run_id:
+                self.fs.delete_file(self.path)
+        except OSError:
+            pass
