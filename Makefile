@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/qwen-batch demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf demo .pytest_cache

@@ -320,6 +320,7 @@ def main() -> None:
     p.add_argument("--data-path", action="store_true", help="also measure the data path with a fake engine")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--from-runs", help="only re-render the table and chart from an earlier OUT/runs.parquet")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -334,6 +335,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_runs:
+        runs = pq.read_table(args.from_runs).to_pylist()
+        return report(runs, out, metric="rows_per_s" if args.mix == "classify" else "output_tokens_per_s")
     if not args.model:
         from pipeline.tiny_model import make_tiny_model
 
@@ -367,12 +371,25 @@ def main() -> None:
                 runs.append(r)
                 print(f"  data path      run {rep + 1}: {r['rows_per_s']:8.1f} rows/s", flush=True)
     pq.write_table(pa.Table.from_pylist(runs), out / "runs.parquet")
+    report(runs, out, metric="rows_per_s" if args.mix == "classify" else "output_tokens_per_s")
+
+
+def report(runs: list[dict], out: Path, *, metric: str) -> None:
+    """The table on stdout, OUT/summary.parquet and OUT/throughput.png from the runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    systems = list(dict.fromkeys(r["system"] for r in runs))
     summary = summarize(runs, systems)
     pq.write_table(pa.Table.from_pylist(summary), out / "summary.parquet")
     print_table(summary)
-    chart(runs, systems + (["data-path"] if args.data_path else []), out / "throughput.png",
-          metric="rows_per_s" if args.mix == "classify" else "output_tokens_per_s")
+    chart(runs, systems, out / "throughput.png", metric=metric)
     print(f"\nWrote {out}/runs.parquet, {out}/summary.parquet, {out}/throughput.png")
+
+
+def _median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
@@ -388,19 +405,20 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                "rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
                "output_tokens": rs[0]["output_tokens"],
                # without engine start: first request to last answer, in the system's own clock
-               "gen_s_median": statistics.median(r["gen_s"] for r in rs),
-               "gen_output_tokens_per_s": statistics.median(r["output_tokens"] / r["gen_s"] for r in rs),
-               "gen_rows_per_s": statistics.median(r["rows"] / r["gen_s"] for r in rs)}
+               "gen_s_median": _median_or_none(r.get("gen_s") for r in rs),
+               "gen_output_tokens_per_s": _median_or_none(r["output_tokens"] / r["gen_s"] for r in rs if r.get("gen_s")),
+               "gen_rows_per_s": _median_or_none(r["rows"] / r["gen_s"] for r in rs if r.get("gen_s"))}
         for ref in REFERENCES:
             # Every row gets every ratio column (None where it does not apply): Arrow takes a
             # table's columns from its rows, and a reference's own row has no ratio to itself.
             row.update({f"x_{ref}": None, f"x_{ref}_min": None, f"x_{ref}_max": None})
             if ref in med and s != ref and s != "data-path":  # the fake engine is no rival
-                # Throughput ratio: reference wall / our wall; spread from the extreme pairs.
-                ref_walls = [r["wall_s"] for r in base[ref]]
-                row[f"x_{ref}"] = med[ref] / med[s]
-                row[f"x_{ref}_min"] = min(ref_walls) / max(walls)
-                row[f"x_{ref}_max"] = max(ref_walls) / min(walls)
+                # Throughput ratio (reference wall / our wall) within each repeat, whose runs
+                # are adjacent in time: a machine that drifts over the session moves both.
+                ref_wall = {r["repeat"]: r["wall_s"] for r in base[ref]}
+                paired = [ref_wall[r["repeat"]] / r["wall_s"] for r in rs if r["repeat"] in ref_wall]
+                row[f"x_{ref}"] = statistics.median(paired)
+                row[f"x_{ref}_min"], row[f"x_{ref}_max"] = min(paired), max(paired)
         rows.append(row)
     return rows
 
@@ -410,18 +428,22 @@ def print_table(summary: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="throughput, median of runs (min-max). wall: the whole process; gen: first request to last "
-                    "answer (no imports, no engine start); ratios: end-to-end throughput vs. the reference",
+                    "answer (no imports, no engine start); ratios: end-to-end throughput vs. the reference, "
+                    "median over repeats of the ratio within a repeat (min-max)",
               width=170)
     refs = [f"x_{k}" for k in REFERENCES if any(r.get(f"x_{k}") is not None for r in summary)]
     names = {f"x_{k}": f"vs {v}" for k, v in REFERENCES.items()}
     for c in ("system", "wall s", "gen s", "out tok/s", "gen out tok/s", "total tok/s", "rows/s", "gen rows/s",
               *[names[k] for k in refs]):
         t.add_column(c, justify="left" if c == "system" else "right")
+    def fmt(x, digits):
+        return "-" if x is None else f"{x:.{digits}f}"
+
     for r in summary:
         ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if r.get(k) is not None else "-")
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
-                  f"{r['gen_s_median']:.1f}", f"{r['output_tokens_per_s']:.0f}", f"{r['gen_output_tokens_per_s']:.0f}",
-                  f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}", f"{r['gen_rows_per_s']:.1f}",
+                  fmt(r["gen_s_median"], 1), f"{r['output_tokens_per_s']:.0f}", fmt(r["gen_output_tokens_per_s"], 0),
+                  f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}", fmt(r["gen_rows_per_s"], 1),
                   *[ratio(k) for k in refs])
     Console(width=190).print(t)
 

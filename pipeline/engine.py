@@ -118,6 +118,7 @@ def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) ->
         out.update(max_num_seqs=sched.max_num_seqs,
                    max_num_batched_tokens=sched.max_num_batched_tokens,
                    enable_prefix_caching=cache.enable_prefix_caching)
+    out["nice"] = os.nice(0)  # the engine's CPU priority: Ray starts workers at 15 unless told
     return json.dumps(out, sort_keys=True, default=str)
 
 

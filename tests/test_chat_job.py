@@ -125,6 +125,7 @@ def test_metrics_and_manifest(cli_job):
         assert m["output_tokens_per_s"] > 0 and m["completion_tokens"] > 0
         assert m["model"].endswith("tiny-qwen3") and m["tensor_parallel_size"] == 1
         assert json.loads(m["engine_settings"])["max_num_seqs"] > 0
+        assert json.loads(m["engine_settings"])["nice"] == 0  # engines at normal CPU priority
     manifest = json.loads((tmp / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["totals"]["results"] + manifest["totals"]["errors"] == 24
