@@ -1,5 +1,5 @@
-"""Where a qwen-batch run spends its CPU: py-spy samples the driver and every process it
-starts (Ray, the engine actor, vLLM's engine core) during a chat-mix run.
+"""Where a qwen-batch run spends its CPU: every process of one chat-mix run (driver, Ray,
+the engine actor, vLLM's engine core and model worker), measured and sampled.
 
     python benchmarks/where_time_goes.py --prompts 512 --out profile-out
 
@@ -33,6 +33,7 @@ spec = load_spec(data=json.loads(sys.argv[1]))
 report = run_job(spec, overwrite=True, progress=False)
 print("ROWS", report.totals.rows, "WALL", round(report.wall_seconds, 1))
 """
+
 
 def kind_of(cmdline: str, frames: set[str]) -> str:
     """What a process is, from its command line and the frames py-spy saw in it."""
