@@ -17,11 +17,13 @@ def _sum(table: pa.Table, column: str) -> int:
 TIMELINE_S = 10.0  # window of the per-replica output timeline
 
 
-def timeline(stage: pa.Table) -> list[dict]:
-    """Rows finished and tokens generated per TIMELINE_S window and engine actor."""
+def timeline(stage: pa.Table, origin: float) -> list[dict]:
+    """Rows finished and tokens generated per TIMELINE_S window and engine actor; windows
+    start at origin (the run's start), so every shard of a run shares them."""
     if stage.num_rows == 0:
         return []
-    window = pc.multiply(pc.floor(pc.divide(stage.column("_finished"), TIMELINE_S)), TIMELINE_S)
+    since = pc.subtract(stage.column("_finished"), origin)
+    window = pc.add(pc.multiply(pc.floor(pc.divide(since, TIMELINE_S)), TIMELINE_S), origin)
     tokens = stage.column("completion_tokens") if "completion_tokens" in stage.column_names \
         else pa.nulls(stage.num_rows, pa.int64())
     table = pa.table({"at": window, "worker": stage.column("_worker"), "tokens": pc.fill_null(tokens, 0)})
@@ -31,8 +33,8 @@ def timeline(stage: pa.Table) -> list[dict]:
                   key=lambda r: (r["at"], r["worker"] or ""))
 
 
-def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int,
-                  context: dict) -> dict:
+def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int, context: dict,
+                  origin: float) -> dict:
     """One metrics row for a shard from the stage rows it produced (per-row start/finish)."""
     prompt, completion = _sum(stage, "prompt_tokens"), _sum(stage, "completion_tokens")
     if stage.num_rows:
@@ -59,7 +61,7 @@ def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int,
         **context,
         "engine_settings": settings[0].as_py() if len(settings) else None,
         "workers": sorted(pc.unique(stage.column("_worker").drop_null()).to_pylist()) if stage.num_rows else [],
-        "timeline": timeline(stage),
+        "timeline": timeline(stage, origin),
     }
 
 

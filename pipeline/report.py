@@ -68,20 +68,25 @@ def render_report(output: str | Path) -> Path:
         from pipeline.metrics import TIMELINE_S
 
         fig, ax = plt.subplots(figsize=(8, 3.5))
+        start = min(at for per in windows.values() for at in per)
         total: dict[float, int] = {}
         for worker, per in sorted(windows.items()):
             xs = sorted(per)
-            ax.plot([x - t0 for x in xs], [per[x] / TIMELINE_S for x in xs], marker=".", label=worker)
+            ax.step([x - start for x in xs], [per[x] / TIMELINE_S for x in xs], where="post", marker=".",
+                    label=worker)
             for x in xs:
                 total[x] = total.get(x, 0) + per[x]
         if len(windows) > 1:
             xs = sorted(total)
-            ax.plot([x - t0 for x in xs], [total[x] / TIMELINE_S for x in xs], color="black", label="all replicas")
-        ax.set_xlabel("seconds since the first row started")
+            ax.step([x - start for x in xs], [total[x] / TIMELINE_S for x in xs], where="post", color="black",
+                    label="all replicas")
+        ax.set_xlim(left=0)
+        ax.set_xlabel("seconds since the first window with finished rows")
         ax.set_ylabel("output tokens/s")
         ax.legend(fontsize=7)
         save(fig, "tokens_over_time.png",
-             f"Output tokens/s over time per engine replica ({TIMELINE_S:.0f}-second windows).")
+             f"Output tokens/s over time per engine replica: tokens of the rows finished in each "
+             f"{TIMELINE_S:.0f}-second window since the run started (the last window may be partial).")
 
     kinds = Counter(errors.column("error_type").to_pylist()) if errors is not None else Counter()
     fig, ax = plt.subplots(figsize=(6, 3))

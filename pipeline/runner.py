@@ -435,7 +435,7 @@ def _execute(spec, plan, out, run_id, device, args, engine_factory, progress, co
         context = {"run_id": run_id, "replicas": spec.resources.replica_range[1], "model": spec.model.source,
                    "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
                    "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device}
-        _stream(ds, spec, plan, out, context, progress, console, totals)
+        _stream(ds, spec, plan, out, context, progress, console, totals, origin=time.time())
     finally:
         placer.release()
 
@@ -474,7 +474,7 @@ def _inference_dataset(spec, plan, run_id, device, args, engine_factory, placer)
     )
 
 
-def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals) -> None:
+def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals, *, origin: float) -> None:
     """Pull stage rows from the engine actors; commit each shard once all its rows are back."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -491,6 +491,7 @@ def _stream(ds, spec, plan, out, context, progress, console, totals: RunTotals) 
             errors = pa.concat_tables([errors, lost.cast(errors.schema)])
         _check_exactly_once(shard, plan.ids[shard.path], results, errors)
         m = shard_metrics(stage if stage is not None else pa.table({}), shard=shard.path, rows=shard.rows,
+                          origin=origin,
                           errors=errors.num_rows, context=context)
         try:
             out.commit_shard(shard.name, {"results": results, "errors": errors,

@@ -145,8 +145,10 @@ def test_report_renders_charts_and_html(first_run):
     for png in ("shard_throughput.png", "replicas_timeline.png", "tokens_over_time.png", "errors.png",
                 "token_lengths.png"):
         assert png in page and (tmp / "out" / "report" / png).stat().st_size > 1000
-    # the timeline adds up to each shard's totals
+    # the timeline adds up to each shard's totals, in windows from the run's start on
+    started = json.loads((tmp / "out" / "_manifest.json").read_text())["started_at"]
     for m in read_dir(tmp / "out" / "metrics").to_pylist():
+        assert all(started <= w["at"] <= m["finished_at"] for w in m["timeline"])
         assert sum(w["rows"] for w in m["timeline"]) == m["rows"]
         assert sum(w["completion_tokens"] for w in m["timeline"]) == m["completion_tokens"]
         assert {w["worker"] for w in m["timeline"]} == set(m["workers"])
