@@ -8,6 +8,7 @@ import json
 import os
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.heads.base import Completion, RowError, Scores
@@ -18,6 +19,18 @@ from pipeline.spec import ModelSpec
 CPU_KV_CACHE_SHARE = 0.25
 # Environment variable that marks every process of a run, so leftovers can be found.
 RUN_MARK = "QWEN_BATCH_RUN_ID"
+# Label scoring: "trie" (one engine step per node of the labels' token trie, reading the
+# prefix cache) or "per_label" (prompt log-probabilities of prompt + label, one full prefill
+# per label); see VllmEngine.score.
+SCORING_METHODS = ("trie", "per_label")
+MAX_LOGPROB_IDS = 128  # vLLM's cap on SamplingParams.logprob_token_ids per request
+
+
+@dataclass
+class EngineScores(Scores):
+    """Scores with the prompt tokens the engine computed (read minus prefix-cache hits)."""
+
+    computed_tokens: int | None = None
 
 
 def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
@@ -216,7 +229,59 @@ class VllmEngine:
             logprobs=choice.logprobs,
         )
 
-    async def score(self, prompt_token_ids: list[int], continuations: list[list[int]]) -> Scores:
+    async def score(self, prompt_token_ids: list[int], continuations: list[list[int]], *,
+                    method: str = "trie") -> "EngineScores":
+        """Log-probability of each continuation (all its tokens) after the prompt.
+
+        method "trie" (default): one single-step request per node of the continuations' token
+        trie (the prompt, then the prompt plus each shared prefix that has children), asking
+        vLLM for the log-probabilities of exactly that node's children (`logprob_token_ids`,
+        over the full vocabulary, as prompt log-probabilities are). The requests read the
+        prefix cache, so the prompt is computed once and every further node recomputes only
+        its last, partly filled KV block. "per_label": one request per continuation with
+        prompt log-probabilities (vLLM then skips reading the prefix cache: each one computes
+        the whole prompt again).
+        """
+        if method == "per_label":
+            return await self._score_per_label(prompt_token_ids, continuations)
+        if method != "trie":
+            raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")
+        children: dict[tuple[int, ...], set[int]] = {}
+        for cont in continuations:
+            for i, token in enumerate(cont):
+                children.setdefault(tuple(cont[:i]), set()).add(token)
+        # The root first: requests queued in one engine step read the blocks its predecessors
+        # in that step write, so every other node finds the prompt cached.
+        asks = [(prefix, sorted(tokens)[i:i + MAX_LOGPROB_IDS])
+                for prefix, tokens in sorted(children.items(), key=lambda kv: len(kv[0]))
+                for i in range(0, len(tokens), MAX_LOGPROB_IDS)]
+        prompt = list(prompt_token_ids)
+        answers = await asyncio.gather(*(self._next_logprobs(prompt + list(prefix), want)
+                                         for prefix, want in asks))
+        edge: dict[tuple[tuple[int, ...], int], float] = {}
+        for (prefix, want), (logprobs, _) in zip(asks, answers):
+            for token in want:
+                edge[prefix, token] = logprobs[token].logprob
+        scores = [sum(edge[tuple(c[:i]), t] for i, t in enumerate(c)) for c in continuations]
+        read = sum(len(prompt) + len(prefix) for prefix, _ in asks)
+        return EngineScores(scores, read, computed_tokens=read - sum(cached for _, cached in answers))
+
+    async def _next_logprobs(self, ids: list[int], want: list[int]):
+        """Full-vocabulary log-probabilities of the tokens `want` right after `ids` (one
+        engine step), and how many of `ids` came from the prefix cache."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=want, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                            request_id=uuid.uuid4().hex):
+            final = out
+        return final.outputs[0].logprobs[0], final.num_cached_tokens or 0
+
+    async def _score_per_label(self, prompt_token_ids: list[int], continuations: list[list[int]]):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -226,18 +291,20 @@ class VllmEngine:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
 
-        async def one(cont: list[int]) -> float:
+        async def one(cont: list[int]) -> tuple[float, int]:
             ids = list(prompt_token_ids) + list(cont)
             final = None
             async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
                                                 request_id=uuid.uuid4().hex):
                 final = out
             lps = final.prompt_logprobs
-            return sum(lps[i][ids[i]].logprob for i in range(len(prompt_token_ids), len(ids)))
+            return (sum(lps[i][ids[i]].logprob for i in range(len(prompt_token_ids), len(ids))),
+                    final.num_cached_tokens or 0)
 
-        logprobs = await asyncio.gather(*(one(c) for c in continuations))
+        scored = await asyncio.gather(*(one(c) for c in continuations))
         total = sum(len(prompt_token_ids) + len(c) for c in continuations)
-        return Scores(list(logprobs), total)
+        return EngineScores([lp for lp, _ in scored], total,
+                            computed_tokens=total - sum(cached for _, cached in scored))
 
     async def _pool(self, prompt_token_ids: list[int], task: str):
         from vllm import PoolingParams

@@ -33,16 +33,41 @@ def timeline(stage: pa.Table, origin: float) -> list[dict]:
                   key=lambda r: (r["at"], r["worker"] or ""))
 
 
-def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int, context: dict,
-                  origin: float) -> dict:
-    """One metrics row for a shard from the stage rows it produced (per-row start/finish)."""
-    prompt, completion = _sum(stage, "prompt_tokens"), _sum(stage, "completion_tokens")
-    if stage.num_rows:
-        started = pc.min(stage.column("_started")).as_py()
-        finished = pc.max(stage.column("_finished")).as_py()
-    else:
-        started = finished = None
-    settings = stage.column("_engine_settings").drop_null() if stage.num_rows else []
+TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "prompt_tokens_computed")
+
+
+def part_summary(stage: pa.Table, origin: float) -> dict:
+    """What a shard's metrics need from some of its stage rows, in a few numbers: token sums,
+    first start, last finish, engine actors, the timeline. Summaries of a shard's parts
+    merge into its metrics row (merge_parts) without its rows."""
+    has = stage.num_rows > 0
+    settings = stage.column("_engine_settings").drop_null() if has else []
+    return {
+        **{c: _sum(stage, c) if c in stage.column_names else None for c in TOKEN_COLUMNS},
+        "started": pc.min(stage.column("_started")).as_py() if has else None,
+        "finished": pc.max(stage.column("_finished")).as_py() if has else None,
+        "workers": sorted(pc.unique(stage.column("_worker").drop_null()).to_pylist()) if has else [],
+        "engine_settings": settings[0].as_py() if len(settings) else None,
+        "timeline": timeline(stage, origin),
+    }
+
+
+def merge_parts(parts: list[dict], *, shard: str, rows: int, errors: int, context: dict) -> dict:
+    """A shard's metrics row from its parts' summaries (part_summary)."""
+    def total(key):
+        values = [p[key] for p in parts if p.get(key) is not None]
+        return sum(values) if values else None
+
+    starts = [p["started"] for p in parts if p["started"] is not None]
+    ends = [p["finished"] for p in parts if p["finished"] is not None]
+    started, finished = (min(starts), max(ends)) if starts else (None, None)
+    windows: dict[tuple, dict] = {}
+    for p in parts:
+        for w in p["timeline"]:
+            cur = windows.setdefault((w["at"], w["worker"]), {**w, "rows": 0, "completion_tokens": 0})
+            cur["rows"] += w["rows"]
+            cur["completion_tokens"] += w["completion_tokens"]
+    prompt, completion = total("prompt_tokens") or 0, total("completion_tokens") or 0
     wall = (finished - started) if started is not None else 0.0
     per_s = (lambda n: n / wall if wall > 0 else None)
     return {
@@ -52,6 +77,7 @@ def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int, contex
         "errors": errors,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
+        "prompt_tokens_computed": total("prompt_tokens_computed"),
         "wall_seconds": wall,
         "rows_per_s": per_s(rows),
         "output_tokens_per_s": per_s(completion),
@@ -59,9 +85,9 @@ def shard_metrics(stage: pa.Table, *, shard: str, rows: int, errors: int, contex
         "started_at": started,
         "finished_at": finished,
         **context,
-        "engine_settings": settings[0].as_py() if len(settings) else None,
-        "workers": sorted(pc.unique(stage.column("_worker").drop_null()).to_pylist()) if stage.num_rows else [],
-        "timeline": timeline(stage, origin),
+        "engine_settings": next((p["engine_settings"] for p in parts if p["engine_settings"]), None),
+        "workers": sorted({w for p in parts for w in p["workers"]}),
+        "timeline": sorted(windows.values(), key=lambda w: (w["at"], w["worker"] or "")),
     }
 
 

@@ -1,10 +1,28 @@
-"""The output directory: per-shard results, errors and metrics, staged then committed."""
+"""The output folder and its commit protocol, the same on local disks and object stores.
+
+    OUTPUT/_commits/NAME.json                 one commit record per input shard, written last
+    OUTPUT/results/NAME/RUN-UID.parquet       result rows   (NAME: the shard's path relative
+    OUTPUT/errors/NAME/RUN-UID.parquet        error rows     to input.path)
+    OUTPUT/metrics/NAME/RUN-UID.parquet       one metrics row
+    OUTPUT/_manifest.json                     the last run: settings, outcome, per-shard status
+    OUTPUT/_lock.json                         the run writing here now (pipeline.output_lock)
+
+Object stores have no atomic rename and no atomic multi-file commit, so nothing is renamed:
+workers write data files under names no other attempt can use, and a shard becomes visible
+only when its commit record, one small object naming exactly its files, is written. Readers
+(and resume) trust commit records only; files no record names are leftovers of killed
+attempts, deleted by the next run that holds the lock. A record or manifest appears whole:
+object stores publish an object when its upload completes, local disks rename a finished
+temporary file into place.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
 import posixpath
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -13,97 +31,176 @@ import pyarrow.parquet as pq
 from pipeline.shards import resolve_filesystem
 
 KINDS = ("results", "errors", "metrics")
+COMMITS = "_commits"
 MANIFEST = "_manifest.json"
+RESERVE = "_reserve"  # room kept on a local disk so the final manifest fits when it is full
 
 
-class OutputDir:
-    """OUTPUT/{results,errors,metrics}/SHARD.parquet and OUTPUT/_manifest.json.
+def _no_space(e: OSError) -> bool:
+    return e.errno == errno.ENOSPC or "No space left" in str(e)
 
-    Every file is written under OUTPUT/_staging/RUN/ and moved into place when complete, so
-    readers never see half a file (the move is an atomic rename on local and HDFS
-    filesystems; object stores copy).
-    """
 
-    def __init__(self, uri: str, run_id: str):
+class OutputStore:
+    """One job's output folder: committed shards, their files, the manifest."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
         self.fs, self.root = resolve_filesystem(uri)
-        self.run_id = run_id
-        self.staging = posixpath.join(self.root, "_staging", run_id)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
-    def path(self, kind: str, name: str) -> str:
-        return posixpath.join(self.root, kind, f"{name}.parquet")
+    def abs(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
 
-    def prepare(self) -> None:
-        """Create the folders; drop half-written files that a crashed run left in staging."""
-        self.fs.delete_dir_contents(posixpath.join(self.root, "_staging"), missing_dir_ok=True)
-        for kind in KINDS:
-            self.fs.create_dir(posixpath.join(self.root, kind), recursive=True)
-            self.fs.create_dir(posixpath.join(self.staging, kind), recursive=True)
+    # -- data files (written by workers) --------------------------------------------------
 
-    def _commit(self, staged: str, final: str) -> None:
-        self.fs.move(staged, final)
+    @staticmethod
+    def part_name(kind: str, shard: str, run_id: str) -> str:
+        """A data file's path relative to the output: unique to this attempt."""
+        return f"{kind}/{shard}/{run_id}-{uuid.uuid4().hex[:12]}.parquet"
 
-    def commit_shard(self, name: str, tables: dict[str, pa.Table]) -> None:
-        """Write results, errors and metrics of one shard, then move all three into place.
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        """Write a Parquet file (no rename, so no 5 GiB copy limit on S3); returns rel."""
+        path = self.abs(rel)
+        if self.local:
+            self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            pq.write_table(table, f)
+        return rel
 
-        On failure (a full disk, say) nothing of the shard is left in place or in staging.
-        """
-        staged = {kind: posixpath.join(self.staging, kind, f"{name}.parquet") for kind in tables}
-        moved = []
-        try:
-            for kind, table in tables.items():
-                with self.fs.open_output_stream(staged[kind]) as f:
-                    pq.write_table(table, f)
-            for kind in KINDS:  # metrics last: its presence means the shard is complete
-                if kind in staged:
-                    self._commit(staged[kind], self.path(kind, name))
-                    moved.append(self.path(kind, name))
-        except BaseException:
-            for path in list(staged.values()) + moved:
-                try:
-                    self.fs.delete_file(path)
-                except OSError:
-                    pass
-            raise
+    def read_table(self, rel: str) -> pa.Table:
+        with self.fs.open_input_file(self.abs(rel)) as f:
+            return pq.read_table(f)
 
-    def write_manifest(self, manifest: dict) -> None:
-        """Replace _manifest.json whole; on a full disk, in place (its own space is reused),
-        so that a run stopped by a full disk can still say why."""
-        staged, final = posixpath.join(self.staging, MANIFEST), posixpath.join(self.root, MANIFEST)
-        data = json.dumps(manifest, indent=2, default=str).encode()
-        try:
-            with self.fs.open_output_stream(staged) as f:
+    # -- whole-object writes -------------------------------------------------------------
+
+    def _put(self, rel: str, data: bytes) -> None:
+        """Write an object that readers see whole or not at all."""
+        path = self.abs(rel)
+        if not self.local:  # an upload is published when it completes
+            with self.fs.open_output_stream(path) as f:
                 f.write(data)
-            self._commit(staged, final)
-        except OSError as e:
-            if e.errno != errno.ENOSPC and "No space left" not in str(e):
-                raise
+            return
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)  # rename: atomic
+        except BaseException:
             try:
-                self.fs.delete_file(staged)
+                self.fs.delete_file(tmp)
             except OSError:
                 pass
-            with self.fs.open_output_stream(final) as f:
-                f.write(data)
+            raise
 
-    def cleanup(self) -> None:
-        """Remove the staging folder (only this run's, now empty, can be there)."""
+    def _get_json(self, rel: str) -> dict | None:
+        """A JSON object, None if absent or not whole (an upload cut short by an error is
+        still published by pyarrow: such a record commits nothing)."""
         try:
-            self.fs.delete_dir(posixpath.dirname(self.staging))
+            with self.fs.open_input_stream(self.abs(rel)) as f:
+                return json.loads(f.read())
         except FileNotFoundError:
-            pass
+            return None
+        except ValueError:
+            return None
 
-    def committed_names(self) -> set[str]:
-        """Shards whose files are all in place (metrics is moved last)."""
-        selector = pafs.FileSelector(posixpath.join(self.root, "metrics"), allow_not_found=True)
-        return {posixpath.basename(i.path).removesuffix(".parquet")
-                for i in self.fs.get_file_info(selector) if i.path.endswith(".parquet")}
+    # -- commit records -------------------------------------------------------------------
 
-    def read_metrics(self, name: str) -> dict:
-        with self.fs.open_input_file(self.path("metrics", name)) as f:
-            return pq.read_table(f).to_pylist()[0]
+    @staticmethod
+    def record_name(shard: str) -> str:
+        return f"{COMMITS}/{shard}.json"
+
+    def commit(self, record: dict) -> None:
+        """Publish a shard: its record names its files, rows and ids. Written last."""
+        self._put(self.record_name(record["name"]), json.dumps(record, indent=1).encode())
+
+    def records(self) -> dict[str, dict]:
+        """Every committed shard's record, by shard name."""
+        base = self.abs(COMMITS)
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        rels = [posixpath.relpath(i.path, self.root) for i in infos
+                if i.is_file and i.path.endswith(".json") and not posixpath.basename(i.path).startswith(".")]
+        with ThreadPoolExecutor(16) as pool:  # one request each on an object store
+            found = list(pool.map(self._get_json, rels))
+        return {r["name"]: r for r in found if r}
+
+    def read_committed(self, kind: str, records: dict[str, dict] | None = None) -> pa.Table | None:
+        """All committed rows of one kind (results, errors or metrics), or None if none."""
+        records = self.records() if records is None else records
+        rels = [f for name in sorted(records) for f in records[name]["files"][kind]]
+        with ThreadPoolExecutor(8) as pool:
+            tables = list(pool.map(self.read_table, rels))
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def files(self) -> list[str]:
+        """Every data file under results/, errors/ and metrics/, relative to the output."""
+        out = []
+        for kind in KINDS:
+            sel = pafs.FileSelector(self.abs(kind), recursive=True, allow_not_found=True)
+            out += [posixpath.relpath(i.path, self.root) for i in self.fs.get_file_info(sel) if i.is_file]
+        return out
+
+    def garbage(self, records: dict[str, dict] | None = None) -> list[str]:
+        """Data files no commit record names: left by killed or superseded attempts."""
+        records = self.records() if records is None else records
+        named = {f for r in records.values() for kind in KINDS for f in r["files"][kind]}
+        return [f for f in self.files() if f not in named]
+
+    def delete(self, rels: list[str]) -> None:
+        def rm(rel):
+            try:
+                self.fs.delete_file(self.abs(rel))
+            except FileNotFoundError:
+                pass
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(rm, rels))
+
+    def clear(self) -> None:
+        """Remove every committed shard, commit records first (a crash half-way then leaves
+        files no record names, which the next run deletes, never records without files)."""
+        self.fs.delete_dir_contents(self.abs(COMMITS), missing_dir_ok=True)
+        for kind in KINDS:
+            self.fs.delete_dir_contents(self.abs(kind), missing_dir_ok=True)
+
+    def legacy_files(self) -> list[str]:
+        """Output files of the layout before commit records (results/NAME.parquet)."""
+        out = []
+        for kind in KINDS:
+            sel = pafs.FileSelector(self.abs(kind), allow_not_found=True)
+            out += [i.path for i in self.fs.get_file_info(sel) if i.is_file and i.path.endswith(".parquet")]
+        return out
+
+    # -- manifest ------------------------------------------------------------------------
 
     def read_manifest(self) -> dict | None:
-        path = posixpath.join(self.root, MANIFEST)
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+        return self._get_json(MANIFEST)
+
+    def reserve(self, nbytes: int, run_id: str) -> None:
+        """Keep nbytes on a local disk for the final manifest (see write_manifest)."""
+        if self.local:
+            try:
+                with self.fs.open_output_stream(self.abs(f"{RESERVE}.{run_id}")) as f:
+                    f.write(b"\0" * nbytes)
+            except OSError:
+                pass  # no room even for that: the manifest may not be updated at the end
+
+    def release_reserve(self, run_id: str) -> None:
+        if self.local:
+            try:
+                self.fs.delete_file(self.abs(f"{RESERVE}.{run_id}"))
+            except FileNotFoundError:
+                pass
+
+    def write_manifest(self, manifest: dict) -> None:
+        """Replace _manifest.json whole. On a full local disk the run's reserve is given up
+        and the write tried once more, so a run stopped by a full disk still says why; the
+        old manifest is never left half-written."""
+        data = json.dumps(manifest, indent=2, default=str).encode()
+        try:
+            self._put(MANIFEST, data)
+        except OSError as e:
+            if not (_no_space(e) and manifest.get("run_id")):
+                raise
+            self.release_reserve(manifest["run_id"])
+            self._put(MANIFEST, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -19,13 +20,56 @@ class InputError(ValueError):
 @dataclass
 class Shard:
     path: str  # as the input filesystem names it (what Ray Data's `path` column holds)
-    name: str  # output file stem, unique within the run
+    name: str  # its path relative to input.path: names its output, whatever else is there
     size: int
     rows: int
     schema: pa.Schema = field(repr=False)
+    footer: str = ""  # hash of the Parquet footer: changes when the content is rewritten
+    ids: "IdDigest | None" = field(default=None, repr=False)
 
     def fingerprint(self) -> dict:
-        return {"path": self.path, "size": self.size, "rows": self.rows}
+        return {"path": self.path, "size": self.size, "rows": self.rows, "footer": self.footer}
+
+
+@dataclass(frozen=True)
+class IdDigest:
+    """How many ids and an order-free hash of them: equal digests mean the same ids once
+    each (a missing id and a duplicated one would have to cancel out in a 64-bit sum)."""
+
+    count: int
+    hash: int
+
+    def __add__(self, other: "IdDigest") -> "IdDigest":
+        return IdDigest(self.count + other.count, (self.hash + other.hash) % 2**64)
+
+
+NO_IDS = IdDigest(0, 0)
+
+
+def id_digest(ids: pa.Array | pa.ChunkedArray) -> IdDigest:
+    """The digest of an id column, vectorized (no Python object per id)."""
+    import numpy as np
+    import pandas as pd
+
+    if len(ids) == 0:
+        return NO_IDS
+    if pa.types.is_integer(ids.type):
+        values = ids.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    else:
+        values = ids.cast(pa.large_string()).to_numpy(zero_copy_only=False)
+    hashes = pd.util.hash_array(values, categorize=False)
+    return IdDigest(len(ids), int(hashes.sum(dtype=np.uint64)))
+
+
+def footer_hash(f: pa.NativeFile) -> str:
+    """sha1 of a Parquet file's footer (its schema, row groups, column statistics and byte
+    offsets): cheap to read anywhere, and different after almost any rewrite of the data."""
+    size = f.size()
+    f.seek(max(0, size - 8))
+    tail = f.read(8)
+    length = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
+    f.seek(max(0, size - 8 - length))
+    return hashlib.sha1(f.read(length + 8)).hexdigest()[:16]
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -63,13 +107,20 @@ def list_shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, sorted(i.path for i in infos if i.is_file and not _hidden(i.path, path))
 
 
-def _output_names(paths: list[str]) -> list[str]:
-    """Output stems: the file name without .parquet, or its relative path when names clash."""
-    stems = [posixpath.basename(p).removesuffix(".parquet") for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    common = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
-    return [posixpath.relpath(p, common).removesuffix(".parquet").replace("/", "__") for p in paths]
+def input_root(fs: pafs.FileSystem, uri: str) -> str:
+    """The folder shard names are relative to: input.path itself, the glob's fixed part, or
+    a single file's folder."""
+    _, path = resolve_filesystem(uri)
+    if any(c in path for c in "*?["):
+        parts = path.split("/")
+        return "/".join(parts[:next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))]) or "/"
+    return posixpath.dirname(path) if fs.get_file_info(path).is_file else path
+
+
+def shard_name(path: str, root: str) -> str:
+    """A shard's name: its path relative to the input root, so that it depends on nothing
+    else and two files never share one."""
+    return posixpath.relpath(path, root) if root not in ("", "/") else path.lstrip("/")
 
 
 def open_shards(uri: str) -> tuple[pafs.FileSystem, list[Shard]]:
@@ -77,12 +128,14 @@ def open_shards(uri: str) -> tuple[pafs.FileSystem, list[Shard]]:
     fs, paths = list_shard_paths(uri)
     if not paths:
         raise InputError(f"input.path {uri}: no input files found; point it at Parquet shards")
+    root = input_root(fs, uri)
     shards, problems = [], []
-    for path, name in zip(paths, _output_names(paths)):
+    for path in paths:
         try:
             with fs.open_input_file(path) as f:
                 meta = pq.ParquetFile(f).metadata
-                shards.append(Shard(path, name, f.size(), meta.num_rows, meta.schema.to_arrow_schema()))
+                shards.append(Shard(path, shard_name(path, root), f.size(), meta.num_rows,
+                                    meta.schema.to_arrow_schema(), footer=footer_hash(f)))
         except (pa.ArrowInvalid, OSError) as e:
             problems.append(f"{path}: not a readable Parquet file ({e}); remove it or regenerate it")
     if problems:
@@ -91,28 +144,54 @@ def open_shards(uri: str) -> tuple[pafs.FileSystem, list[Shard]]:
 
 
 def _extension_name(f: pa.Field) -> str | None:
-    """The extension type of a column, registered in this process or not."""
+    """The extension type of a field, registered in this process or not."""
     if isinstance(f.type, pa.ExtensionType):
         return f.type.extension_name
     name = (f.metadata or {}).get(b"ARROW:extension:name")
     return name.decode(errors="replace") if name else None
 
 
+def _children(t: pa.DataType) -> list[tuple[str, pa.Field]]:
+    """(path step, field) of a nested type's children: struct fields, list items, map keys/values."""
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
+    if pa.types.is_struct(t):
+        return [(t.field(i).name, t.field(i)) for i in range(t.num_fields)]
+    if pa.types.is_map(t):
+        return [("key", t.key_field), ("value", t.item_field)]
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [("[]", t.value_field)]
+    if pa.types.is_dictionary(t):
+        return [("value", pa.field("value", t.value_type))]
+    return []
+
+
+def extension_fields(f: pa.Field, prefix: str = "") -> list[tuple[str, str]]:
+    """(column path, extension name) of every extension type in a column, at any depth."""
+    path = f"{prefix}.{f.name}" if prefix else f.name
+    found = [(path, ext)] if (ext := _extension_name(f)) else []
+    for step, child in _children(f.type):
+        found += extension_fields(child.with_name(step) if step == "[]" else child, path)
+    return found
+
+
 def check_shards(fs: pafs.FileSystem, shards: list[Shard], *, id_column: str,
-                 any_of: list[str], reads: list[str]) -> dict[str, pa.Array]:
-    """Check columns, id types, null and duplicate ids; return each shard's ids.
+                 any_of: list[str], reads: list[str]) -> None:
+    """Check columns, id types, null and duplicate ids; set each shard's id digest.
 
     any_of: the columns of which a shard must have at least one (e.g. messages or prompt).
     reads: the columns the head reads when present; every shard must agree on them.
+    Ids are checked with Arrow and numpy, never as one Python object per row.
     """
     problems: list[str] = []
     for s in shards:
         for f in s.schema:
-            ext = _extension_name(f)
-            if ext and ("pickle" in ext or f.name in reads or f.name == id_column):
-                problems.append(f"{s.path}: column '{f.name}' has the Arrow extension type '{ext}'; "
-                                f"qwen-batch reads plain types only (extension types can unpickle "
-                                f"code): write it as a plain string or integer column, or drop it")
+            for path, ext in extension_fields(f):
+                if "pickle" in ext or f.name in reads or f.name == id_column:
+                    problems.append(f"{s.path}: column '{path}' has the Arrow extension type '{ext}'; "
+                                    f"qwen-batch reads plain types only (extension types can unpickle "
+                                    f"code): write it as plain strings, numbers or structs of them, or "
+                                    f"drop the column")
     first = shards[0]
     for s in shards[1:]:
         for c in reads:
@@ -142,32 +221,61 @@ def check_shards(fs: pafs.FileSystem, shards: list[Shard], *, id_column: str,
         problems.append(f"id column '{id_column}' must hold integers or strings")
     if problems:
         raise InputError("input shards do not fit this job:\n  - " + "\n  - ".join(problems))
+    problems = _check_ids(fs, shards, id_column)
+    if sum(s.rows for s in shards) == 0:
+        problems.append("the input has no rows")
+    if problems:
+        raise InputError("input ids are not usable:\n  - " + "\n  - ".join(problems))
 
-    ids: dict[str, pa.Array] = {}
-    first_seen: dict = {}
-    for s in shards:
+
+def _check_ids(fs: pafs.FileSystem, shards: list[Shard], id_column: str) -> list[str]:
+    """Null, non-UTF-8 and duplicate ids (within and across shards), one shard in memory at
+    a time; across shards only a 64-bit hash per id is kept, and hashes that collide are
+    confirmed on the ids themselves."""
+    import numpy as np
+    import pandas as pd
+
+    problems, hashes, owners = [], [], []
+    for i, s in enumerate(shards):
         with fs.open_input_file(s.path) as f:
             col = pq.read_table(f, columns=[id_column]).column(id_column).combine_chunks()
         try:
-            values = col.drop_null().to_pylist()
-        except UnicodeDecodeError:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
             problems.append(f"{s.path}: id column '{id_column}' holds text that is not valid UTF-8; "
                             f"write the ids as UTF-8")
             continue
         if col.null_count:
             problems.append(f"{s.path}: {col.null_count} row(s) with a null id; give every row an id")
-        dupes = []
-        for v in values:
-            if v in first_seen:
-                dupes.append((v, first_seen[v]))
-            else:
-                first_seen[v] = s.path
-        if dupes:
-            shown = ", ".join(f"{v!r} (also in {where})" if where != s.path else repr(v) for v, where in dupes[:5])
-            problems.append(f"{s.path}: {len(dupes)} duplicate id(s): {shown}; ids must be unique across the input")
-        ids[s.path] = col
-    if sum(s.rows for s in shards) == 0:
-        problems.append("the input has no rows")
-    if problems:
-        raise InputError("input ids are not usable:\n  - " + "\n  - ".join(problems))
-    return ids
+            col = col.drop_null()
+        s.ids = id_digest(col)
+        values = col.cast(pa.int64() if pa.types.is_integer(col.type) else pa.large_string())
+        hashes.append(pd.util.hash_array(values.to_numpy(zero_copy_only=False), categorize=False))
+        owners.append(np.full(len(col), i, dtype=np.int32))
+    if not hashes:
+        return problems
+    allh, owner = np.concatenate(hashes), np.concatenate(owners)
+    del hashes, owners
+    order = np.argsort(allh, kind="stable")
+    sorted_h = allh[order]
+    clash = np.flatnonzero(sorted_h[1:] == sorted_h[:-1])
+    if len(clash):
+        suspects = {int(owner[order[j]]) for k in clash for j in (k, k + 1)}
+        dupes: dict[int, list[str]] = {}
+        seen: dict = {}
+        for i in sorted(suspects):
+            s = shards[i]
+            with fs.open_input_file(s.path) as f:
+                col = pq.read_table(f, columns=[id_column]).column(id_column).drop_null()
+            want = set(np.unique(sorted_h[np.concatenate([clash, clash + 1])]).tolist())
+            h = pd.util.hash_array(col.cast(pa.int64() if pa.types.is_integer(col.type) else pa.large_string())
+                                   .to_numpy(zero_copy_only=False), categorize=False)
+            for v in col.filter(pa.array(np.isin(h, list(want)))).to_pylist():
+                if v in seen:
+                    dupes.setdefault(i, []).append(f"{v!r}" + (f" (also in {seen[v]})" if seen[v] != s.path else ""))
+                else:
+                    seen[v] = s.path
+        for i, shown in sorted(dupes.items()):
+            problems.append(f"{shards[i].path}: {len(shown)} duplicate id(s): {', '.join(shown[:5])}; "
+                            f"ids must be unique across the input")
+    return problems

@@ -38,6 +38,84 @@ class OutputSpec(_Section):
         le=1.0,
         description="The run fails (non-zero exit) when errors / rows exceeds this share.",
     )
+    rows_per_file: int = Field(
+        10_000, ge=1, description="Rows gathered into one results file per shard (fewer, larger "
+        "files; a shard commits once all its rows are written, so smaller values commit sooner).",
+    )
+
+
+# model.engine_kwargs is an allowlist: vLLM's engine takes some 250 arguments, many of which
+# change which model, tokenizer or Python code runs (worker_cls, scheduler_cls,
+# logits_processors, kv_transfer_config, model_loader_extra_config, ...) and new ones arrive
+# with every release; a denylist would let the next one through. These only change speed,
+# memory and logging. Values must be plain scalars (or a list of numbers): nested configs can
+# name classes to import.
+ENGINE_KWARGS_ALLOWED = frozenset({
+    "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "prefix_caching_hash_algo",
+    "enable_chunked_prefill", "long_prefill_token_threshold", "gpu_memory_utilization",
+    "kv_cache_memory_bytes", "num_gpu_blocks_override", "kv_cache_dtype", "block_size",
+    "cpu_offload_gb", "enforce_eager", "cudagraph_capture_sizes", "max_cudagraph_capture_size",
+    "optimization_level", "disable_custom_all_reduce", "disable_cascade_attn",
+    "disable_sliding_window", "enable_expert_parallel", "async_scheduling", "scheduling_policy",
+    "attention_backend", "seed", "max_logprobs", "disable_log_stats", "max_parallel_loading_workers",
+    "use_tqdm_on_load", "hf_token",
+})
+# Refused keys with a reason, and the spec key to use where there is one.
+_SPEC_KEY = "use {} instead"
+ENGINE_KWARGS_REFUSED = {
+    "model": _SPEC_KEY.format("model.source"),
+    "tokenizer": "qwen-batch tokenizes prompts itself with model.source's tokenizer; "
+                 "point model.source at a checkpoint that ships the tokenizer you want",
+    "tokenizer_mode": "qwen-batch tokenizes prompts itself with model.source's tokenizer",
+    "skip_tokenizer_init": "qwen-batch needs the engine's detokenizer (stop strings, text)",
+    "trust_remote_code": _SPEC_KEY.format("model.trust_remote_code"),
+    "tensor_parallel_size": _SPEC_KEY.format("model.tensor_parallel_size"),
+    "pipeline_parallel_size": _SPEC_KEY.format("model.pipeline_parallel_size"),
+    "data_parallel_size": "replicas are Ray actors: set resources.replicas instead",
+    "distributed_executor_backend": "qwen-batch picks it to match placement "
+                                    "(model.tensor_parallel_size, model.pipeline_parallel_size)",
+    "max_model_len": _SPEC_KEY.format("model.max_model_len"),
+    "dtype": _SPEC_KEY.format("model.dtype"),
+    "quantization": _SPEC_KEY.format("model.quantization"),
+    "hf_overrides": "it rewrites the checkpoint's config (architecture, rope, lengths); "
+                    "for a longer context set model.long_context",
+    "runner": "chosen from the checkpoint's architecture (generate, or pooling for "
+              "*ForSequenceClassification / *ForTokenClassification)",
+    "convert": "chosen from the checkpoint's architecture",
+    "revision": "qwen-batch reads the config and tokenizer from model.source at its default "
+                "revision; point model.source at a local snapshot of the revision you want",
+    "tokenizer_revision": "point model.source at a local snapshot of the revision you want",
+    "code_revision": "point model.source at a local snapshot of the revision you want",
+    "download_dir": "where weights are downloaded is the environment's (HF_HOME / HF_HUB_CACHE "
+                    "on every node), not the job's",
+    "load_format": "weights load from model.source as published ('dummy' would give random "
+                   "weights, 'pt' unpickles files)",
+    "worker_cls": "it loads Python code by name into the engine",
+    "worker_extension_cls": "it loads Python code by name into the engine",
+    "scheduler_cls": "it loads Python code by name into the engine",
+    "logits_processors": "it loads Python code by name into the engine",
+    "model_class_overrides": "it loads Python code by name into the engine",
+    "reasoning_parser_plugin": "it loads Python code by name into the engine",
+    "io_processor_plugin": "it loads Python code by name into the engine",
+    "model_loader_extra_config": "it changes how weights are loaded from model.source",
+}
+
+
+def engine_kwarg_problem(key: str, value: Any) -> str | None:
+    """None if model.engine_kwargs may hold key: value, else why not (naming the spec key to use)."""
+    where = f"model.engine_kwargs.{key}"
+    if key in ENGINE_KWARGS_REFUSED:
+        return f"{where} is refused: {ENGINE_KWARGS_REFUSED[key]}"
+    if key not in ENGINE_KWARGS_ALLOWED:
+        close = difflib.get_close_matches(key, sorted(ENGINE_KWARGS_ALLOWED), n=1, cutoff=0.7)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return (f"{where} is not on the allowlist of engine settings (speed, memory, logging: "
+                f"see ENGINE_KWARGS_ALLOWED in pipeline/spec.py and the README).{hint}")
+    scalar = (bool, int, float, str, type(None))
+    if not (isinstance(value, scalar) or (isinstance(value, list)
+                                          and all(isinstance(x, (int, float)) for x in value))):
+        return f"{where} must be a plain value (a number, text, true/false or a list of numbers)"
+    return None
 
 
 class ModelSpec(_Section):
@@ -69,28 +147,79 @@ class ModelSpec(_Section):
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra vLLM engine arguments, passed through as-is "
-        "(e.g. max_num_seqs, enable_prefix_caching, gpu_memory_utilization).",
+        description="Extra vLLM engine arguments for speed and memory, from an allowlist "
+        "(ENGINE_KWARGS_ALLOWED: max_num_seqs, enable_prefix_caching, gpu_memory_utilization, "
+        "...); keys the spec sets elsewhere, or that change which model, tokenizer or code "
+        "runs, are refused with the key to use instead.",
     )
 
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _engine_kwargs_cannot_undo_the_spec(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problems = [p for k, val in v.items() if (p := engine_kwarg_problem(k, val))]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return v
 
-class SamplingSpec(_Section):
-    """Sampling for every row; unset fields take the head's defaults (Qwen3's recommended)."""
 
-    temperature: float | None = Field(None, ge=0.0, description="0 means greedy.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, description="Sample among the k likeliest tokens; -1: all.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Minimum token probability.")
+# Bounds on stop strings (spec and per-row): every generated token is checked against each.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+_FINITE = {"allow_inf_nan": False}
+
+
+class SamplingValues(_Section):
+    """Sampling settings as vLLM takes them; a row's `sampling` overrides are checked
+    against this model (strictly), with the bounds vLLM's SamplingParams enforces."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, **_FINITE,
+                                      description="0 means greedy; at most 2.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, **_FINITE, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=-1, description="Sample among the k likeliest tokens; 0 or -1: all.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, **_FINITE, description="Minimum token probability.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate per row.")
-    seed: int | None = Field(None, description="Per-request seed, for reproducible sampling.")
-    repetition_penalty: float | None = Field(None, gt=0.0, description="1.0 means none.")
-    presence_penalty: float | None = Field(None, description="Penalty for tokens already used.")
-    frequency_penalty: float | None = Field(None, description="Penalty growing with use count.")
-    stop: list[str] | None = Field(None, description="Strings that end generation.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="Per-request seed, for reproducible sampling.")
+    repetition_penalty: float | None = Field(None, gt=0.0, **_FINITE, description="1.0 means none.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, **_FINITE,
+                                           description="Penalty for tokens already used, in [-2, 2].")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, **_FINITE,
+                                            description="Penalty growing with use count, in [-2, 2].")
+    stop: list[str] | None = Field(
+        None, description=f"Strings that end generation: at most {MAX_STOP_STRINGS}, each "
+        f"1 to {MAX_STOP_CHARS} characters.")
     ignore_eos: bool | None = Field(None, description="Keep generating past end-of-sequence.")
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_is_bounded(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(v)})")
+        for i, s in enumerate(v):
+            if not s:
+                raise ValueError(f"stop[{i}] is empty; every stop string needs at least one character")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop[{i}] has {len(s)} characters; at most {MAX_STOP_CHARS}")
+        return v
+
+
+# Keys of SamplingSpec that bound rows' overrides; heads take them out of the sampling dict.
+SAMPLING_LIMIT_KEYS = ("row_max_tokens",)
+
+
+class SamplingSpec(SamplingValues):
+    """Sampling for every row; unset fields take the head's defaults (Qwen3's recommended)."""
+
+    row_max_tokens: int | None = Field(
+        None, ge=1, description="Most max_tokens a row's own `sampling` may ask for; a row asking "
+        "more becomes an invalid_input error row. Default: the job's max_tokens (sampling.max_tokens, "
+        "else the head's max_tokens option), so rows can lower it but not raise it.")
+
     def merged(self, *overrides: dict[str, Any] | None) -> dict[str, Any]:
-        """These settings with each override's set values laid over them, in order."""
+        """These settings with each override's set values laid over them, in order
+        (row_max_tokens included when set: Head takes it out)."""
         out = self.model_dump(exclude_none=True)
         for o in overrides:
             out.update({k: v for k, v in (o or {}).items() if v is not None})
@@ -213,6 +342,12 @@ def explain_validation_error(model: type[BaseModel], err: ValidationError, sourc
             lines.append(f"  - {where}: unknown key.{hint} Valid keys here: {', '.join(known)}.")
         elif e["type"] == "missing":
             lines.append(f"  - {where}: required key is missing.")
+        elif isinstance(e.get("input"), (dict, list)):
+            # our validators' messages name the keys and the fix; never echo a whole mapping
+            # (it may hold secrets) or list
+            for line in e["msg"].removeprefix("Value error, ").split("\n"):
+                line = line if line.endswith((".", "?")) else line + "."
+                lines.append(f"  - {line}" if line.startswith(where + ".") else f"  - {where}: {line}")
         else:
             lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r}).")
     return "\n".join(lines)

@@ -13,9 +13,8 @@ import pyarrow as pa
 from pipeline.heads import RowError, head_class
 from pipeline.ledger import EngineGate, batch_key
 from pipeline.schemas import arrow_schema
+from pipeline.sink import SHARD_COLUMN
 from pipeline.spec import JobSpec
-
-SHARD_COLUMN = "path"  # what Ray Data's read_parquet(include_paths=True) adds
 STATUS_COLUMNS = [
     pa.field("error_type", pa.string()),
     pa.field("error_message", pa.string()),

@@ -65,9 +65,13 @@ def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | Non
     return paths
 
 
-def read_dir(path: Path) -> pa.Table | None:
-    files = sorted(path.glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+def read_dir(path: Path | str) -> pa.Table | None:
+    """The committed rows of OUTPUT/KIND (results, errors or metrics), read as users are told
+    to: through the commit records."""
+    from pipeline.output import OutputStore
+
+    parent, kind = str(path).rstrip("/").rsplit("/", 1)
+    return OutputStore(parent).read_committed(kind)
 
 
 def vllm_processes(*, session: int | None = None, run_id: str | None = None,

@@ -83,14 +83,21 @@ def test_error_rows_say_why(first_run):
     assert errors["r1-5"]["error_type"] == "engine_error"
 
 
-def test_one_file_per_shard_and_per_row_sampling(first_run):
+def test_a_folder_per_shard_holding_exactly_the_committed_files(first_run):
+    from pipeline.output import OutputStore
+
     tmp = first_run[0]
+    records = OutputStore(str(tmp / "out")).records()
+    assert sorted(records) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     for kind in ("results", "errors", "metrics"):
-        names = sorted(p.name for p in (tmp / "out" / kind).iterdir())
-        assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    r2 = {r["id"]: r for r in pq.read_table(tmp / "out" / "results" / "part-00002.parquet").to_pylist()}
+        on_disk = {str(p.relative_to(tmp / "out")) for p in (tmp / "out" / kind).rglob("*") if p.is_file()}
+        assert on_disk == {f for r in records.values() for f in r["files"][kind]}
+    assert [len(records[n]["files"]["errors"]) for n in sorted(records)] == [1, 1, 0]  # shard 2 had no error
+    # a plain folder read (pandas, DuckDB) of a finished output sees the same rows
+    assert pq.read_table(tmp / "out" / "results").num_rows == read_dir(tmp / "out" / "results").num_rows == 118
+    r2 = {r["id"]: r for f in records["part-00002.parquet"]["files"]["results"]
+          for r in pq.read_table(tmp / "out" / f).to_pylist()}
     assert r2["r2-7"]["completion_tokens"] == 2 and r2["r2-8"]["completion_tokens"] == 5
-    assert not (tmp / "out" / "_staging").exists()
 
 
 def test_metrics_and_manifest(first_run):
@@ -148,7 +155,7 @@ def test_resume_anyway_keeps_committed_shards_of_another_spec(tmp_path):
     write_shards(tmp_path / "in", [[{"id": s * 10 + i, "prompt": f"q {i}"} for i in range(6)] for s in range(3)])
     first = run_job(make_spec(tmp_path), progress=False, engine_factory=fake_engine_factory())
     assert first.exit_code == EXIT_OK
-    (tmp_path / "out" / "metrics" / "part-00001.parquet").unlink()  # as if that shard never committed
+    (tmp_path / "out" / "_commits" / "part-00001.parquet.json").unlink()  # as if that shard never committed
     changed = make_spec(tmp_path, sampling={"max_tokens": 2})
     with pytest.raises(InputError, match="different job spec.*--resume-anyway"):
         run_job(changed, progress=False, engine_factory=fake_engine_factory())

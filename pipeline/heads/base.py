@@ -7,6 +7,7 @@ calls); it raises RowError for a row it cannot turn into a result.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 # The fixed vocabulary of error_type values in errors/*.parquet (documented in the README).
 ERROR_TYPES = {
-    "invalid_input": "the row's value is missing, empty or of the wrong type",
+    "invalid_input": "the row's value is missing, empty, too large or of the wrong type",
     "prompt_too_long": "the prompt does not fit model.max_model_len",
     "template_error": "the chat template could not render the row",
     "engine_error": "the engine rejected or failed this one request",
@@ -91,6 +92,8 @@ class Head:
     def __init__(self, options: dict[str, Any] | None = None, *, sampling: dict[str, Any] | None = None):
         self.options = self.Options.model_validate(options or {})
         self.sampling = dict(sampling or {})
+        # a bound on rows' own overrides (SamplingSpec.row_max_tokens), not a sampling setting
+        self.row_max_tokens: int | None = self.sampling.pop("row_max_tokens", None)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> str | None:
@@ -126,3 +129,44 @@ def require_text(row: dict[str, Any], column: str) -> str:
     if not value.strip():
         raise RowError("invalid_input", f"column '{column}' is empty or whitespace only")
     return value
+
+
+# Bounds that let a huge row fail fast instead of holding the engine's event loop (and so
+# every other row in flight on the replica) while it is tokenized. Qwen3's template spends at
+# least 4 tokens on a turn (<|im_start|>, the role, a newline, <|im_end|>) and no token of its
+# vocabulary is longer than 128 characters, so a row past either bound cannot fit.
+MIN_TOKENS_PER_TURN = 4
+MAX_CHARS_PER_TOKEN = 128
+COUNT_PIECE_CHARS = 1 << 16  # texts longer than this are counted piece by piece
+_CUT_SLACK = 8  # tokens a cut between pieces may add to the count
+
+
+async def refuse_if_cannot_fit(engine: Engine, texts: list[str], *, turns: int) -> None:
+    """Raise prompt_too_long for a conversation (its turns' texts) that cannot fit
+    engine.max_model_len, before it is rendered: by its turn count, then its length in
+    characters, then by counting tokens piece by piece, stopping as soon as the count is past
+    the context and yielding to the event loop between pieces. Rows that pass are counted
+    exactly when rendered; a row that fails tokenized at most about max_model_len tokens."""
+    limit = engine.max_model_len
+    fix = "shorten it or raise model.max_model_len"
+    if turns * MIN_TOKENS_PER_TURN >= limit:
+        raise RowError("prompt_too_long",
+                       f"the conversation has {turns:,} turns; each takes at least {MIN_TOKENS_PER_TURN} "
+                       f"tokens, so it cannot fit model.max_model_len {limit}; {fix}")
+    chars = sum(len(t) for t in texts)
+    if chars <= COUNT_PIECE_CHARS:
+        return
+    if chars > limit * MAX_CHARS_PER_TOKEN:
+        raise RowError("prompt_too_long",
+                       f"the prompt has {chars:,} characters, more than model.max_model_len {limit} "
+                       f"tokens can hold (a token is at most {MAX_CHARS_PER_TOKEN} characters); {fix}")
+    count, cuts, seen = turns * MIN_TOKENS_PER_TURN, 0, 0
+    for text in texts:
+        for start in range(0, len(text), COUNT_PIECE_CHARS):
+            piece = text[start:start + COUNT_PIECE_CHARS]
+            count, cuts, seen = count + len(engine.tokenize(piece)), cuts + 1, seen + len(piece)
+            if count - cuts * _CUT_SLACK >= limit:
+                raise RowError("prompt_too_long",
+                               f"the prompt has more than {limit} tokens (counted {count:,} in its first "
+                               f"{seen:,} of {chars:,} characters) but model.max_model_len is {limit}; {fix}")
+            await asyncio.sleep(0)  # let the other rows' requests through

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -40,24 +40,44 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return head.replace("<think>", "", 1).strip(), answer.strip()
 
 
-def row_sampling(value: Any) -> dict[str, Any]:
-    """Per-row sampling overrides from a JSON string or a struct, checked against SamplingSpec."""
-    from pipeline.spec import SamplingSpec  # plain pydantic, no engine
+MAX_SAMPLING_CHARS = 1 << 16  # a row's sampling JSON; the largest valid one is far smaller
+
+
+def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[str, Any]:
+    """Per-row sampling overrides from a JSON string or a struct, checked against the bounds
+    vLLM enforces (SamplingValues) and, for max_tokens, against the job's ceiling: any value
+    the engine would refuse becomes this row's invalid_input, naming the key."""
+    from pipeline.spec import SamplingValues  # plain pydantic, no engine
 
     if value is None:
         return {}
     if isinstance(value, str):
+        if len(value) > MAX_SAMPLING_CHARS:
+            raise RowError("invalid_input", f"sampling has {len(value):,} characters; overrides are "
+                                            f"at most {MAX_SAMPLING_CHARS:,}")
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError("invalid_input", f"sampling is not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise RowError("invalid_input", f"sampling is not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
     if not isinstance(value, dict):
         raise RowError("invalid_input", "sampling must be a JSON object such as {\"max_tokens\": 32}")
     try:
-        return SamplingSpec.model_validate(value).model_dump(exclude_none=True)
+        out = SamplingValues.model_validate(value).model_dump(exclude_none=True)
     except ValidationError as e:
-        bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        bad = "; ".join(f"sampling.{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
+                        + (f" (got {_short(x['input'])})" if x["type"] != "value_error" else "")
+                        for x in e.errors())
         raise RowError("invalid_input", f"sampling overrides are not valid: {bad}") from None
+    if max_tokens_ceiling is not None and out.get("max_tokens", 0) > max_tokens_ceiling:
+        raise RowError("invalid_input",
+                       f"sampling.max_tokens {out['max_tokens']} is above this job's ceiling for rows, "
+                       f"{max_tokens_ceiling}; ask for less, or raise sampling.row_max_tokens in the spec")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class ChatHead(Head):
@@ -103,13 +123,15 @@ class ChatHead(Head):
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
         messages = self.messages(row)
+        sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[o.enable_thinking]}
+        sampling.update(self.sampling)
+        sampling.update(row_sampling(row.get(o.sampling_column),
+                                     max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"]))
+        await refuse_if_cannot_fit(engine, [m["content"] for m in messages], turns=len(messages))
         try:
             prompt = engine.render_chat(messages, enable_thinking=o.enable_thinking)
         except Exception as e:  # a template is user code: any failure is this row's
             raise RowError("template_error", f"the chat template failed: {e}") from None
-        sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[o.enable_thinking]}
-        sampling.update(self.sampling)
-        sampling.update(row_sampling(row.get(o.sampling_column)))
         if len(prompt) >= engine.max_model_len:
             raise RowError(
                 "prompt_too_long",

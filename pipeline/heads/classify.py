@@ -1,10 +1,15 @@
 """Classify head: a label from a fixed set, with a probability for every label.
 
 On a generative Qwen3, every label is scored exactly: the log-probability the model gives to
-the assistant answering with that label (all its tokens, then end-of-turn), read from the
-engine's prompt log-probabilities. The probabilities are those scores normalized over the
-label set, so they sum to 1, and the label is the likeliest one: by construction it is always
-in the set, whatever the text says. Multi-label asks one yes/no question per label.
+the assistant answering with that label (all its tokens, then end-of-turn). The probabilities
+are those scores normalized over the label set, so they sum to 1, and the label is the
+likeliest one: by construction it is always in the set, whatever the text says. Multi-label
+asks one yes/no question per label.
+
+`scoring: trie` (the default) has the engine read the log-probabilities at the nodes of the
+labels' token trie, one engine step each, sharing the prompt's prefill through the prefix
+cache; `scoring: per_label` is the older way (prompt log-probabilities of prompt + label, a
+full prefill per label). Both give the same numbers; the second costs K prefills a row.
 
 On a *ForSequenceClassification checkpoint the engine's pooling runner gives the class
 probabilities directly.
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -50,6 +55,10 @@ class ClassifyOptions(HeadOptions):
     multi_label: bool = Field(False, description="Any subset of the labels may apply.")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="multi_label: keep labels at or above this probability.")
     system_prompt: str | None = Field(None, description="Optional system prompt.")
+    scoring: Literal["trie", "per_label"] = Field(
+        "trie", description="How labels are scored (same probabilities): 'trie' computes the prompt "
+        "once and one engine step per branching point of the labels' tokens; 'per_label' runs one "
+        "full prompt with prompt log-probabilities per label (K prefills a row).")
 
     @field_validator("labels")
     @classmethod
@@ -67,6 +76,11 @@ def softmax(logprobs: list[float]) -> list[float]:
     exps = [math.exp(x - top) for x in logprobs]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def computed(scored) -> int | None:
+    """Prompt tokens the engine computed (not read from its prefix cache), if it says."""
+    return getattr(scored, "computed_tokens", None)
 
 
 def label_probs(labels: list[str], probs: list[float]) -> list[dict]:
@@ -118,7 +132,7 @@ class ClassifyHead(Head):
         prompt = engine.render_chat(self._turns(text), enable_thinking=False)
         answers = [engine.tokenize(label + END_OF_TURN) for label in self.labels]
         self._check_fits(prompt, engine, max(map(len, answers)))
-        scored = await engine.score(prompt, answers)
+        scored = await engine.score(prompt, answers, method=self.options.scoring)
         probs = softmax(scored.logprobs)
         best = max(range(len(probs)), key=probs.__getitem__)
         return {
@@ -127,6 +141,7 @@ class ClassifyHead(Head):
             "confidence": probs[best],
             "label_probs": label_probs(self.labels, probs),
             "prompt_tokens": scored.prompt_tokens,
+            "prompt_tokens_computed": computed(scored),
             "completion_tokens": 0,
         }
 
@@ -141,18 +156,20 @@ class ClassifyHead(Head):
                 {"role": "user", "content": question}]
             prompt = engine.render_chat(turns, enable_thinking=False)
             self._check_fits(prompt, engine, max(len(yes), len(no)))
-            scored = await engine.score(prompt, [yes, no])
-            return softmax(scored.logprobs)[0], scored.prompt_tokens
+            scored = await engine.score(prompt, [yes, no], method=o.scoring)
+            return softmax(scored.logprobs)[0], scored.prompt_tokens, computed(scored)
 
         scored = await asyncio.gather(*(one(label) for label in self.labels))
-        probs = [p for p, _ in scored]
+        probs = [p for p, _, _ in scored]
+        done = [c for _, _, c in scored]
         chosen = [label for label, p in zip(self.labels, probs) if p >= o.threshold]
         return {
             "label": None,
             "labels": chosen,
             "confidence": min((p for p in probs if p >= o.threshold), default=None),
             "label_probs": label_probs(self.labels, probs),
-            "prompt_tokens": sum(t for _, t in scored),
+            "prompt_tokens": sum(t for _, t, _ in scored),
+            "prompt_tokens_computed": None if None in done else sum(done),
             "completion_tokens": 0,
         }
 

@@ -44,7 +44,12 @@ class SummarizeOptions(HeadOptions):
     )
     system_prompt: str | None = Field(None, description="Optional system prompt for every call.")
     enable_thinking: bool = Field(False, description="Qwen3 thinking mode (off: faster, cheaper).")
-    temperature: float = Field(0.7, ge=0.0, description="Default temperature (sampling.* wins).")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default temperature (sampling.* wins).")
+    max_chars: int = Field(
+        4_000_000, ge=1, description="Longest document, in characters; a longer one becomes an "
+        "invalid_input error row before it is tokenized (a document is tokenized on the engine's "
+        "event loop, about 0.7 s per million characters on one core, and costs about one engine "
+        "call per chunk).")
 
 
 @dataclass
@@ -92,6 +97,10 @@ class SummarizeHead(Head):
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
         doc = require_text(row, o.text_column)
+        if len(doc) > o.max_chars:
+            raise RowError("invalid_input",
+                           f"column '{o.text_column}' has {len(doc):,} characters, more than "
+                           f"task.options.max_chars {o.max_chars:,}; split the document or raise max_chars")
         sampling = {"temperature": o.temperature, "top_p": 0.8, "top_k": 20, "max_tokens": o.max_tokens}
         sampling.update(self.sampling)
         max_tokens = sampling["max_tokens"]

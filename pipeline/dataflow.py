@@ -1,0 +1,61 @@
+"""The Ray Data flow of a run: read the shards, run the head on every row in the engine
+actors, write the rows in write tasks; the driver receives one summary per written part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.placement import ReplicaPlacer
+from pipeline.session import actor_env
+from pipeline.sink import SHARD_COLUMN, write_parts
+from pipeline.worker import InferenceWorker
+
+
+def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine_factory,
+          placer: ReplicaPlacer, origin: float):
+    """read_parquet -> batches -> engine actors -> write tasks -> part summaries."""
+    import ray
+
+    from pipeline.ledger import RowLedger
+
+    spec = plan.spec
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    # All first replicas load before work starts, so that they share it from the first batch
+    # (and an engine that cannot start fails the run now, not after the others finished).
+    ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)
+    todo = plan.todo
+    ds = ray.data.read_parquet([s.path for s in todo], filesystem=plan.input_fs, include_paths=True)
+    # Blocks of one batch each, so that every replica gets work and rows stream through
+    # instead of waiting for whole files.
+    batch = spec.resources.batch_size
+    ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=batch)
+    low, high = spec.resources.replica_range
+    restarts = spec.resources.max_engine_restarts
+    ledger = ray.remote(RowLedger).options(num_cpus=0).remote()
+    ds = ds.map_batches(
+        InferenceWorker,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
+                               "engine_args": engine_args, "device": device, "engine_factory": engine_factory,
+                               "ledger": ledger},
+        batch_size=batch,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high,
+            max_tasks_in_flight_per_actor=max(2, -(-spec.resources.rows_in_flight // batch))),
+        ray_remote_args_fn=placer.remote_args_fn,
+        **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
+        max_restarts=restarts, max_task_retries=restarts,
+    )
+    # Write tasks bundle the actors' small batches into files of about rows_per_file rows.
+    return ds.map_batches(
+        write_parts,
+        fn_kwargs={"output": spec.output.path, "run_id": run_id, "head": spec.task.head,
+                   "id_type": plan.id_type, "shard_names": {s.path: s.name for s in todo}, "origin": origin},
+        batch_size=max(batch, spec.output.rows_per_file),
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        num_cpus=0.25,
+    )

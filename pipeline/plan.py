@@ -1,0 +1,166 @@
+"""Plan: the spec, its input shards and what the output already holds, checked before any
+model loads, so that `validate`, `--dry-run` and `run` refuse the same things."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipeline.heads import head_class
+from pipeline.output import OutputStore
+from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
+from pipeline.sink import SHARD_COLUMN
+from pipeline.spec import JobSpec, SpecError
+
+CHOICES = ("use another output path, pass --overwrite to replace it, or --resume-anyway to keep "
+           "its committed shards and run only the others")
+
+
+@dataclass
+class Plan:
+    """What a run will do, known before any model loads."""
+
+    spec: JobSpec
+    input_fs: object = field(repr=False)
+    shards: list[Shard]
+    id_type: pa.DataType
+    columns: list[str]  # columns read from the shards
+    done: list[str]  # shards committed by an earlier run: skipped
+    kept: list[dict]  # committed shards of another spec or older input, kept by --resume-anyway
+    orphaned: list[str]  # committed shards whose input file is gone
+    last_run: dict | None = field(default=None, repr=False)  # the manifest found, if any
+
+    @property
+    def todo(self) -> list[Shard]:
+        done = set(self.done)
+        return [s for s in self.shards if s.name not in done]
+
+
+def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = False) -> Plan:
+    """Check the spec, the inputs and the output folder; raises SpecError or InputError.
+
+    resume_anyway keeps shards committed by a run of another spec, or from since-changed
+    input files, and plans only the rest.
+    """
+    if overwrite and resume_anyway:
+        raise SpecError("--overwrite and --resume-anyway contradict each other; pick one")
+    head = head_class(spec.task.head)
+    problem = head.check_options(spec.task.options)
+    if problem:
+        raise SpecError(problem)
+    head_obj = head(spec.task.options)
+    _check_engine(spec)
+    fs, shards = open_shards(spec.input.path)
+    _check_output_outside_input(spec)
+    reads = head_obj.input_columns()
+    check_shards(fs, shards, id_column=spec.input.id_column, any_of=head_obj.required_any(), reads=reads)
+    clash = [c for c in [spec.input.id_column] + reads if c == SHARD_COLUMN]
+    if clash:
+        raise InputError(f"the job reads a column named '{SHARD_COLUMN}', which Ray Data overwrites "
+                         f"with each row's file name; rename that column (or the head's column option)")
+    id_type = shards[0].schema.field(spec.input.id_column).type
+    columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
+    plan = Plan(spec, fs, shards, id_type, columns, [], [], [])
+    read_output_state(plan, overwrite=overwrite, resume_anyway=resume_anyway)
+    return plan
+
+
+def read_output_state(plan: Plan, *, overwrite: bool = False, resume_anyway: bool = False) -> None:
+    """Fill in what the output already holds (done, kept, orphaned shards, the last run).
+    A run calls it again once it holds the output's lock."""
+    spec = plan.spec
+    store = OutputStore(spec.output.path)
+    try:
+        records, last_run = ({}, None) if overwrite else (store.records(), store.read_manifest())
+        legacy = [] if overwrite else store.legacy_files()
+    except OSError as e:
+        raise InputError(f"output.path {spec.output.path} cannot be read: {e}") from None
+    if legacy:
+        raise InputError(f"output.path {spec.output.path} holds results in the layout of an older "
+                         f"qwen-batch ({legacy[0]}, without commit records); {CHOICES}")
+    plan.done, plan.kept = _committed(spec, plan.shards, records, last_run, strict=not resume_anyway)
+    names = {s.name for s in plan.shards}
+    plan.orphaned = sorted(n for n in records if n not in names)
+    plan.last_run = last_run
+
+
+def _same_input(a: dict | None, b: dict) -> bool:
+    """Same content (size, rows, footer hash), wherever the file is now."""
+    keys = ("size", "rows", "footer")
+    return a is not None and all(a.get(k) == b.get(k) for k in keys)
+
+
+def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], last_run: dict | None,
+               *, strict: bool) -> tuple[list[str], list[dict]]:
+    """(names of shards already done, committed shards kept despite another spec or input).
+
+    A shard kept by --resume-anyway stays accepted in later runs of the same spec while its
+    input does not change again (the manifest lists it)."""
+    fingerprint = spec.fingerprint()
+    accepted = {k["name"]: k for k in (last_run or {}).get("kept", [])}
+    done, kept = [], []
+    for s in shards:
+        record = records.get(s.name)
+        if record is None:
+            continue
+        why = []
+        if record.get("spec_fingerprint") != fingerprint:
+            why.append("committed by a run of a different job spec")
+        if not _same_input(record.get("input"), s.fingerprint()):
+            why.append(f"input shard {s.path} changed since it was processed")
+        if why:
+            ok = accepted.get(s.name)
+            if strict and not (ok and ok.get("spec") == fingerprint and _same_input(ok.get("input"), s.fingerprint())):
+                raise InputError(f"output.path {spec.output.path}: shard {s.name} was {' and '.join(why)}; {CHOICES}")
+            kept.append({"name": s.name, "why": "; ".join(why), "spec": fingerprint, "input": s.fingerprint()})
+        done.append(s.name)
+    return done, kept
+
+
+def _check_engine(spec: JobSpec) -> None:
+    """The checkpoint's config must load (weights are not touched), and the engine arguments
+    the workers will build must be valid."""
+    from pipeline.engine import engine_args, hf_config
+
+    try:
+        hf_config(spec.model.source, spec.model.trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, ... with long texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"model.source {spec.model.source}: cannot read the checkpoint's config "
+                        f"({first}); give a Hugging Face id such as Qwen/Qwen3-8B or a local "
+                        f"checkpoint directory") from None
+    engine_args(spec.model, device="cpu")  # raises SpecError for contradictory model keys
+
+
+def _check_output_outside_input(spec: JobSpec) -> None:
+    _, out = resolve_filesystem(spec.output.path)
+    _, inp = resolve_filesystem(spec.input.path.split("*")[0])
+    inp = inp.rstrip("/")
+    if out == inp or out.startswith(inp + "/"):
+        raise InputError(f"output.path {spec.output.path} is inside input.path {spec.input.path}; "
+                         f"the next run would read its own output. Choose a folder outside the input")
+
+
+def estimate_input_tokens(plan: Plan, *, sample_rows: int = 256) -> tuple[int, int]:
+    """(estimated text tokens of the input, rows sampled): the tokenizer's count over a sample
+    of rows from up to 16 shards, scaled to all rows. Chat templates add a few tokens a row."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    spec = plan.spec
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.source, trust_remote_code=spec.model.trust_remote_code)
+    text_columns = [c for c in plan.columns if c != spec.input.id_column]
+    picked = plan.shards[:: max(1, len(plan.shards) // 16)][:16]
+    per_shard = max(1, sample_rows // len(picked))
+    tokens = rows = 0
+    for shard in picked:
+        with plan.input_fs.open_input_file(shard.path) as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=per_shard, columns=text_columns), None)
+        for row in (batch.to_pylist() if batch is not None else []):
+            texts = [v if isinstance(v, str) else json.dumps(v) for v in row.values() if v is not None]
+            tokens += sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+            rows += 1
+    total_rows = sum(s.rows for s in plan.shards)
+    return (round(tokens / rows * total_rows) if rows else 0), rows

@@ -1,0 +1,79 @@
+"""The Ray session of a run: connect (or start a private Ray), pick the device, and leave
+nothing running at the end, on this machine or on any node of a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+from pipeline.engine import RUN_MARK, reap_on_every_node, reap_orphans
+from pipeline.spec import JobSpec
+
+
+def _quiet_ray_data() -> None:
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def connect(spec: JobSpec, devices_per_replica: int) -> str | None:
+    """Join spec.ray.address / RAY_ADDRESS, or start a local Ray. Returns "local" or "cluster"
+    when this call connected (the run then disconnects), None when Ray was already up."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    worker_logs = bool(os.environ.get("QWEN_BATCH_WORKER_LOGS"))
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=worker_logs, logging_level="WARNING")
+        _quiet_ray_data()
+        return "cluster"
+    cores = os.cpu_count() or 1
+    # The CPU build's engines pin their own threads; Ray's CPU count is only for scheduling,
+    # sized so that every replica and the read and write tasks can be placed at once.
+    # address="local": a new private Ray, even when a `ray start` cluster runs on this machine
+    # (plain ray.init() would join it, or fail on the stale address a killed one left behind).
+    # Ray starts its workers at nice 15, below the driver and Ray's own services; on a small
+    # machine those then preempt the engine. A run owns this Ray: engines at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(address="local", num_cpus=max(cores, spec.resources.replica_range[1] * devices_per_replica + 2),
+             include_dashboard=False, log_to_driver=worker_logs, logging_level="WARNING")
+    _quiet_ray_data()
+    return "local"
+
+
+def device(spec: JobSpec) -> str:
+    if spec.resources.device != "auto":
+        return spec.resources.device
+    import ray
+
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def actor_env(spec: JobSpec, device: str, run_id: str) -> dict[str, str]:
+    """Environment of the engine actors: the run mark (to find leftovers), quiet vLLM, and on
+    the CPU build one core per tensor-parallel rank."""
+    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    env = {RUN_MARK: run_id, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = os.cpu_count() or 1
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(devices))
+    return env
+
+
+@contextmanager
+def ray_session(spec: JobSpec, run_id: str):
+    """Connected to Ray for the block; afterwards engines of this run are gone everywhere."""
+    import ray
+
+    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    connected = connect(spec, devices)
+    try:
+        yield connected
+    finally:
+        if connected:
+            if connected == "cluster":  # engines orphaned on other nodes, while we can reach them
+                reap_on_every_node(run_id)
+            ray.shutdown()
+            reap_orphans(run_id)
