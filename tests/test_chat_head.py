@@ -1,11 +1,12 @@
 """The chat head on a scripted engine handle: inputs, errors, thinking, sampling precedence."""
 
 import asyncio
+import json
 
 import pytest
 
 from pipeline.heads.base import Completion, RowError
-from pipeline.heads.chat import ChatHead, split_reasoning
+from pipeline.heads.chat import ChatHead, row_sampling, split_reasoning
 
 
 class ScriptedEngine:
@@ -113,3 +114,140 @@ def test_thinking_mode_uses_thinking_defaults_and_splits_reasoning():
 def test_unfinished_thinking_has_no_answer():
     assert split_reasoning("<think>still going") == ("still going", "")
     assert split_reasoning("no tags at all</think>x") == ("no tags at all", "x")
+
+
+# Per-row sampling values vLLM's SamplingParams refuses: each must be this row's invalid_input
+# naming the key (not an internal_error from the engine call).
+ENGINE_REFUSES = [
+    ({"top_k": -5}, "sampling.top_k"),
+    ({"stop": [""]}, "sampling.stop: stop[0] is empty"),
+    ({"temperature": -1}, "sampling.temperature"),
+    ({"temperature": 2.5}, "sampling.temperature"),
+    ({"top_p": 0}, "sampling.top_p"),
+    ({"top_p": 1.5}, "sampling.top_p"),
+    ({"min_p": 2}, "sampling.min_p"),
+    ({"max_tokens": 0}, "sampling.max_tokens"),
+    ({"presence_penalty": -3}, "sampling.presence_penalty"),
+    ({"frequency_penalty": 2.5}, "sampling.frequency_penalty"),
+    ({"repetition_penalty": 0}, "sampling.repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "sampling.repetition_penalty"),
+    ({"top_k": 2.5}, "sampling.top_k"),
+]
+ENGINE_TAKES = [{"top_k": -1}, {"top_k": 0}, {"top_k": 5}, {"temperature": 0}, {"temperature": 2},
+                {"top_p": 1}, {"presence_penalty": -2}, {"stop": ["\n\n", "###"]}, {"seed": 7},
+                {"max_tokens": 1}, {"ignore_eos": True}]
+
+
+@pytest.mark.parametrize("overrides, fragment", ENGINE_REFUSES)
+def test_row_sampling_the_engine_would_refuse_is_invalid_input(overrides, fragment):
+    with pytest.raises(RowError) as e:
+        run(ChatHead(), {"prompt": "hi", "sampling": json.dumps(overrides)})
+    assert e.value.error_type == "invalid_input" and fragment in e.value.message, e.value.message
+
+
+def test_row_sampling_checks_agree_with_vllm():
+    """vLLM's SamplingParams is the oracle: what it refuses, row_sampling refuses, and
+    what it takes, row_sampling takes."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    for overrides, _ in ENGINE_REFUSES:
+        with pytest.raises((VLLMValidationError, ValueError, TypeError)):
+            SamplingParams(**overrides)
+    for overrides in ENGINE_TAKES:
+        SamplingParams(**row_sampling(json.dumps(overrides)))
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"stop": ["x"] * 17}, "at most 16 stop strings"),
+    ({"stop": ["y" * 300]}, "stop[0] has 300 characters; at most 256"),
+    ({"seed": 2 ** 70}, "sampling.seed"),
+])
+def test_row_stop_strings_and_seed_are_bounded(overrides, fragment):
+    with pytest.raises(RowError) as e:
+        run(ChatHead(), {"prompt": "hi", "sampling": json.dumps(overrides)})
+    assert e.value.error_type == "invalid_input" and fragment in e.value.message, e.value.message
+
+
+def test_huge_sampling_json_is_refused_before_parsing():
+    with pytest.raises(RowError, match="overrides are at most 65,536"):
+        row_sampling('{"stop": ["' + "x" * 100_000 + '"]}')
+
+
+def test_spec_max_tokens_is_a_ceiling_for_rows_unless_the_spec_raises_it():
+    head = ChatHead({"max_tokens": 100}, sampling={"max_tokens": 50})
+    _, eng = run(head, {"prompt": "hi", "sampling": '{"max_tokens": 50}'})
+    assert eng.calls[0]["max_tokens"] == 50
+    with pytest.raises(RowError) as e:
+        run(head, {"prompt": "hi", "sampling": '{"max_tokens": 51}'})
+    assert e.value.error_type == "invalid_input"
+    assert "above this job's ceiling for rows, 50" in e.value.message and "sampling.row_max_tokens" in e.value.message
+    # the head's own default is the ceiling when the spec sets no max_tokens
+    with pytest.raises(RowError, match="ceiling for rows, 100"):
+        run(ChatHead({"max_tokens": 100}), {"prompt": "hi", "sampling": '{"max_tokens": 101}'})
+    raised = ChatHead({}, sampling={"max_tokens": 50, "row_max_tokens": 4000})
+    _, eng = run(raised, {"prompt": "hi", "sampling": '{"max_tokens": 4000}'})
+    assert eng.calls[0]["max_tokens"] == 4000 and "row_max_tokens" not in eng.calls[0]
+    _, eng = run(raised, {"prompt": "hi"})
+    assert eng.calls[0]["max_tokens"] == 50
+
+
+class CountingEngine(ScriptedEngine):
+    """Counts characters it was asked to tokenize or render."""
+
+    max_model_len = 32768
+
+    def __init__(self):
+        super().__init__()
+        self.tokenized = 0
+
+    def render_chat(self, messages, *, enable_thinking):
+        self.tokenized += sum(len(m["content"]) for m in messages)
+        return super().render_chat(messages, enable_thinking=enable_thinking)
+
+    def tokenize(self, text):
+        self.tokenized += len(text)
+        return super().tokenize(text)
+
+
+def test_huge_rows_fail_without_being_tokenized():
+    eng = CountingEngine()
+    with pytest.raises(RowError) as e:  # a 50 MB prompt
+        run(ChatHead(), {"prompt": "word " * 10_000_000}, eng)
+    assert e.value.error_type == "prompt_too_long" and "50,000,000 characters" in e.value.message
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(100_000)]
+    turns.append({"role": "user", "content": "and?"})
+    with pytest.raises(RowError) as e:  # a conversation of 100,000 turns
+        run(ChatHead(), {"messages": turns}, eng)
+    assert e.value.error_type == "prompt_too_long" and "100,001 turns" in e.value.message
+    assert eng.tokenized == 0 and eng.calls == []
+
+
+def test_a_long_row_is_counted_piece_by_piece_and_stops_past_the_context():
+    eng = CountingEngine()  # max_model_len 32768; 4,000,000 characters could fit 128-char tokens
+    with pytest.raises(RowError) as e:
+        run(ChatHead(), {"prompt": "word " * 800_000}, eng)
+    assert e.value.error_type == "prompt_too_long" and "more than 32768 tokens" in e.value.message
+    assert eng.tokenized <= 3 * 65536  # stopped after the count passed the context
+
+
+def test_counting_a_long_row_lets_other_rows_through():
+    log = []
+
+    class Logging(ScriptedEngine):
+        max_model_len = 1_000_000
+
+        def tokenize(self, text):
+            log.append("piece")
+            return super().tokenize(text)
+
+        async def generate(self, prompt_token_ids, sampling):
+            log.append("generate")
+            return await super().generate(prompt_token_ids, sampling)
+
+    async def both():
+        eng, head = Logging(), ChatHead()
+        await asyncio.gather(head.run({"prompt": "word " * 100_000}, eng), head.run({"prompt": "hi"}, eng))
+
+    asyncio.run(both())
+    assert log.count("piece") == 8 and log.index("generate") < 2  # the short row did not wait

@@ -96,3 +96,84 @@ def test_head_options_are_strict():
     msg = ChatHead.check_options({"enable_thinkng": True})
     assert "Did you mean 'enable_thinking'?" in msg
     assert ChatHead.check_options({"enable_thinking": True}) is None
+
+
+# model.engine_kwargs cannot undo the spec: key -> the spec key (or reason) the message names
+REFUSED_ENGINE_KWARGS = {
+    "trust_remote_code": (True, "use model.trust_remote_code instead"),
+    "model": ("evil/model", "use model.source instead"),
+    "tokenizer": ("evil/tok", "model.source's tokenizer"),
+    "tensor_parallel_size": (2, "use model.tensor_parallel_size instead"),
+    "pipeline_parallel_size": (2, "use model.pipeline_parallel_size instead"),
+    "max_model_len": (4096, "use model.max_model_len instead"),
+    "dtype": ("float16", "use model.dtype instead"),
+    "quantization": ("fp8", "use model.quantization instead"),
+    "hf_overrides": ({"architectures": ["X"]}, "model.long_context"),
+    "data_parallel_size": (2, "resources.replicas"),
+    "worker_cls": ("evil.Worker", "loads Python code by name"),
+    "worker_extension_cls": ("evil.Ext", "loads Python code by name"),
+    "logits_processors": (["evil.P"], "loads Python code by name"),
+    "download_dir": ("/tmp/x", "HF_HOME"),
+    "load_format": ("dummy", "random weights"),
+    "revision": ("abc123", "local snapshot"),
+    "tokenizer_revision": ("abc123", "local snapshot"),
+    "kv_transfer_config": ({"kv_connector_module_path": "evil"}, "not on the allowlist"),
+}
+
+
+@pytest.mark.parametrize("key", REFUSED_ENGINE_KWARGS)
+def test_engine_kwargs_cannot_undo_the_spec(key):
+    value, fragment = REFUSED_ENGINE_KWARGS[key]
+    with pytest.raises(SpecError) as e:
+        load_spec(data=spec(model__engine_kwargs={key: value, "max_num_seqs": 8}))
+    msg = str(e.value)
+    assert f"model.engine_kwargs.{key}" in msg and fragment in msg
+    assert "max_num_seqs" not in msg  # only the refused key is named
+
+
+def test_engine_kwargs_typo_suggests_and_nested_values_are_refused():
+    with pytest.raises(SpecError, match=r"max_num_seq is not on the allowlist.*Did you mean 'max_num_seqs'"):
+        load_spec(data=spec(model__engine_kwargs={"max_num_seq": 8}))
+    with pytest.raises(SpecError, match=r"engine_kwargs.enforce_eager must be a plain value"):
+        load_spec(data=spec(model__engine_kwargs={"enforce_eager": {"cls": "x.Y"}}))
+
+
+def test_engine_kwargs_refusal_does_not_echo_secrets():
+    with pytest.raises(SpecError) as e:
+        load_spec(data=spec(model__engine_kwargs={"hf_token": "hf_s3cr3t", "model": "x"}))
+    assert "hf_s3cr3t" not in str(e.value)
+
+
+def test_every_shipped_job_spec_is_still_valid():
+    from pathlib import Path
+
+    jobs = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        load_spec(job)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("top_k", -5, "greater than or equal to -1"),
+    ("temperature", 2.5, "less than or equal to 2"),
+    ("temperature", float("nan"), "finite number"),
+    ("presence_penalty", 3, "less than or equal to 2"),
+    ("stop", [""], "stop[0] is empty"),
+    ("stop", ["x"] * 17, "at most 16 stop strings"),
+    ("stop", ["y" * 257], "at most 256"),
+    ("seed", -3, "greater than or equal to 0"),
+    ("row_max_tokens", 0, "greater than or equal to 1"),
+])
+def test_sampling_values_the_engine_would_refuse_are_refused_in_the_spec(key, value, fragment):
+    with pytest.raises(SpecError) as e:
+        load_spec(data=spec(**{f"sampling__{key}": value}))
+    assert f"sampling.{key}" in str(e.value) and fragment in str(e.value)
+
+
+def test_row_max_tokens_reaches_the_head_but_not_the_engine():
+    from pipeline.heads.chat import ChatHead
+
+    s = load_spec(data=spec(sampling__max_tokens=32, sampling__row_max_tokens=512))
+    head = ChatHead({}, sampling=s.sampling.merged())
+    assert head.row_max_tokens == 512 and "row_max_tokens" not in head.sampling
+    assert head.sampling["max_tokens"] == 32
