@@ -99,7 +99,7 @@ def test_stray_success_and_crc_files_are_skipped(tmp_path, chat_job):
     (tmp_path / "in" / ".part-00000.parquet.crc").write_bytes(b"\x00\x01")
     (tmp_path / "in" / "_manifest.json").write_text("{}")
     plan = plan_job(chat_job())
-    assert [s.name for s in plan.shards] == ["part-00000", "part-00001"]
+    assert [s.name for s in plan.shards] == ["part-00000.parquet", "part-00001.parquet"]
 
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
