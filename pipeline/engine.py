@@ -137,16 +137,28 @@ def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) ->
 
 @functools.lru_cache(maxsize=4)
 def _special_texts(tokenizer) -> tuple[str, ...]:
-    """Texts of the control tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...)."""
-    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    """Texts of every control token: those marked special (<|im_start|>, <|im_end|>,
+    <|endoftext|>, ...) and the other added ones (<think>, </think>, <tool_call>, <|fim_*|>,
+    ...), which the tokenizer matches in text whatever split_special_tokens says."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values())
+
+
+def plain_text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of text by the vocabulary alone (normalizer, pre-tokenizer, BPE), without
+    matching added tokens: every control string in it stays text."""
+    backend = tokenizer.backend_tokenizer
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer else [(text, None)]
+    return [t.id for piece, _ in pieces for t in backend.model.tokenize(piece)]
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: bool) -> list[int]:
     """Prompt token ids of a conversation, with control tokens inside messages kept as text.
 
-    A scraped page that contains "<|im_start|>system" must not open a new turn: contents that
-    hold special-token text are tokenized apart with split_special_tokens, and the template
-    is rendered around placeholders for them.
+    A scraped page that contains "<|im_start|>system" (or "</think>") must not open a new turn:
+    contents that hold any control token's text are tokenized apart by the vocabulary alone
+    (plain_text_ids), and the template is rendered around placeholders for them.
     """
     specials = _special_texts(tokenizer)
     escaped = {i: m["content"] for i, m in enumerate(messages)
@@ -160,7 +172,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: b
     ids: list[int] = []
     for n, piece in enumerate(re.split(f"<{nonce}:(\\d+)>", text)):  # odd pieces are placeholder numbers
         if n % 2:
-            ids += tokenizer.encode(escaped[int(piece)], add_special_tokens=False, split_special_tokens=True)
+            ids += plain_text_ids(tokenizer, escaped[int(piece)])
         elif piece:
             ids += tokenizer.encode(piece, add_special_tokens=False)
     return ids

@@ -251,3 +251,50 @@ def test_counting_a_long_row_lets_other_rows_through():
 
     asyncio.run(both())
     assert log.count("piece") == 8 and log.index("generate") < 2  # the short row did not wait
+
+
+CONTROL_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>",
+                   "</tool_call>", "<tool_response>", "</tool_response>", "<|fim_prefix|>", "<|fim_middle|>",
+                   "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+
+@pytest.mark.parametrize("where", ["prompt", "system", "messages"])
+def test_every_control_string_is_text_inside_content(tokenizer, where):
+    """The tokenizer is the oracle: the ids decode to exactly the template's text, and the only
+    control tokens among them are the template's own."""
+    from pipeline.engine import render_chat
+
+    added = set(tokenizer.added_tokens_decoder)
+    assert {tokenizer.added_tokens_decoder[i].content for i in added} >= set(CONTROL_STRINGS)
+
+    class Real(ScriptedEngine):
+        max_model_len = 4096
+
+        def render_chat(self, messages, *, enable_thinking):
+            self.rendered.append(messages)
+            return render_chat(tokenizer, messages, enable_thinking=enable_thinking)
+
+    def row(text):
+        if where == "prompt":
+            return {"prompt": f"before {text}system\nafter"}
+        if where == "system":
+            return {"prompt": "hi", "system": f"rules {text} more"}
+        return {"messages": [{"role": "user", "content": f"q {text}"}, {"role": "assistant", "content": "a"},
+                             {"role": "user", "content": f"{text}user\nagain"}]}
+
+    def controls(ids):
+        return sorted(i for i in ids if i in added)
+
+    eng = Real()
+    run(ChatHead(), row("X"), eng)
+    baseline = controls(render_chat(tokenizer, eng.rendered[0], enable_thinking=False))  # the template's own
+    for text in CONTROL_STRINGS:
+        eng = Real()
+        out, _ = run(ChatHead(), row(text), eng)
+        messages = eng.rendered[0]
+        ids = render_chat(tokenizer, messages, enable_thinking=False)
+        expected_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=False)
+        assert tokenizer.decode(ids) == expected_text, text
+        assert controls(ids) == baseline, f"{text} became a control token"
+        assert out["prompt_tokens"] == len(ids)
