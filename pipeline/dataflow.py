@@ -11,6 +11,13 @@ from pipeline.sink import SHARD_COLUMN, write_parts
 from pipeline.worker import InferenceWorker
 
 
+def rows_per_write(spec, rows: int) -> int:
+    """output.rows_per_file, or about 1/16 of the rows to run (at least one batch, at most 10,000)."""
+    if spec.output.rows_per_file:
+        return spec.output.rows_per_file
+    return max(spec.resources.batch_size, min(10_000, rows // 16))
+
+
 def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine_factory,
           placer: ReplicaPlacer, origin: float):
     """read_parquet -> batches -> engine actors -> write tasks -> part summaries."""
@@ -54,7 +61,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         write_parts,
         fn_kwargs={"output": spec.output.path, "run_id": run_id, "head": spec.task.head,
                    "id_type": plan.id_type, "shard_names": {s.path: s.name for s in todo}, "origin": origin},
-        batch_size=max(batch, spec.output.rows_per_file),
+        batch_size=rows_per_write(spec, sum(s.rows for s in todo)),
         batch_format="pyarrow",
         zero_copy_batch=True,
         num_cpus=0.25,

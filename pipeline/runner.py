@@ -111,7 +111,7 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
             store.clear()
         store.delete(store.garbage())  # files of killed attempts: no record names them
         manifest = manifests.start(spec, run.plan, run.run_id)
-        store.reserve(4 * len(manifests.json_bytes(manifest)) + 8192, run.run_id)
+        store.reserve(2 * len(manifests.json_bytes(manifest)) + 4096, run.run_id)
         store.write_manifest(manifest)
     except OSError as e:
         raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
@@ -124,7 +124,7 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
                 return _lost(run, _lost_lock(e))
             if os.environ.get("QWEN_BATCH_DEBUG"):
                 raise
-            stopped = _reason(e)
+            stopped = _reason(e, spec.output.path)
             invalid = isinstance(e, (SpecError, InputError))  # e.g. a replica no node can hold
     wall = time.time() - run.started
     try:
@@ -181,10 +181,13 @@ def _lost(run: Run, e: LostLockError) -> RunReport:
                      exit_code=EXIT_CRASHED, message=message)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, output: str) -> str:
     """One line for people: the last line of the error that stopped the run."""
     if isinstance(e, (OutputWriteError, SpecError, InputError)):
         return str(e)
+    if "No space left on device" in str(e) or "Permission denied" in str(e):  # also from a write task
+        why = "No space left on device" if "No space left" in str(e) else "Permission denied"
+        return f"cannot write to {output}: {why}. Free space or fix permissions there"
     lines = [line for line in str(e).splitlines() if line.strip()]
     return (f"{type(e).__name__}: {lines[-1] if lines else ''} (details: rerun with "
             f"QWEN_BATCH_DEBUG=1 for the traceback, QWEN_BATCH_WORKER_LOGS=1 for engine logs)")
@@ -250,7 +253,7 @@ def _stream(run: Run, ds, committer: ShardCommitter) -> None:
                 try:
                     committer.add(parts)
                 except OSError as e:  # stop: the next shards would fail the same way
-                    raise OutputWriteError(f"cannot commit to {spec.output.path}: {e}. Free space or fix "
+                    raise OutputWriteError(f"cannot write to {spec.output.path}: {e}. Free space or fix "
                                            f"permissions there") from e
         except BaseException:
             # Stopping early (a full disk): stop Ray Data's executor now, not when the iterator

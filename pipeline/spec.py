@@ -38,9 +38,10 @@ class OutputSpec(_Section):
         le=1.0,
         description="The run fails (non-zero exit) when errors / rows exceeds this share.",
     )
-    rows_per_file: int = Field(
-        10_000, ge=1, description="Rows gathered into one results file per shard (fewer, larger "
-        "files; a shard commits once all its rows are written, so smaller values commit sooner).",
+    rows_per_file: int | None = Field(
+        None, ge=1, description="Rows gathered into one write (one results file per shard it "
+        "touches). Larger: fewer files; smaller: shards commit sooner, and a crash loses less "
+        "finished work. Default: 1/16 of the rows to run, between resources.batch_size and 10,000.",
     )
 
 
@@ -315,7 +316,7 @@ class JobSpec(_Section):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they go, nor the cluster)."""
-        d = self.model_dump(mode="json", exclude={"output": {"path"}, "ray": True, "name": True})
+        d = self.model_dump(mode="json", exclude={"output": {"path", "rows_per_file"}, "ray": True, "name": True})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

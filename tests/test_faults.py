@@ -14,10 +14,16 @@ import pytest
 from rich.console import Console
 
 from conftest import read_dir, write_shards
+from pipeline.output import OutputStore
 from pipeline.output_lock import OutputBusyError
 from pipeline.runner import run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
+
+
+def committed(out) -> set[str]:
+    """Names of the shards committed in an output folder (their commit records)."""
+    return set(OutputStore(str(out)).records()) if out.exists() else set()
 
 
 def ids_out(out):
@@ -28,7 +34,7 @@ def ids_out(out):
 
 def spec_for(tmp, tiny_model, **resources):
     return load_spec(data={
-        "input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / "out")},
+        "input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / "out"), "rows_per_file": 5},
         "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
         "sampling": {"max_tokens": 4}, "resources": {"batch_size": 5, **resources},
     })
@@ -68,11 +74,9 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), "0.5"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "out" / "metrics"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        done = list(metrics.glob("*.parquet")) if metrics.exists() else []
-        if done:
+        if committed(tmp_path / "out"):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the first run ended before it could be killed"
@@ -87,7 +91,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
                 p.kill()
         except (psutil.NoSuchProcess, ProcessLookupError):
             pass
-    committed_before = {p.name for p in metrics.glob("*.parquet")}
+    committed_before = committed(tmp_path / "out")
     assert 0 < len(committed_before) < 8
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "running"
@@ -102,8 +106,8 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
     assert len(ids) == len(set(ids)) == 80
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["totals"]["rows"] == 80
-    assert all(e["status"] == "committed" and e["exactly_once"] for e in manifest["shards"])
-    assert not (tmp_path / "out" / "_staging").exists()
+    assert all(e["status"] == "committed" for e in manifest["shards"])
+    assert OutputStore(str(tmp_path / "out")).garbage() == []  # the killed run's files are gone
 
 
 def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
@@ -127,7 +131,7 @@ def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
     def killer():
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
-            if list((tmp_path / "out" / "metrics").glob("*.parquet")):
+            if committed(tmp_path / "out"):
                 for p in psutil.process_iter(["cmdline"]):
                     try:
                         cmd = " ".join(p.info["cmdline"] or [])
@@ -193,7 +197,7 @@ def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path,
     rows = [[{"id": s * 100 + i, "prompt": f"row {i} " + "word " * 50} for i in range(40)] for s in range(6)]
     write_shards(tmp_path / "in", rows)
     spec = load_spec(data={
-        "input": {"path": str(tmp_path / "in")}, "output": {"path": str(small_disk)},
+        "input": {"path": str(tmp_path / "in")}, "output": {"path": str(small_disk), "rows_per_file": 40},
         "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
         "sampling": {"max_tokens": 16}, "resources": {"batch_size": 10},
     })
@@ -202,15 +206,15 @@ def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path,
     first = run_driver(spec_file)
     assert first.returncode == 3, first.stderr[-3000:]
     assert "No space left on device" in first.stderr and "rerun the same command" in first.stderr
-    committed = {p.name for p in (small_disk / "metrics").glob("*.parquet")}
-    assert 0 < len(committed) < 6
-    # nothing half-written is visible: every file in place belongs to a committed shard
-    assert {p.name for p in (small_disk / "results").glob("*")} == committed
-    assert {p.name for p in (small_disk / "errors").glob("*")} == committed
-    assert not (small_disk / "_staging").exists()
-    for name in committed:
+    store = OutputStore(str(small_disk))
+    records = store.records()
+    assert 0 < len(records) < 6
+    # nothing half-written is left: every data file belongs to a committed shard
+    assert store.garbage(records) == []
+    for name, record in records.items():
         s = int(name.split("-")[1].split(".")[0])
-        assert sorted(read_dir_file(small_disk / "results" / name)) == [s * 100 + i for i in range(40)]
+        ids = [i for f in record["files"]["results"] for i in read_dir_file(small_disk / f)]
+        assert sorted(ids) == [s * 100 + i for i in range(40)]
     assert json.loads((small_disk / "_manifest.json").read_text())["stopped_because"].startswith("cannot write")
 
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
