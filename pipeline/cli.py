@@ -52,6 +52,14 @@ def cmd_validate(args) -> int:
                   f"{low if low == high else f'{low}-{high}'} replica(s) x {devices} device(s) "
                   f"(tensor {spec.model.tensor_parallel_size} x pipeline {spec.model.pipeline_parallel_size}, "
                   f"device {spec.resources.device}).", highlight=False)
+    if plan.kept:
+        console.print(f"Kept by --resume-anyway: {len(plan.kept)} committed shard(s) of another spec or "
+                      f"older input: " + ", ".join(f"{k['name']} ({k['why']})" for k in plan.kept[:5]),
+                      highlight=False)
+    if plan.orphaned:
+        console.print(f"Orphaned: {len(plan.orphaned)} committed shard(s) in the output whose input file is "
+                      f"gone (not counted, left as they are): {', '.join(plan.orphaned[:5])}"
+                      + (" ..." if len(plan.orphaned) > 5 else ""), highlight=False)
     return 0
 
 
