@@ -1,42 +1,45 @@
-"""`qwen-batch report OUTPUT`: a run's metrics as PNG charts and a small HTML page."""
+"""`qwen-batch report OUTPUT`: a run's metrics as PNG charts and a small HTML page.
+
+It reads what readers are told to trust, the committed shards (pipeline.output), from a
+local folder or an object store alike, and writes OUTPUT/report/ through the same
+filesystem (so on S3 the report lands next to the output, as s3://.../OUTPUT/report/)."""
 
 from __future__ import annotations
 
 import html
-import json
+import io
 from collections import Counter
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from pipeline.output import OutputStore
+from pipeline.redact import redact_text
 
-
-def _read(folder: Path) -> pa.Table | None:
-    files = sorted(folder.glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+REPORT = "report"
 
 
-def render_report(output: str | Path) -> Path:
-    """Write OUTPUT/report/{index.html, *.png}; returns the HTML path."""
+def render_report(output: str) -> str:
+    """Write OUTPUT/report/{index.html, *.png}; returns the HTML page's path or URI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(output)
-    metrics = _read(out / "metrics")
+    out = str(output)
+    store = OutputStore(out)
+    records = store.records()
+    metrics = store.read_committed("metrics", records)
     if metrics is None:
-        raise FileNotFoundError(f"{out}/metrics has no committed shards: run the job first")
-    results, errors = _read(out / "results"), _read(out / "errors")
-    folder = out / "report"
-    folder.mkdir(exist_ok=True)
+        raise FileNotFoundError(f"{out} has no committed shards: run the job first")
+    results, errors = store.read_committed("results", records), store.read_committed("errors", records)
     m = metrics.to_pylist()
     charts = []
+    pages: dict[str, bytes] = {}
 
     def save(fig, name, caption):
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
+        pages[name] = buf.getvalue()
         charts.append((name, caption))
 
     names = [r["shard"].rsplit("/", 1)[-1].removesuffix(".parquet") for r in m]
@@ -111,14 +114,19 @@ def render_report(output: str | Path) -> Path:
     settings = next((r["engine_settings"] for r in m if r.get("engine_settings")), None)
     headline = (f"{len(m)} shards, {rows:,} rows, {errs:,} errors, {out_tok:,} output tokens; "
                 f"{out_tok / wall if wall > 0 else 0:,.0f} output tokens/s over {wall:,.1f} s of inference")
-    manifest = out / "_manifest.json"
-    status = json.loads(manifest.read_text()).get("status") if manifest.exists() else "unknown"
+    status = (store.read_manifest() or {}).get("status", "unknown")
     body = "".join(f'<figure><img src="{n}"><figcaption>{html.escape(c)}</figcaption></figure>'
                    for n, c in charts)
     page = (f"<!doctype html><meta charset=utf-8><title>qwen-batch report</title>"
             f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}img{{max-width:100%}}</style>"
-            f"<h1>qwen-batch report</h1><p>{html.escape(str(out))} &mdash; status <b>{html.escape(str(status))}</b></p>"
+            f"<h1>qwen-batch report</h1><p>{html.escape(redact_text(out))} &mdash; status <b>{html.escape(str(status))}</b></p>"
             f"<p>{html.escape(headline)}</p><p>Engine settings: <code>{html.escape(str(settings))}</code></p>{body}")
-    (folder / "index.html").write_text(page)
+    pages["index.html"] = page.encode()
+    if store.local:
+        store.fs.create_dir(store.abs(REPORT), recursive=True)
+    for name, data in pages.items():
+        with store.fs.open_output_stream(store.abs(f"{REPORT}/{name}")) as f:
+            f.write(data)
     print(headline)
-    return folder / "index.html"
+    index = f"{REPORT}/index.html"
+    return store.abs(index) if store.local else f"{out.rstrip('/')}/{index}"
