@@ -59,15 +59,17 @@ class EngineGate:
 
     @asynccontextmanager
     async def shared(self):
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
+        if self._exclusive or self._waiting:  # the slow path: queue behind the exclusive user
+            async with self._cond:
+                await self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+        self._shared += 1  # no await between the check and this: one event loop, no race
         try:
             yield
         finally:
-            async with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
+            self._shared -= 1
+            if self._waiting:
+                async with self._cond:
+                    self._cond.notify_all()
 
     @asynccontextmanager
     async def exclusive(self):
