@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 EXTRA ?= cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# unit + data-path tiers (no real engine): about 2 minutes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m "unit or datapath" tests
 
 clean:
 	rm -rf demo .pytest_cache

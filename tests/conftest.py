@@ -23,6 +23,28 @@ os.environ[SESSION_MARK] = f"{os.getpid()}"
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Test tiers (markers registered in pyproject.toml): `make test-fast` runs unit + datapath.
+#   unit      no Ray, no engine          datapath  a real local Ray, the fake engine
+#   engine    the real vLLM engine       cluster   a multi-node Ray cluster on this machine
+# A module's tests take its tier unless a test is marked itself; unlisted modules count as
+# engine (never fast by accident).
+MODULE_TIERS = {
+    "test_spec": "unit", "test_redact": "unit", "test_chat_head": "unit", "test_classify_head": "unit",
+    "test_summarize_head": "unit", "test_output_lock": "unit", "test_tiny_model": "unit",
+    "test_shards": "unit", "test_s3_server": "unit", "test_status": "datapath",
+    "test_pipeline_fake_engine": "datapath", "test_faults": "datapath", "test_bad_input": "datapath",
+    "test_exactly_once": "datapath", "test_s3_jobs": "datapath", "test_cli_messages": "engine",
+    "test_cluster": "cluster",
+}
+TIERS = ("unit", "datapath", "engine", "cluster")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(MODULE_TIERS.get(item.module.__name__.rsplit(".", 1)[-1], "engine"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from pipeline.tiny_model import make_tiny_model

@@ -171,6 +171,7 @@ ROW_LEVEL = {
 }
 
 
+@pytest.mark.engine
 def test_row_level_bad_input_becomes_one_error_row_each_on_the_real_engine(tmp_path, tokenizer, chat_job, tiny_model):
     ids = list(ROW_LEVEL)
     table = pa.table({

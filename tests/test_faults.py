@@ -110,6 +110,7 @@ def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, t
     assert OutputStore(str(tmp_path / "out")).garbage() == []  # the killed run's files are gone
 
 
+@pytest.mark.engine
 def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
     """SIGKILL the engine actor (real vLLM) once it has committed a shard: Ray restarts it,
     its unfinished rows run again, every id lands once, and no engine process is left."""
