@@ -29,7 +29,8 @@ class ScoringEngine:
     def decode(self, ids):
         return ""
 
-    async def score(self, prompt, continuations):
+    async def score(self, prompt, continuations, *, method="trie"):
+        self.methods = getattr(self, "methods", []) + [method]
         texts = {tuple(self.tokenize(k + "<|im_end|>")): k for k in self.table}
         return Scores([self.table.get(texts.get(tuple(c)), -5.0) for c in continuations],
                       len(continuations) * (len(prompt) + 2))
@@ -49,6 +50,14 @@ def test_label_is_the_likeliest_and_probs_are_a_softmax():
     assert probs["positive"] == pytest.approx(math.exp(-1) / z)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
     assert out["confidence"] == probs["positive"] and out["completion_tokens"] == 0
+
+
+def test_scoring_method_reaches_the_engine():
+    _, eng = run({"labels": ["a", "b"]}, "text", {})
+    assert eng.methods == ["trie"]
+    _, eng = run({"labels": ["a", "b"], "scoring": "per_label"}, "text", {})
+    assert eng.methods == ["per_label"]
+    assert "scoring" in ClassifyHead.check_options({"labels": ["a"], "scoring": "fast"})
 
 
 def test_descriptions_and_examples_are_in_the_prompt():

@@ -2,6 +2,8 @@
 of each label on the same float32 weights (generative), and transformers' softmax for a
 tiny Qwen3ForSequenceClassification checkpoint (vLLM's pooling runner)."""
 
+import asyncio
+
 import pyarrow as pa
 import pytest
 import torch
@@ -84,7 +86,16 @@ def test_probabilities_match_transformers(classify_job, tiny_model, tokenizer):
             scores.append(sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(cont)))
         expected = torch.softmax(torch.tensor(scores), 0).tolist()
         got = [d["prob"] for d in results[i]["label_probs"]]
-        assert got == pytest.approx(expected, abs=1e-3), i
+        assert got == pytest.approx(expected, abs=1e-4), i
+
+
+def test_tokens_computed_are_recorded(classify_job):
+    tmp, report = classify_job
+    results = read_dir(tmp / "out" / "results").to_pylist()
+    for r in results:
+        assert 0 < r["prompt_tokens_computed"] <= r["prompt_tokens"]
+    metrics = read_dir(tmp / "out" / "metrics").to_pylist()
+    assert sum(m["prompt_tokens_computed"] for m in metrics) == sum(r["prompt_tokens_computed"] for r in results)
 
 
 def test_sequence_classification_checkpoint_matches_transformers(tmp_path, tokenizer):
@@ -145,3 +156,134 @@ def test_multi_label_returns_a_subset_with_consistent_probabilities(tiny_model, 
         assert all(0.0 <= p <= 1.0 for p in probs.values())
         assert r["labels"] == [k for k in ("shipping", "quality", "service") if probs[k] >= 0.5]
         assert r["label"] is None
+
+
+# --- label scoring on the engine itself, against transformers, for both scoring methods ------
+
+BLOCK = 32  # vLLM's CPU default is 128: small blocks let these short prompts share their prefill
+TEXTS_SHORT = ["I loved every minute of this film.", "Terrible service, never again.",
+               "The package arrived on Tuesday, a day late, but intact."]
+CASES = {
+    "single-token labels": {"labels": ["positive", "negative", "neutral", "mixed"]},
+    "multi-token labels sharing first tokens": {
+        "labels": ["very positive", "very negative", "somewhat positive", "neutral", "not sure"]},
+    "label descriptions": {"labels": {"spam": "unsolicited ads", "ham": "anything else",
+                                      "complaint about delivery": "late or lost parcels"}},
+    "few-shot and a system prompt": {
+        "labels": ["positive", "negative", "neutral"], "system_prompt": "You label reviews.",
+        "examples": [{"text": "Loved it.", "label": "positive"}, {"text": "Broke at once.", "label": "negative"}]},
+    "multi-label yes/no": {"labels": {"shipping": "about delivery", "quality": "about the product",
+                                      "service": "about support"}, "multi_label": True},
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    """A real vLLM engine (no Ray) on the float32 tiny Qwen3, and the loop it runs on."""
+    from pipeline.engine import VllmEngine, engine_args
+    from pipeline.spec import ModelSpec
+
+    loop = asyncio.new_event_loop()
+    args = engine_args(ModelSpec(source=str(tiny_model), max_model_len=1024, dtype="float32",
+                                 engine_kwargs={"enforce_eager": True, "block_size": BLOCK}), device="cpu")
+
+    async def start():  # AsyncLLM binds to the loop it is made on
+        return VllmEngine(args, device="cpu")
+
+    eng = loop.run_until_complete(start())
+    yield eng, loop
+
+    async def stop():  # shut down on the loop, then end its tasks, before closing it
+        eng.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    loop.run_until_complete(stop())
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model, tokenizer):
+    """Sequence log-probability of continuation token ids after a conversation, by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+    def prompt_ids(turns):
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def logprob(prompt, cont):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + cont])).logits[0].double(), -1)
+        return sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(cont))
+
+    return prompt_ids, logprob
+
+
+def expected_probs(head, text, oracle, tokenizer):
+    """What the head must return, computed by transformers: softmax over the labels' sequence
+    log-probabilities (multi-label: each label's yes against no)."""
+    prompt_ids, logprob = oracle
+    enc = lambda s: tokenizer.encode(s + "<|im_end|>", add_special_tokens=False)  # noqa: E731
+    o = head.options
+    if not o.multi_label:
+        prompt = prompt_ids(head._turns(text))
+        return torch.softmax(torch.tensor([logprob(prompt, enc(label)) for label in head.labels]), 0).tolist()
+    probs = []
+    for label in head.labels:
+        question = (o.multi_label_instruction.replace("{label}", label)
+                    .replace("{description}", head._describe(label)).replace("{text}", text))
+        prompt = prompt_ids([{"role": "user", "content": question}])
+        yes, no = logprob(prompt, enc("yes")), logprob(prompt, enc("no"))
+        probs.append(torch.softmax(torch.tensor([yes, no]), 0)[0].item())
+    return probs
+
+
+@pytest.mark.parametrize("method", ["trie", "per_label"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_label_scoring_matches_transformers(engine, oracle, tokenizer, case, method):
+    from pipeline.heads.classify import ClassifyHead
+
+    eng, loop = engine
+    head = ClassifyHead({**CASES[case], "scoring": method})
+
+    async def label_all():
+        return await asyncio.gather(*(head.run({"text": t}, eng) for t in TEXTS_SHORT))
+
+    outs = loop.run_until_complete(label_all())
+    for text, out in zip(TEXTS_SHORT, outs):
+        got = [d["prob"] for d in out["label_probs"]]
+        assert [d["label"] for d in out["label_probs"]] == head.labels
+        assert got == pytest.approx(expected_probs(head, text, oracle, tokenizer), abs=1e-4), (case, text)
+        if method == "per_label":  # prompt log-probabilities never read the prefix cache
+            assert out["prompt_tokens_computed"] == out["prompt_tokens"]
+
+
+def test_shared_first_tokens_are_shared(tokenizer):
+    """The multi-token case above really has labels whose first tokens coincide."""
+    firsts = [tokenizer.encode(label, add_special_tokens=False)[0]
+              for label in CASES["multi-token labels sharing first tokens"]["labels"]]
+    assert len(set(firsts)) < len(firsts)
+
+
+def test_trie_computes_the_prompt_once(engine, tokenizer):
+    """One prefill a row plus the label tokens: every node of the label trie after the root
+    recomputes at most its last KV block (the prefix cache holds whole blocks)."""
+    from pipeline.heads.classify import ClassifyHead
+
+    eng, loop = engine
+    labels = ["very positive", "very negative", "somewhat positive", "neutral", "not sure"]
+    conts = [tokenizer.encode(label + "<|im_end|>", add_special_tokens=False) for label in labels]
+    nodes = {tuple(c[:i]) for c in conts for i in range(len(c))}
+    text = "A long review. " * 40  # a fresh prompt, nothing of it cached yet
+    prompt = eng.render_chat(ClassifyHead({"labels": labels})._turns(text), enable_thinking=False)
+    trie = loop.run_until_complete(ClassifyHead({"labels": labels}).run({"text": text}, eng))
+    per_label = loop.run_until_complete(
+        ClassifyHead({"labels": labels, "scoring": "per_label"}).run({"text": text + " "}, eng))
+    assert trie["prompt_tokens_computed"] <= len(prompt) + (len(nodes) - 1) * BLOCK
+    assert per_label["prompt_tokens_computed"] >= len(labels) * len(prompt)
+    assert trie["prompt_tokens_computed"] * 2 < per_label["prompt_tokens_computed"]
