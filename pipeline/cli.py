@@ -1,14 +1,85 @@
-"""qwen-batch: run | validate | demo | make-tiny-model."""
+"""qwen-batch: run | validate | status | report | demo | make-tiny-model."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True)  # paths stay whole for copy and paste
+
+
+def log_dir() -> Path:
+    """Where runs keep what Ray and vLLM print: QWEN_BATCH_LOG_DIR, else ~/.cache/qwen-batch/logs."""
+    if os.environ.get("QWEN_BATCH_LOG_DIR"):
+        return Path(os.environ["QWEN_BATCH_LOG_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "qwen-batch" / "logs"
+
+
+@contextmanager
+def quiet_stderr(name: str):
+    """Send everything written to file descriptor 2 (Ray's and vLLM's Python logging, Python
+    warnings, Ray's C++ core worker, which writes to the descriptor directly) to a log file;
+    our console keeps writing to the terminal through a copy of the original descriptor. At
+    the end the descriptor is restored and the log's path printed once (an empty log is
+    removed). Yields the log path, or None when nothing is redirected: with
+    QWEN_BATCH_WORKER_LOGS set (the user wants the engines' lines live) or when no log can be
+    written."""
+    if os.environ.get("QWEN_BATCH_WORKER_LOGS"):
+        yield None
+        return
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "run"
+    try:
+        folder = log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{safe}-{os.getpid()}.log"
+        log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        yield None
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    terminal = os.fdopen(saved_fd, "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                         errors="replace", closefd=False)
+    previous = console._file
+    console.file = terminal
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    # Python warnings go to the log by name, not through sys.stderr: a live progress bar
+    # points sys.stderr at the console while it runs.
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+    try:
+        yield path
+    finally:
+        warnings.showwarning = show
+        log.close()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        terminal.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        console.file = previous
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = True
+        if empty:
+            path.unlink(missing_ok=True)
+        else:
+            console.print(f"Ray and vLLM messages of this run: {path}", highlight=False, style="dim")
 
 
 def _load(args):
@@ -25,9 +96,26 @@ def cmd_run(args) -> int:
 
     if args.dry_run:
         return cmd_validate(args)
-    report = run_job(_load(args), overwrite=args.overwrite, resume_anyway=args.resume_anyway,
-                     progress=not args.no_progress)
+    spec = _load(args)
+    with quiet_stderr(spec.name):
+        report = run_job(spec, overwrite=args.overwrite, resume_anyway=args.resume_anyway,
+                         progress=not args.no_progress, console=console)
     return report.exit_code
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from pipeline.status import collect, render
+
+    found = collect(args.output)
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+    else:
+        out = Console(soft_wrap=True, highlight=False)
+        for line in render(found):
+            out.print(line, markup=False)
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -103,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("status", help="the last run's outcome, shards committed and pending, errors, tokens, "
+                                      "the lock, and what a rerun would do (reads no input)")
+    s.add_argument("output", help="the job's output.path")
+    s.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
     s = sub.add_parser("report", help="charts and an HTML page from a run's metrics")
     s.add_argument("output", help="the job's output.path")
     s = sub.add_parser("demo", help="build the tiny model, write sample shards, run the demo jobs")
@@ -117,24 +209,55 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.spec import SpecError
 
     handler = {"run": cmd_run, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model,
-               "demo": cmd_demo, "report": cmd_report}[args.command]
+               "demo": cmd_demo, "report": cmd_report, "status": cmd_status}[args.command]
     try:
         return handler(args)
-    except (SpecError, InputError, FileNotFoundError) as e:
+    except (SpecError, InputError) as e:
         console.print(f"[red]error:[/red] {escape(redact_text(str(e)))}", highlight=False)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
+    except KeyboardInterrupt as e:
+        if _nothing_ran(args, e):
+            console.print("[red]interrupted[/red] before anything ran; nothing was written")
+        elif args.command == "run":
+            console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
+        else:
+            console.print("[red]interrupted[/red]")
         return 130
     except Exception as e:
         if os.environ.get("QWEN_BATCH_DEBUG"):
             raise
         lines = [line for line in str(e).splitlines() if line.strip()]
-        console.print(f"[red]error:[/red] the run crashed: {type(e).__name__}: "
-                      f"{escape(redact_text(lines[-1])) if lines else ''}\nCommitted shards are kept; rerun the same "
-                      f"command to resume. For details set QWEN_BATCH_DEBUG=1 (traceback) and "
-                      f"QWEN_BATCH_WORKER_LOGS=1 (engine logs).", highlight=False)
-        return EXIT_CRASHED
+        what = f"{type(e).__name__}: {escape(redact_text(lines[-1])) if lines else ''}"
+        details = "For details set QWEN_BATCH_DEBUG=1 (traceback)"
+        if isinstance(e, FileNotFoundError) and (args.command != "run" or _nothing_ran(args, e)):
+            console.print(f"[red]error:[/red] {escape(redact_text(str(e)))}", highlight=False)
+            return EXIT_INVALID
+        if _nothing_ran(args, e):
+            console.print(f"[red]error:[/red] checking the job failed before anything ran (nothing was "
+                          f"written): {what}\n{details}.", highlight=False)
+            return EXIT_CRASHED
+        if args.command == "run":
+            console.print(f"[red]error:[/red] the run crashed: {what}\nCommitted shards are kept; rerun the same "
+                          f"command to resume. {details} and QWEN_BATCH_WORKER_LOGS=1 (engine logs).",
+                          highlight=False)
+            return EXIT_CRASHED
+        if args.command == "demo":
+            console.print(f"[red]error:[/red] the demo crashed: {what}\nRerun `qwen-batch demo` to start it "
+                          f"again. {details}.", highlight=False)
+            return EXIT_CRASHED
+        console.print(f"[red]error:[/red] {args.command} failed: {what}\n{details}.", highlight=False)
+        return 1
+
+
+def _nothing_ran(args, e: BaseException) -> bool:
+    """Whether the error came before a run wrote anything: validate, --dry-run, loading the
+    spec, or planning (plan_job checks everything before the output is touched)."""
+    if args.command == "validate" or (args.command == "run" and args.dry_run):
+        return True
+    if args.command != "run":
+        return False
+    frames = {f.name for f in traceback.extract_tb(e.__traceback__)}
+    return bool(frames & {"_load", "load_spec", "plan_job"}) and "_run_locked" not in frames
 
 
 if __name__ == "__main__":
