@@ -61,7 +61,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
     started = time.time()
     plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway)  # refuse before writing
     store = OutputStore(spec.output.path)
-    if not plan.todo and _finished(plan.last_run):
+    if not plan.todo and _finished(plan):
         return _nothing_to_do(plan, console, started)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     lock = OutputLock(store.fs, store.root, run_id)
@@ -80,9 +80,18 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
         store.release_reserve(run_id)
 
 
-def _finished(last_run: dict | None) -> bool:
+def _finished(plan: Plan) -> bool:
+    """The last run recorded its outcome over the same shards: an input removed since (its
+    output now orphaned), or a shard newly kept by --resume-anyway, makes a new manifest."""
+    last_run = plan.last_run
+
+    def kept(entries):
+        return sorted((k["name"], repr(k.get("input"))) for k in entries or [])
+
     return bool(last_run) and last_run.get("status") in ("complete", "failed") \
-        and last_run.get("exit_code") != EXIT_CRASHED
+        and last_run.get("exit_code") != EXIT_CRASHED \
+        and sorted(last_run.get("orphaned") or []) == sorted(plan.orphaned) \
+        and kept(last_run.get("kept")) == kept(plan.kept)
 
 
 def _nothing_to_do(plan: Plan, console, started: float) -> RunReport:
