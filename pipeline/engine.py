@@ -17,8 +17,10 @@ from pipeline.spec import ModelSpec
 # On the CPU build vLLM's KV cache takes this share of host memory unless engine_kwargs say
 # otherwise; vLLM's GPU default (0.92) does not fit next to the OS and Ray.
 CPU_KV_CACHE_SHARE = 0.25
-# Environment variable that marks every process of a run, so leftovers can be found.
+# Environment variables that mark every process of a run (the driver's Ray services and
+# workers, vLLM's processes), so leftovers can be found: the run, and the output it writes.
 RUN_MARK = "QWEN_BATCH_RUN_ID"
+OUTPUT_MARK = "QWEN_BATCH_OUTPUT"
 # Label scoring: "trie" (one engine step per node of the labels' token trie, reading the
 # prefix cache) or "per_label" (prompt log-probabilities of prompt + label, one full prefill
 # per label); see VllmEngine.score.
@@ -384,6 +386,24 @@ def reap_orphans(run_id: str) -> int:
     for p in psutil.process_iter():
         try:
             if p.pid != os.getpid() and p.environ().get(RUN_MARK) == run_id:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return _kill(found)
+
+
+def reap_dead_runs(output: str, run_id: str) -> int:
+    """Kill processes left by earlier runs on the same output (their driver was killed: Ray's
+    agents and vLLM processes outlive it). The caller holds the output's lock, so no other
+    run of that output is alive. Returns how many were killed."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if (p.pid != os.getpid() and env.get(OUTPUT_MARK) == output
+                    and env.get(RUN_MARK) not in (None, run_id)):
                 found.append(p)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue

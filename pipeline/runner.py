@@ -116,6 +116,12 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
     try:
         read_output_state(run.plan, overwrite=overwrite, resume_anyway=resume_anyway)  # now under the lock
         run.lock.verify()
+        from pipeline.engine import reap_dead_runs
+
+        reaped = reap_dead_runs(spec.output.path, run.run_id)
+        if reaped:
+            run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
+                              f"(its driver was killed).", highlight=False)
         if overwrite:
             store.clear()
         store.delete(store.garbage())  # files of killed attempts: no record names them

@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.engine import RUN_MARK, reap_on_every_node, reap_orphans
+from pipeline.engine import OUTPUT_MARK, RUN_MARK, reap_on_every_node, reap_orphans
 from pipeline.spec import JobSpec
 
 
@@ -54,7 +54,7 @@ def actor_env(spec: JobSpec, device: str, run_id: str) -> dict[str, str]:
     """Environment of the engine actors: the run mark (to find leftovers), quiet vLLM, and on
     the CPU build one core per tensor-parallel rank."""
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
-    env = {RUN_MARK: run_id, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+    env = {RUN_MARK: run_id, OUTPUT_MARK: spec.output.path, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cores = os.cpu_count() or 1
@@ -68,7 +68,15 @@ def ray_session(spec: JobSpec, run_id: str):
     import ray
 
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
-    connected = connect(spec, devices)
+    # A local Ray's services and workers inherit the marks: if this driver is killed, the next
+    # run on the same output finds what it left (pipeline.engine.reap_dead_runs).
+    saved = {k: os.environ.get(k) for k in (RUN_MARK, OUTPUT_MARK)}
+    os.environ.update({RUN_MARK: run_id, OUTPUT_MARK: spec.output.path})
+    try:
+        connected = connect(spec, devices)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
     try:
         yield connected
     finally:

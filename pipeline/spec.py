@@ -261,6 +261,11 @@ class ResourcesSpec(_Section):
         "its own uses two restarts and then ends as an engine_died error row. Past the bound the "
         "run stops, keeps the committed shards, and a rerun resumes."
     )
+    row_timeout_s: float | None = Field(
+        None, gt=0, description="A row whose engine calls take longer than this becomes an "
+        "engine_timeout error row (a hung request must not hang a scheduled job). Default: "
+        "600 s plus 1 s per token of sampling.max_tokens (or 4,096 when unset).",
+    )
     rows_in_flight: int = Field(
         512, ge=1, description="Rows submitted to each engine at once; keep it above the "
         "engine's max_num_seqs so it always has a full batch to schedule."
@@ -281,6 +286,10 @@ class ResourcesSpec(_Section):
         if low < 1 or high < low:
             raise ValueError("give a number >= 1, or [min, max] with 1 <= min <= max")
         return value
+
+    def row_timeout(self, max_tokens: int | None) -> float:
+        """row_timeout_s, or its default for this max_tokens."""
+        return self.row_timeout_s or 600.0 + (max_tokens or 4096)
 
     @property
     def replica_range(self) -> tuple[int, int]:

@@ -24,6 +24,7 @@ class FakeEngine:
     per marker file, so the restarted actor succeeds.
     dead_on: likewise, but the engine reports itself dead (vLLM's EngineDeadError), once.
     poison_on: a prompt containing this string kills the actor process every time.
+    hang_on: a prompt containing this string never gets an answer (a hung request).
     """
 
     max_model_len = 4096
@@ -31,9 +32,10 @@ class FakeEngine:
 
     def __init__(self, args: dict[str, Any] | None = None, *, device: str = "cpu",
                  fail_on: tuple[str, ...] = (), die_on: str | None = None, marker: str | None = None,
-                 delay: float = 0.0, dead_on: str | None = None, poison_on: str | None = None):
+                 delay: float = 0.0, dead_on: str | None = None, poison_on: str | None = None,
+                 hang_on: str | None = None):
         self.fail_on, self.die_on, self.marker, self.delay = fail_on, die_on, marker, delay
-        self.dead_on, self.poison_on = dead_on, poison_on
+        self.dead_on, self.poison_on, self.hang_on = dead_on, poison_on, hang_on
         self.vocab: dict[str, int] = {"ok": 0}
         self.words: list[str] = ["ok"]
 
@@ -65,6 +67,8 @@ class FakeEngine:
         if self.dead_on and self.dead_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise EngineDeadError("the fake engine core died")
+        if self.hang_on and self.hang_on in text:
+            await asyncio.Event().wait()
         if any(f in text for f in self.fail_on):
             raise RowError("engine_error", "the fake engine was told to fail this prompt")
         n = min(sampling.get("max_tokens", 16), 16)

@@ -61,13 +61,18 @@ class InferenceWorker:
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
+        self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
         self.gate = EngineGate()
 
     async def _one(self, row: dict[str, Any], *, alone: bool = False) -> dict[str, Any]:
         started = time.time()
         try:
             async with (self.gate.exclusive() if alone else self.gate.shared()):
-                out = await self.head.run(row, self.engine)
+                out = await asyncio.wait_for(self.head.run(row, self.engine), self.timeout)
+        except asyncio.TimeoutError:
+            out = {"error_type": "engine_timeout", "error_message": (
+                f"the engine did not answer within {self.timeout:.0f} s (resources.row_timeout_s); "
+                f"the request was cancelled")}
         except RowError as e:
             out = {"error_type": e.error_type, "error_message": e.message}
         except Exception as e:

@@ -245,3 +245,60 @@ def read_dir_file(path):
     import pyarrow.parquet as pq
 
     return pq.read_table(path).column("id").to_pylist()
+
+
+def test_a_hung_request_becomes_an_engine_timeout_row(tmp_path, tiny_model):
+    """A request the engine never answers must not hang a scheduled job."""
+    rows = [[{"id": s * 100 + i, "prompt": "HANG here" if (s, i) == (0, 1) else f"row {i}"} for i in range(6)]
+            for s in range(2)]
+    write_shards(tmp_path / "in", rows)
+    spec = spec_for(tmp_path, tiny_model, row_timeout_s=2)
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(hang_on="HANG"))
+    assert report.exit_code == 0, report.message
+    errors = read_dir(tmp_path / "out" / "errors").to_pylist()
+    assert [(e["id"], e["error_type"]) for e in errors] == [(1, "engine_timeout")]
+    assert "did not answer within 2 s (resources.row_timeout_s)" in errors[0]["error_message"]
+    assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
+
+
+def test_processes_of_a_killed_driver_are_ended_by_the_next_run(tmp_path, tiny_model):
+    """Kill only the driver's PID (as a scheduler's timeout would), count what it left
+    running, and check that the next run on the same output ends all of it."""
+    import yaml
+
+    from pipeline.engine import RUN_MARK
+
+    write_shards(tmp_path / "in", [[{"id": s * 100 + i, "prompt": f"row {i}"} for i in range(10)] for s in range(6)])
+    spec = spec_for(tmp_path, tiny_model, rows_in_flight=5)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), "0.5"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not committed(tmp_path / "out"):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the first run ended before it could be killed"
+    first = json.loads((tmp_path / "out" / "_manifest.json").read_text())["run_id"]
+    os.kill(proc.pid, signal.SIGKILL)  # the driver only, not its process group
+    proc.wait()
+    time.sleep(2)
+
+    def left_by(run_id):
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get(RUN_MARK) == run_id:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return found
+
+    assert left_by(first), "the killed driver left nothing running (the test would prove nothing)"
+    console = Console(file=io.StringIO(), width=200)
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(), console=console)
+    assert report.exit_code == 0
+    leftovers = left_by(first)
+    for p in leftovers:  # never leave them to burn the machine, but fail the test
+        p.kill()
+    assert not leftovers
+    assert sorted(ids_out(tmp_path / "out")) == sorted(s * 100 + i for s in range(6) for i in range(10))
