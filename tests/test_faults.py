@@ -64,22 +64,26 @@ sys.exit(report.exit_code)
 """
 
 
-def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, tiny_model):
+def start_slow_run(tmp_path, tiny_model):
+    """A run of the fake engine (0.5 s a row) in its own process, once it committed a shard."""
     import yaml
 
-    rows = [[{"id": f"s{s}-{i}", "prompt": f"row {i}"} for i in range(10)] for s in range(8)]
-    write_shards(tmp_path / "in", rows)
     spec = spec_for(tmp_path, tiny_model, rows_in_flight=5)
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), "0.5"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if committed(tmp_path / "out"):
-            break
+    while time.time() < deadline and proc.poll() is None and not committed(tmp_path / "out"):
         time.sleep(0.2)
     assert proc.poll() is None, "the first run ended before it could be killed"
+    return spec, proc
+
+
+def test_driver_killed_mid_run_then_rerun_resumes_without_duplicates(tmp_path, tiny_model):
+    rows = [[{"id": f"s{s}-{i}", "prompt": f"row {i}"} for i in range(10)] for s in range(8)]
+    write_shards(tmp_path / "in", rows)
+    spec, proc = start_slow_run(tmp_path, tiny_model)
     # a second run of the same job while the first one writes is refused, touching nothing
     with pytest.raises(OutputBusyError, match=f"being written by another run .*pid {proc.pid} on"):
         run_job(spec, progress=False, engine_factory=fake_engine_factory())
@@ -264,20 +268,10 @@ def test_a_hung_request_becomes_an_engine_timeout_row(tmp_path, tiny_model):
 def test_processes_of_a_killed_driver_are_ended_by_the_next_run(tmp_path, tiny_model):
     """Kill only the driver's PID (as a scheduler's timeout would), count what it left
     running, and check that the next run on the same output ends all of it."""
-    import yaml
-
     from pipeline.engine import RUN_MARK
 
     write_shards(tmp_path / "in", [[{"id": s * 100 + i, "prompt": f"row {i}"} for i in range(10)] for s in range(6)])
-    spec = spec_for(tmp_path, tiny_model, rows_in_flight=5)
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), "0.5"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not committed(tmp_path / "out"):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the first run ended before it could be killed"
+    spec, proc = start_slow_run(tmp_path, tiny_model)
     first = json.loads((tmp_path / "out" / "_manifest.json").read_text())["run_id"]
     os.kill(proc.pid, signal.SIGKILL)  # the driver only, not its process group
     proc.wait()
