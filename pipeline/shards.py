@@ -84,12 +84,30 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.split("/"))
 
 
+def unreadable(uri: str, e: Exception) -> InputError:
+    """input.path cannot be listed or opened (no route, no bucket, no credentials, a URI
+    pyarrow does not know): say so and why, as an input problem (exit 2), not a crash."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    why = " ".join(lines)[:600] if lines else type(e).__name__
+    return InputError(f"input.path {uri} cannot be read: {why}. Check the path, the credentials and "
+                      f"the network (AWS_ENDPOINT_URL, AWS_PROFILE, ... for s3://); nothing ran")
+
+
 def list_shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """Files a job reads: the file, every file under the directory, or the glob's matches.
 
     Names starting with '_' or '.' (_SUCCESS, .crc, _manifest.json) are skipped, as Spark
-    and pyarrow do.
+    and pyarrow do. A path that cannot be reached raises InputError saying why.
     """
+    try:
+        return _list_shard_paths(uri)
+    except InputError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise unreadable(uri, e) from None
+
+
+def _list_shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     fs, path = resolve_filesystem(uri)
     if any(c in path for c in "*?["):
         parts = path.split("/")
@@ -128,7 +146,10 @@ def open_shards(uri: str) -> tuple[pafs.FileSystem, list[Shard]]:
     fs, paths = list_shard_paths(uri)
     if not paths:
         raise InputError(f"input.path {uri}: no input files found; point it at Parquet shards")
-    root = input_root(fs, uri)
+    try:
+        root = input_root(fs, uri)
+    except (OSError, pa.ArrowException) as e:
+        raise unreadable(uri, e) from None
     shards, problems = [], []
     for path in paths:
         try:
