@@ -35,6 +35,29 @@ def pickled_column(d, marker):
                    d / "part-0.parquet")
 
 
+PICKLED = pa.field("x", pa.large_binary(), metadata={
+    b"ARROW:extension:name": b"ray.data.arrow_pickled_object", b"ARROW:extension:metadata": b""})
+
+
+def nested_pickled(d, marker, where):
+    """A shard whose column `where` hides a pickled value (that would write marker) at depth."""
+    d.mkdir(parents=True)
+    blob = pickle.dumps(Unpickled(str(marker)))
+    columns = {
+        "sampling": (pa.struct([pa.field("max_tokens", pa.int64()), PICKLED]), [{"max_tokens": 3, "x": blob}]),
+        "messages": (pa.list_(PICKLED), [[blob]]),
+        "tags": (pa.map_(pa.string(), PICKLED), [[("k", blob)]]),
+        "notes": (pa.list_(pa.struct([PICKLED])), [[{"x": blob}]]),
+        "extra": (PICKLED.type, [blob]),
+    }
+    typ, value = columns[where]
+    field = PICKLED.with_name(where) if where == "extra" else pa.field(where, typ)
+    schema = pa.schema([("id", pa.int64()), ("prompt", pa.string()), field])
+    storage = pa.array(value, typ)
+    pq.write_table(pa.Table.from_arrays([pa.array([1]), pa.array(["hi"]), storage], schema=schema),
+                   d / "part-0.parquet")
+
+
 def invalid_utf8(values):
     return pa.array([v.encode() if isinstance(v, str) else v for v in values], pa.binary()).view(pa.string())
 
@@ -71,6 +94,11 @@ JOB_LEVEL = {
         "id column 'id' holds text that is not valid UTF-8"),
     "pickled extension column": (lambda d: pickled_column(d, d.parent / "unpickled"),
                                  "column 'prompt' has the Arrow extension type 'ray.data.arrow_pickled_object'"),
+    **{f"pickled value nested in {where}": (
+        lambda d, where=where: nested_pickled(d, d.parent / "unpickled", where),
+        f"column '{path}' has the Arrow extension type 'ray.data.arrow_pickled_object'")
+       for where, path in (("sampling", "sampling.x"), ("messages", "messages.[]"), ("tags", "tags.value"),
+                           ("notes", "notes.[].x"), ("extra", "extra"))},
     "a column named path": (lambda d: write_shards(d, [[{"id": 1, "path": "x"}]]),
                             "which Ray Data overwrites with each row's file name"),
 }
