@@ -1,0 +1,120 @@
+"""What the CLI says is true in the situation that produces it: an input it cannot reach is
+an input error (exit 2, nothing ran), an unexpected error while checking a job does not claim
+a crashed run or commits, a crash during a run does; and a run's console carries only our
+lines, Ray's going to a log file (the end-to-end check of that is in test_chat_job.py)."""
+
+import os
+import time
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from pipeline import cli
+
+
+@pytest.fixture
+def spec_file(tmp_path, tiny_model):
+    def make(input_path):
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump({"input": {"path": str(input_path)}, "output": {"path": str(tmp_path / "out")},
+                                        "model": {"source": str(tiny_model)}, "task": {"head": "chat"}}))
+        return str(path)
+
+    return make
+
+
+@pytest.mark.parametrize("command", [("validate",), ("run", "--dry-run")])
+def test_an_input_it_cannot_reach_is_an_input_error(command, spec_file, monkeypatch, tmp_path):
+    # No S3 listens on port 1: pyarrow fails to connect at once (and retries a few times).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    start = time.time()
+    proc = run_cli(*command, spec_file("s3://nonexistent-bucket/x"), timeout=60)
+    assert time.time() - start < 30
+    assert proc.returncode == 2, proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "input.path s3://nonexistent-bucket/x cannot be read:" in err
+    assert "Could not connect" in err or "connect" in err.lower()  # why
+    for claim in ("crash", "Committed", "rerun the same command", "resume"):
+        assert claim not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_scheme_is_an_input_error(spec_file, capsys):
+    assert cli.main(["validate", spec_file("nosuchfs://bucket/x")]) == 2
+    err = capsys.readouterr().err
+    assert "input.path nosuchfs://bucket/x cannot be read" in err and "crash" not in err
+
+
+def plan_job(*args, **kwargs):  # named like the real one: the CLI reads the traceback
+    raise RuntimeError("something unexpected")
+
+
+def test_an_unexpected_error_while_checking_claims_no_crash_or_commits(spec_file, tmp_path, monkeypatch, capsys):
+    import pipeline.plan
+    import pipeline.runner
+
+    monkeypatch.setattr(pipeline.runner, "plan_job", plan_job)
+    monkeypatch.setattr(pipeline.plan, "plan_job", plan_job)
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    spec = spec_file(tmp_path / "in")
+    for argv in (["validate", spec], ["run", "--dry-run", spec], ["run", spec]):
+        code = cli.main(argv)
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 3, argv
+        assert "checking the job failed before anything ran (nothing was written): RuntimeError: " \
+               "something unexpected" in err, argv
+        for claim in ("crashed", "Committed", "resume"):
+            assert claim not in err, argv
+
+
+def _run_locked(*args, **kwargs):  # named like the runner's: the run had started writing
+    raise RuntimeError("engine fell over")
+
+
+def test_a_crash_during_a_run_says_committed_shards_are_kept(spec_file, tmp_path, monkeypatch, capsys):
+    import pipeline.runner
+
+    monkeypatch.setattr(pipeline.runner, "run_job", lambda *a, **k: _run_locked())
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    assert cli.main(["run", spec_file(tmp_path / "in")]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the run crashed: RuntimeError: engine fell over" in err
+    assert "Committed shards are kept; rerun the same command to resume" in err
+
+
+def test_other_commands_do_not_talk_about_runs(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2  # no committed shards there
+    err = capsys.readouterr().err
+    assert "no committed shards" in err and "crash" not in err and "resume" not in err
+
+
+def test_quiet_stderr_sends_fd_2_and_warnings_to_the_log(tmp_path, monkeypatch, capfd):
+    import warnings
+
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.delenv("QWEN_BATCH_WORKER_LOGS", raising=False)
+    with cli.quiet_stderr("job") as path:
+        os.write(2, b"[E core_worker.cc] written to the descriptor directly\n")
+        warnings.warn("a RayDeprecationWarning-like warning")
+        cli.console.print("our own line")
+    err = capfd.readouterr().err.splitlines()
+    assert err == ["our own line", f"Ray and vLLM messages of this run: {path}"]
+    log = path.read_text()
+    assert "core_worker.cc" in log and "RayDeprecationWarning-like" in log
+    os.write(2, b"after\n")  # the descriptor is back
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_quiet_stderr_removes_an_empty_log_and_honours_worker_logs(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    with cli.quiet_stderr("job") as path:
+        cli.console.print("only ours")
+    assert capfd.readouterr().err == "only ours\n" and not path.exists()
+    monkeypatch.setenv("QWEN_BATCH_WORKER_LOGS", "1")  # the user asked to see everything live
+    with cli.quiet_stderr("job") as path:
+        os.write(2, b"engine line\n")
+    assert path is None and capfd.readouterr().err == "engine line\n"
