@@ -23,7 +23,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     """read_parquet -> batches -> engine actors -> write tasks -> part summaries."""
     import ray
 
-    from pipeline.ledger import RowLedger
+    from pipeline.ledger import RowLedger, read_poisoned
 
     spec = plan.spec
     ctx = ray.data.DataContext.get_current()
@@ -39,13 +39,14 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     batch = spec.resources.batch_size
     ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=batch)
     low, high = spec.resources.replica_range
-    restarts = spec.resources.max_engine_restarts
-    ledger = ray.remote(RowLedger).options(num_cpus=0).remote()
+    # Actors restart without Ray's bound: the ledger keeps the budget, per poison row.
+    ledger = ray.remote(RowLedger).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
+        spec.output.path, spec.resources.max_engine_restarts)
     ds = ds.map_batches(
         InferenceWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
                                "engine_args": engine_args, "device": device, "engine_factory": engine_factory,
-                               "ledger": ledger},
+                               "ledger": ledger, "poisoned": frozenset(read_poisoned(spec.output.path))},
         batch_size=batch,
         batch_format="pyarrow",
         zero_copy_batch=True,
@@ -54,7 +55,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
             max_tasks_in_flight_per_actor=max(2, -(-spec.resources.rows_in_flight // batch))),
         ray_remote_args_fn=placer.remote_args_fn,
         **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
-        max_restarts=restarts, max_task_retries=restarts,
+        max_restarts=-1, max_task_retries=-1,
     )
     # Write tasks bundle the actors' small batches into files of about rows_per_file rows.
     return ds.map_batches(

@@ -6,6 +6,11 @@ and runs the batch again; the ledger tells the retry that it is a retry, and the
 its rows one at a time with the engine to itself, noting each row before it starts. A row
 that was running alone when an engine died is condemned: the next retry writes it as an
 `engine_died` error row and runs the others.
+
+Condemned rows are remembered in the output folder (OUTPUT/_poison/KEY.json), so a rerun after
+a crash does not spend engine restarts on them again, and a ledger actor that Ray restarts
+reads them back. The restart budget counts per condemned row, not per actor: each poison row
+may cost its two restarts on top of resources.max_engine_restarts.
 """
 
 from __future__ import annotations
@@ -16,17 +21,52 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 
+POISON = "_poison"
+
+
 def batch_key(shard: str, ids: list[Any]) -> str:
-    """The same for a batch and its retries, in any process."""
+    """The same for a batch and its retries, in any process and any run (the shard's path
+    without scheme or leading slash: Ray Data may name it either way)."""
+    shard = shard.split("://", 1)[-1].lstrip("/")
     return hashlib.sha1(repr((shard, ids)).encode()).hexdigest()
+
+
+def read_poisoned(output: str) -> set[str]:
+    """Keys of the rows condemned in earlier runs on this output."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    from pipeline.shards import resolve_filesystem
+
+    fs, root = resolve_filesystem(output)
+    infos = fs.get_file_info(pafs.FileSelector(posixpath.join(root, POISON), allow_not_found=True))
+    return {posixpath.basename(i.path).removesuffix(".json") for i in infos if i.path.endswith(".json")}
 
 
 class RowLedger:
     """One per run, a Ray actor shared by all replicas (it holds a few keys per batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, output: str | None = None, restart_budget: int = 3) -> None:
+        self.output = output
         self.batches: dict[str, int] = {}  # batch key -> times begun and not ended
         self.alone: dict[str, int] = {}  # row key -> times begun alone and not ended
+        self.condemned: set[str] = read_poisoned(output) if output else set()
+        self.restart_budget = restart_budget
+        self.restarts = 0
+        self.condemned_here = 0
+
+    def restarted(self) -> str | None:
+        """An engine actor came back after dying; a reason to stop if over the budget."""
+        self.restarts += 1
+        allowed = self.restart_budget + 2 * self.condemned_here
+        if self.restarts > allowed:
+            return (f"engine actors died {self.restarts} times, above resources.max_engine_restarts "
+                    f"{self.restart_budget} (+2 for each of the {self.condemned_here} poison row(s) found)")
+        return None
+
+    def is_condemned(self, key: str) -> bool:
+        return key in self.condemned
 
     def begin(self, key: str) -> int:
         """Record a batch starting; returns how many earlier attempts died."""
@@ -37,11 +77,34 @@ class RowLedger:
     def end(self, key: str) -> None:
         self.batches.pop(key, None)
 
-    def begin_alone(self, key: str) -> int:
-        """Record a row starting alone on an engine; returns how many engines died running it."""
+    def begin_alone(self, key: str, row: dict | None = None) -> int:
+        """Record a row starting alone on an engine; returns how many engines died running it
+        (a row condemned in an earlier run counts as one)."""
+        if key in self.condemned:
+            return max(1, self.alone.get(key, 0))
         deaths = self.alone.get(key, 0)
         self.alone[key] = deaths + 1
+        if deaths:
+            self._condemn(key, row or {}, deaths)
         return deaths
+
+    def _condemn(self, key: str, row: dict, deaths: int) -> None:
+        self.condemned.add(key)
+        self.condemned_here += 1
+        if not self.output:
+            return
+        import json
+        import posixpath
+
+        from pipeline.shards import resolve_filesystem
+
+        fs, root = resolve_filesystem(self.output)
+        try:
+            fs.create_dir(posixpath.join(root, POISON), recursive=True)
+            with fs.open_output_stream(posixpath.join(root, POISON, f"{key}.json")) as f:
+                f.write(json.dumps({**row, "deaths": deaths}, default=str).encode())
+        except OSError:  # a full disk: the row is still an error row in this run
+            pass
 
     def end_alone(self, key: str) -> None:
         self.alone.pop(key, None)

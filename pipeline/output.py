@@ -159,9 +159,12 @@ class OutputStore:
     def clear(self) -> None:
         """Remove every committed shard, commit records first (a crash half-way then leaves
         files no record names, which the next run deletes, never records without files)."""
+        from pipeline.ledger import POISON
+
         self.fs.delete_dir_contents(self.abs(COMMITS), missing_dir_ok=True)
         for kind in KINDS:
             self.fs.delete_dir_contents(self.abs(kind), missing_dir_ok=True)
+        self.fs.delete_dir_contents(self.abs(POISON), missing_dir_ok=True)  # a new start for every row
 
     def legacy_files(self) -> list[str]:
         """Output files of the layout before commit records (results/NAME.parquet)."""

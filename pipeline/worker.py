@@ -36,6 +36,16 @@ def is_engine_dead(e: BaseException) -> bool:
     return type(e).__name__ == "EngineDeadError"  # vLLM's; matched by name to stay engine-free
 
 
+def _reconstructed() -> bool:
+    """Whether Ray restarted this actor after it died."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # outside Ray (unit tests)
+        return False
+
+
 def _node_id() -> str:
     """The Ray node this actor runs on (short), so metrics show where each replica ran."""
     try:
@@ -50,19 +60,26 @@ class InferenceWorker:
     """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
 
     def __init__(self, *, spec_json: str, id_type: pa.DataType, engine_args: dict[str, Any],
-                 device: str, engine_factory=None, ledger=None):
+                 device: str, engine_factory=None, ledger=None, poisoned: frozenset = frozenset()):
         spec = JobSpec.model_validate_json(spec_json)
         self.id_column = spec.input.id_column
         self.head = head_class(spec.task.head)(spec.task.options, sampling=spec.sampling.merged())
         self.schema = stage_schema(spec.task.head, id_type)
         if engine_factory is None:
             from pipeline.engine import VllmEngine as engine_factory
+        if ledger is not None and _reconstructed():  # this actor died before: within budget?
+            import ray
+
+            over = ray.get(ledger.restarted.remote())
+            if over:
+                raise RuntimeError(f"{over}; the run stops, committed shards are kept")
         self.engine = engine_factory(engine_args, device=device)
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
         self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
         self.gate = EngineGate()
+        self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.ledger)
 
     async def _one(self, row: dict[str, Any], *, alone: bool = False) -> dict[str, Any]:
         started = time.time()
@@ -92,16 +109,19 @@ class InferenceWorker:
     async def _suspect(self, row: dict[str, Any]) -> dict[str, Any]:
         """Run a row of a batch whose engine died: alone, so a second death names this row."""
         key = batch_key(row[SHARD_COLUMN], [row[self.id_column]])
-        deaths = await self.ledger.begin_alone.remote(key)
+        deaths = await self.ledger.begin_alone.remote(key, {"path": row[SHARD_COLUMN], "id": row[self.id_column]})
         if deaths:
-            out = self._finish({"error_type": "engine_died", "error_message": (
-                f"the engine process died {deaths} time(s) while running this row alone, so the row "
-                f"was not tried again; it likely hits an engine bug or runs out of memory "
-                f"(check its length and content)")}, row, time.time())
+            out = self._condemned(row, deaths)
         else:
             out = await self._one(row, alone=True)
         await self.ledger.end_alone.remote(key)
         return out
+
+    def _condemned(self, row: dict[str, Any], deaths: int) -> dict[str, Any]:
+        return self._finish({"error_type": "engine_died", "error_message": (
+            f"the engine process died {deaths} time(s) while running this row alone, so the row "
+            f"was not tried again; it likely hits an engine bug or runs out of memory "
+            f"(check its length and content)")}, row, time.time())
 
     def _rows(self, batch: pa.Table) -> tuple[list[dict[str, Any]], dict[int, str]]:
         """The batch as dicts; rows whose text is not valid UTF-8 come back as problems."""
@@ -133,13 +153,27 @@ class InferenceWorker:
         if not rows:
             return []
         key = batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows])
-        if self.ledger and await self.ledger.begin.remote(key):  # an engine died on this batch
-            out = [await self._suspect(r) for r in rows]
+        if self.poisoned:  # rows that killed engines in an earlier run on this output
+            rows, done = self._skip_poisoned(rows)
         else:
-            out = list(await asyncio.gather(*(self._one(r) for r in rows)))
+            done = []
+        if self.ledger and await self.ledger.begin.remote(key):  # an engine died on this batch
+            out = done + [await self._suspect(r) for r in rows]
+        else:
+            out = done + list(await asyncio.gather(*(self._one(r) for r in rows)))
         if self.ledger:
             self.ledger.end.remote(key)  # no need to wait: calls from one actor arrive in order
         return out
+
+    def _skip_poisoned(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(rows to run, error rows for those condemned in an earlier run)."""
+        run, done = [], []
+        for r in rows:
+            if batch_key(r[SHARD_COLUMN], [r[self.id_column]]) in self.poisoned:
+                done.append(self._condemned(r, 1))
+            else:
+                run.append(r)
+        return run, done
 
     def _shutdown_engine(self) -> None:
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)

@@ -182,6 +182,30 @@ def test_poison_row_that_kills_every_engine_ends_as_one_error_row(tmp_path, tiny
     assert manifest["totals"] == {"rows": 36, "results": 35, "errors": 1}
 
 
+def test_two_poison_rows_on_one_replica_fit_the_default_budget_and_are_remembered(tmp_path, tiny_model):
+    """The restart budget counts per poison row, not per actor; a rerun after a crash does not
+    run a condemned row again (max_engine_restarts 0 there: one more death would stop it)."""
+    rows = [[{"id": s * 100 + i, "prompt": "POISON pill" if (s, i) in ((0, 2), (1, 4)) else f"row {i}"}
+             for i in range(10)] for s in range(2)]
+    write_shards(tmp_path / "in", rows)
+    report = run_job(spec_for(tmp_path, tiny_model), progress=False,
+                     engine_factory=fake_engine_factory(poison_on="POISON"))
+    assert report.exit_code == 0, report.message
+    errors = read_dir(tmp_path / "out" / "errors").to_pylist()
+    assert sorted((e["id"], e["error_type"]) for e in errors) == [(2, "engine_died"), (104, "engine_died")]
+    assert len(list((tmp_path / "out" / "_poison").glob("*.json"))) == 2
+
+    # as if the run had crashed before committing: the rerun must not run the poison rows again
+    for record in (tmp_path / "out" / "_commits").glob("*.json"):
+        record.unlink()
+    again = run_job(spec_for(tmp_path, tiny_model, max_engine_restarts=0), progress=False,
+                    engine_factory=fake_engine_factory(poison_on="POISON"))
+    assert again.exit_code == 0, again.message
+    errors = read_dir(tmp_path / "out" / "errors").to_pylist()
+    assert sorted((e["id"], e["error_type"]) for e in errors) == [(2, "engine_died"), (104, "engine_died")]
+    assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 52 KiB tmpfs: room for the lock, the manifest and about two shards' files."""
