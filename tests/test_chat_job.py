@@ -65,8 +65,28 @@ def cli_job(tiny_model, tmp_path_factory):
     write_shards(tmp / "in", shards, SCHEMA)
     spec = tmp / "job.yaml"
     spec.write_text(yaml.safe_dump(job_data(tiny_model, tmp / "in", tmp / "out")))
-    proc = run_cli("run", str(spec), "--no-progress")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("QWEN_BATCH_LOG_DIR", str(tmp / "logs"))  # where Ray's lines go
+        env.delenv("QWEN_BATCH_WORKER_LOGS", raising=False)
+        env.delenv("RAY_AUTH_MODE")  # so that Ray prints its token-authentication warning too
+        proc = run_cli("run", str(spec), "--no-progress")
     return tmp, shards, proc, proc.leftovers
+
+
+OURS = ("qwen-batch test-chat (", "Results in ", "Ray and vLLM messages of this run: ")
+
+
+def test_console_shows_only_our_lines_and_ray_goes_to_the_log(cli_job):
+    tmp, _, proc, _ = cli_job
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    for line in lines:  # the summary table (title and box rows) and our messages, nothing else
+        assert line.lstrip().startswith(OURS) or line[0] in "┏┃┡│├└", f"not ours: {line!r}"
+        for ray in ("core_worker", "RayDeprecationWarning", "streaming_executor", "INFO", "WARNING", "Token"):
+            assert ray not in line
+    logs = [line for line in lines if line.startswith(OURS[2])]
+    assert len(logs) == 1 and proc.stdout == ""
+    log = (tmp / "logs" / logs[0].split(": ", 1)[1].split("/logs/", 1)[1]).read_text()
+    assert "streaming_executor" in log  # Ray's lines are there instead
 
 
 def test_cli_job_succeeds_and_leaves_no_engine_running(cli_job):
