@@ -27,7 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("vllm", "ray-data-llm", "qwen-batch")
 # Baselines the ratios are computed against, with their names in the table.
 REFERENCES = {"vllm": "vLLM", "ray-data-llm": "Ray Data LLM", "vllm-map-reduce": "vLLM map-reduce",
-              "vllm-score": "vLLM scoring"}
+              "vllm-score": "vLLM scoring", "qwen-batch-per-label": "per_label head",
+              "ray-data-llm-choice": "Ray Data LLM choice"}
+# The classify mix runs every system once per label set: "SYSTEM/K" labels with K labels, and
+# ratios compare systems on the same label set.
+CLASSIFY_SYSTEMS = ("qwen-batch-classify", "qwen-batch-per-label", "ray-data-llm-choice")
 OUTPUT_LENGTHS = (16, 32, 64, 128)  # the chat mix: varied output lengths
 
 
@@ -50,6 +54,10 @@ def documents(n: int) -> list[dict]:
 
 SUMMARY_TOKENS = 64
 LABELS = ["positive", "negative", "neutral", "mixed"]
+# The 10-label variant: labels of one to four tokens, some sharing their first token.
+LABELS_10 = LABELS + ["sarcastic", "off-topic", "question", "complaint about delivery",
+                      "complaint about quality", "praise for support"]
+LABEL_SETS = {"4": LABELS, "10": LABELS_10}
 
 
 def reviews(n: int) -> list[dict]:
@@ -137,6 +145,39 @@ def run_ray_data_llm(model: str, engine: dict, n: int, input_dir: str) -> dict:
             "input_tokens": int(out["num_input_tokens"].sum())}
 
 
+def run_ray_data_llm_choice(model: str, engine: dict, input_dir: str, labels: list[str]) -> dict:
+    """Ray Data LLM labeling the same rows with the same prompt, the label decoded under a
+    structured-output `choice` grammar (greedy): one label a row, no probabilities."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from pipeline.heads.classify import ClassifyHead
+
+    t0 = time.time()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=engine, concurrency=1, batch_size=64,
+        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False)
+    head = ClassifyHead({"labels": labels})  # the classify head's prompt wording
+    processor = build_processor(
+        config,
+        preprocess=lambda row: dict(
+            messages=head._turns(row["text"]), chat_template_kwargs={"enable_thinking": False},
+            sampling_params=dict(temperature=0.0, max_tokens=16, structured_outputs={"choice": labels})),
+        postprocess=lambda row: dict(id=row["id"], label=row["generated_text"], done=time.time(),
+                                     took=row["time_taken_llm"], num_input_tokens=row["num_input_tokens"],
+                                     num_generated_tokens=row["num_generated_tokens"]),
+    )
+    out = processor(ray.data.read_parquet(input_dir)).to_pandas()
+    t2 = time.time()
+    ray.shutdown()
+    return {"wall_s": t2 - t0, "gen_s": float(out["done"].max() - (out["done"] - out["took"]).min()),
+            "rows": len(out), "output_tokens": int(out["num_generated_tokens"].sum()),
+            "input_tokens": int(out["num_input_tokens"].sum()),
+            "in_set": float(out["label"].isin(labels).mean())}
+
+
 def run_qwen_batch(model: str, engine: dict, input_dir: str, out_dir: str, *, task: dict,
                    sampling: dict | None = None, engine_factory=None) -> dict:
     """A qwen-batch job as a user runs it; the generation span comes from its own metrics."""
@@ -155,8 +196,10 @@ def run_qwen_batch(model: str, engine: dict, input_dir: str, out_dir: str, *, ta
     shards = report.totals.shards
     first = min(m["started_at"] for m in shards if m["started_at"])
     last = max(m["finished_at"] for m in shards if m["finished_at"])
+    computed = [m.get("prompt_tokens_computed") for m in shards]
     return {"wall_s": wall, "gen_s": last - first, "rows": report.totals.rows,
-            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens}
+            "output_tokens": report.totals.completion_tokens, "input_tokens": report.totals.prompt_tokens,
+            "input_tokens_computed": None if None in computed else sum(computed)}
 
 
 def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
@@ -219,7 +262,7 @@ def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
     return {"wall_s": t2 - t0, "gen_s": t2 - t1, "rows": n, "output_tokens": out_tokens, "input_tokens": in_tokens}
 
 
-def run_vllm_score(model: str, engine: dict, n: int) -> dict:
+def run_vllm_score(model: str, engine: dict, n: int, labels: list[str] = LABELS) -> dict:
     """Label scoring over bare vLLM, the way the classify head does it: every (prompt, label)
     sequence in one generate call with prompt log-probabilities."""
     from transformers import AutoTokenizer
@@ -232,8 +275,8 @@ def run_vllm_score(model: str, engine: dict, n: int) -> dict:
     llm = LLM(model=model, **engine)
     t1 = time.time()
     tok = AutoTokenizer.from_pretrained(model)
-    head = ClassifyHead({"labels": LABELS})  # its prompt wording, so both systems read the same
-    answers = [tok.encode(label + END_OF_TURN, add_special_tokens=False) for label in LABELS]
+    head = ClassifyHead({"labels": labels})  # its prompt wording, so both systems read the same
+    answers = [tok.encode(label + END_OF_TURN, add_special_tokens=False) for label in labels]
     seqs, starts = [], []
     for r in reviews(n):
         text = tok.apply_chat_template(head._turns(r["text"]), tokenize=False, add_generation_prompt=True,
@@ -245,11 +288,11 @@ def run_vllm_score(model: str, engine: dict, n: int) -> dict:
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate(seqs, params, use_tqdm=False)
     chosen = []
-    for i in range(0, len(outs), len(LABELS)):
+    for i in range(0, len(outs), len(labels)):
         scores = [sum(o.prompt_logprobs[j][o.prompt_token_ids[j]].logprob
                       for j in range(starts[i + k], len(o.prompt_token_ids)))
-                  for k, o in enumerate(outs[i:i + len(LABELS)])]
-        chosen.append(LABELS[max(range(len(scores)), key=scores.__getitem__)])
+                  for k, o in enumerate(outs[i:i + len(labels)])]
+        chosen.append(labels[max(range(len(scores)), key=scores.__getitem__)])
     t2 = time.time()
     in_tokens = sum(len(o.prompt_token_ids) for o in outs)
     llm.llm_engine.engine_core.shutdown()
@@ -259,7 +302,17 @@ def run_vllm_score(model: str, engine: dict, n: int) -> dict:
 
 def child(args) -> None:
     engine = json.loads(args.engine)
-    if args.system == "vllm":
+    system, _, variant = args.system.partition("/")
+    labels = LABEL_SETS.get(variant, LABELS)
+    if system == "vllm-score":
+        result = run_vllm_score(args.model, engine, args.prompts, labels)
+    elif system in ("qwen-batch-classify", "qwen-batch-per-label"):
+        scoring = "trie" if system == "qwen-batch-classify" else "per_label"
+        result = run_qwen_batch(args.model, engine, args.input, args.scratch,
+                                task={"head": "classify", "options": {"labels": labels, "scoring": scoring}})
+    elif system == "ray-data-llm-choice":
+        result = run_ray_data_llm_choice(args.model, engine, args.input, labels)
+    elif args.system == "vllm":
         result = run_vllm(args.model, engine, args.prompts)
     elif args.system == "ray-data-llm":
         result = run_ray_data_llm(args.model, engine, args.prompts, args.input)
@@ -271,11 +324,6 @@ def child(args) -> None:
     elif args.system == "qwen-batch-summarize":
         result = run_qwen_batch(args.model, engine, args.input, args.scratch, sampling=SAMPLING,
                                 task={"head": "summarize", "options": {"max_tokens": SUMMARY_TOKENS}})
-    elif args.system == "vllm-score":
-        result = run_vllm_score(args.model, engine, args.prompts)
-    elif args.system == "qwen-batch-classify":
-        result = run_qwen_batch(args.model, engine, args.input, args.scratch,
-                                task={"head": "classify", "options": {"labels": LABELS}})
     else:  # the data path: an instant fake engine, so only our own per-row work remains
         from pipeline.testing import fake_engine_factory
 
@@ -316,7 +364,13 @@ def main() -> None:
     p.add_argument("--mix", choices=["chat", "summarize", "classify"], default="chat",
                    help="chat: short prompts, varied output lengths; summarize: long documents "
                         "(bare-vLLM map-reduce against the summarize head); classify: reviews "
-                        "and 4 labels (bare-vLLM label scoring against the classify head)")
+                        "labeled with 4 and with 10 labels by the classify head (trie scoring), "
+                        "the same head with scoring: per_label, and Ray Data LLM decoding the "
+                        "label under a structured `choice` grammar; add vllm-score/4 to "
+                        "--systems for bare-vLLM per-label scoring")
+    p.add_argument("--label-sets", default="4,10", help="classify mix: label set sizes to run (4, 10)")
+    p.add_argument("--engine-kwargs", default="{}",
+                   help="JSON merged into every system's engine arguments (e.g. '{\"block_size\": 32}')")
     p.add_argument("--data-path", action="store_true", help="also measure the data path with a fake engine")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--timeout", type=float, default=1800)
@@ -342,7 +396,8 @@ def main() -> None:
         from pipeline.tiny_model import make_tiny_model
 
         args.model = str(make_tiny_model(out / "model"))
-    args.engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.25, "enforce_eager": True}
+    args.engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.25, "enforce_eager": True,
+                          **json.loads(args.engine_kwargs)}
     input_dir = out / f"input-{args.mix}"
     if args.mix == "chat":
         write_input(input_dir, args.prompts)
@@ -352,7 +407,7 @@ def main() -> None:
         default = ("vllm-map-reduce", "qwen-batch-summarize")
     else:
         write_rows(input_dir, reviews(args.prompts))
-        default = ("vllm-score", "qwen-batch-classify")
+        default = tuple(f"{s}/{k}" for k in args.label_sets.split(",") for s in CLASSIFY_SYSTEMS)
     systems = [s for s in (args.systems.split(",") if args.systems else default) if s]
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -362,8 +417,8 @@ def main() -> None:
                 r = measure(system, args, input_dir, Path(scratch) / system)
                 r["repeat"] = rep
                 runs.append(r)
-                print(f"  {system:14s} run {rep + 1}: {r['wall_s']:7.1f} s  {r['output_tokens_per_s']:8.1f} out tok/s",
-                      flush=True)
+                print(f"  {system:24s} run {rep + 1}: {r['wall_s']:7.1f} s  {r['output_tokens_per_s']:8.1f} out tok/s"
+                      f"  {r['rows_per_s']:6.2f} rows/s", flush=True)
         if args.data_path:
             for rep in range(args.repeats):
                 r = measure("data-path", args, input_dir, Path(scratch) / "data-path")
@@ -407,18 +462,22 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                # without engine start: first request to last answer, in the system's own clock
                "gen_s_median": _median_or_none(r.get("gen_s") for r in rs),
                "gen_output_tokens_per_s": _median_or_none(r["output_tokens"] / r["gen_s"] for r in rs if r.get("gen_s")),
-               "gen_rows_per_s": _median_or_none(r["rows"] / r["gen_s"] for r in rs if r.get("gen_s"))}
-        for ref in REFERENCES:
+               "gen_rows_per_s": _median_or_none(r["rows"] / r["gen_s"] for r in rs if r.get("gen_s")),
+               "input_tokens": rs[0]["input_tokens"],
+               "input_tokens_computed": rs[0].get("input_tokens_computed")}
+        variant = s.partition("/")[2]
+        for name in REFERENCES:
+            ref = f"{name}/{variant}" if variant else name  # classify: the same label set
             # Every row gets every ratio column (None where it does not apply): Arrow takes a
             # table's columns from its rows, and a reference's own row has no ratio to itself.
-            row.update({f"x_{ref}": None, f"x_{ref}_min": None, f"x_{ref}_max": None})
+            row.update({f"x_{name}": None, f"x_{name}_min": None, f"x_{name}_max": None})
             if ref in med and s != ref and s != "data-path":  # the fake engine is no rival
                 # Throughput ratio (reference wall / our wall) within each repeat, whose runs
                 # are adjacent in time: a machine that drifts over the session moves both.
                 ref_wall = {r["repeat"]: r["wall_s"] for r in base[ref]}
                 paired = [ref_wall[r["repeat"]] / r["wall_s"] for r in rs if r["repeat"] in ref_wall]
-                row[f"x_{ref}"] = statistics.median(paired)
-                row[f"x_{ref}_min"], row[f"x_{ref}_max"] = min(paired), max(paired)
+                row[f"x_{name}"] = statistics.median(paired)
+                row[f"x_{name}_min"], row[f"x_{name}_max"] = min(paired), max(paired)
         rows.append(row)
     return rows
 
@@ -433,9 +492,10 @@ def print_table(summary: list[dict]) -> None:
               width=170)
     refs = [f"x_{k}" for k in REFERENCES if any(r.get(f"x_{k}") is not None for r in summary)]
     names = {f"x_{k}": f"vs {v}" for k, v in REFERENCES.items()}
+    computed = any(r.get("input_tokens_computed") is not None for r in summary)
     for c in ("system", "wall s", "gen s", "out tok/s", "gen out tok/s", "total tok/s", "rows/s", "gen rows/s",
-              *[names[k] for k in refs]):
-        t.add_column(c, justify="left" if c == "system" else "right")
+              *(["in tok read / computed"] if computed else []), *[names[k] for k in refs]):
+        t.add_column(c, justify="left" if c == "system" else "right", no_wrap=c == "system")
     def fmt(x, digits):
         return "-" if x is None else f"{x:.{digits}f}"
 
@@ -444,6 +504,8 @@ def print_table(summary: list[dict]) -> None:
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
                   fmt(r["gen_s_median"], 1), f"{r['output_tokens_per_s']:.0f}", fmt(r["gen_output_tokens_per_s"], 0),
                   f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}", fmt(r["gen_rows_per_s"], 1),
+                  *([f"{r['input_tokens']:,} / " + ("-" if r.get("input_tokens_computed") is None
+                                                    else f"{r['input_tokens_computed']:,}")] if computed else []),
                   *[ratio(k) for k in refs])
     Console(width=190).print(t)
 
