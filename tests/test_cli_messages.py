@@ -118,3 +118,45 @@ def test_quiet_stderr_removes_an_empty_log_and_honours_worker_logs(tmp_path, mon
     with cli.quiet_stderr("job") as path:
         os.write(2, b"engine line\n")
     assert path is None and capfd.readouterr().err == "engine line\n"
+
+
+SCHEDULE = cli.Path(__file__).resolve().parent.parent / "jobs" / "schedule"
+
+
+def test_airflow_example_compiles_without_airflow():
+    import py_compile
+
+    py_compile.compile(str(SCHEDULE / "airflow_dag.py"), doraise=True)
+
+
+@pytest.mark.parametrize("codes, tries, mailed", [
+    ("0", 1, None), ("3 3 0", 3, None), ("3 3 3", 3, "stopped (exit 3) after 3 tries"),
+    ("1", 1, "too many error rows (exit 1)"), ("2", 1, "invalid job or output busy (exit 2)"),
+    ("3 2", 2, "invalid job or output busy (exit 2)")])
+def test_crontab_example_retries_on_3_and_mails_on_1_and_2(tmp_path, codes, tries, mailed):
+    """The crontab line itself, under /bin/sh, with qwen-batch, sleep and mail replaced by stubs."""
+    import subprocess
+
+    line = next(x for x in (SCHEDULE / "crontab.example").read_text().splitlines()
+                if x.strip() and not x.startswith("#"))
+    command = line.split(None, 5)[5].replace("/srv/qwen-batch", str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / "codes").write_text(codes)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for path, body in ((tmp_path / ".venv" / "bin" / "qwen-batch",  # exits with the next code
+                        'set -- $(cat codes); echo "$*" >> calls; echo "run $1"; c=$1; shift; echo "$*" > codes; '
+                        'exit $c'),
+                       (stubs / "sleep", "exit 0"),
+                       (stubs / "mail", 'echo "$2" > mailed; cat > /dev/null')):
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    proc = subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, timeout=30,
+                          env={"PATH": f"{stubs}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert len((tmp_path / "calls").read_text().splitlines()) == tries, proc.stderr
+    assert "run" in (tmp_path / "logs" / "chat-cron.log").read_text()
+    if mailed is None:
+        assert not (tmp_path / "mailed").exists()
+    else:
+        assert (tmp_path / "mailed").read_text().strip().endswith(mailed)
