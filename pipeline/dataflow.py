@@ -52,7 +52,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(
             min_size=low, max_size=high,
-            max_tasks_in_flight_per_actor=max(2, -(-spec.resources.rows_in_flight // batch))),
+            max_tasks_in_flight_per_actor=max(4, -(-spec.resources.rows_in_flight // batch))),
         ray_remote_args_fn=placer.remote_args_fn,
         **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
         max_restarts=-1, max_task_retries=-1,

@@ -279,6 +279,8 @@ def _stream(run: Run, ds, committer: ShardCommitter) -> None:
             for t in set(threading.enumerate()) - threads_before:
                 t.join(timeout=max(0.0, deadline - time.time()))
             raise
+    if os.environ.get("QWEN_BATCH_DATA_STATS"):  # Ray Data's time per operator, for tuning
+        run.console.print(ds.stats(), highlight=False, markup=False)
     for shard, missing, dupes in committer.finish():
         run.console.print(f"warning: {shard.path}: {missing} row(s) never came back (recorded as errors)"
                           + (f", {dupes} came back twice (kept once)" if dupes else ""), highlight=False)

@@ -67,7 +67,8 @@ class InferenceWorker:
         self.schema = stage_schema(spec.task.head, id_type)
         if engine_factory is None:
             from pipeline.engine import VllmEngine as engine_factory
-        if ledger is not None and _reconstructed():  # this actor died before: within budget?
+        self.reconstructed = _reconstructed()
+        if ledger is not None and self.reconstructed:  # this actor died before: within budget?
             import ray
 
             over = ray.get(ledger.restarted.remote())
@@ -157,13 +158,22 @@ class InferenceWorker:
             rows, done = self._skip_poisoned(rows)
         else:
             done = []
-        if self.ledger and await self.ledger.begin.remote(key):  # an engine died on this batch
+        if self.ledger and await self._begin(key):  # an engine died on this batch
             out = done + [await self._suspect(r) for r in rows]
         else:
             out = done + list(await asyncio.gather(*(self._one(r) for r in rows)))
         if self.ledger:
             self.ledger.end.remote(key)  # no need to wait: calls from one actor arrive in order
         return out
+
+    async def _begin(self, key: str) -> int:
+        """Tell the ledger a batch starts; how many earlier attempts of it died. Only a
+        restarted actor can be given a batch again (Ray retries an actor's tasks on the same
+        actor), so a first-life actor does not wait for the answer."""
+        if self.reconstructed:
+            return await self.ledger.begin.remote(key)
+        self.ledger.begin.remote(key)
+        return 0
 
     def _skip_poisoned(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(rows to run, error rows for those condemned in an earlier run)."""
