@@ -135,7 +135,11 @@ def _check_engine(spec: JobSpec) -> None:
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:
-    _, out = resolve_filesystem(spec.output.path)
+    try:
+        _, out = resolve_filesystem(spec.output.path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"output.path {spec.output.path} cannot be reached: {e}. Check the path, the "
+                         f"credentials and the network; nothing ran") from None
     _, inp = resolve_filesystem(spec.input.path.split("*")[0])
     inp = inp.rstrip("/")
     if out == inp or out.startswith(inp + "/"):

@@ -100,7 +100,7 @@ def _nothing_to_do(plan: Plan, console, started: float) -> RunReport:
     last = plan.last_run
     code = last.get("exit_code", EXIT_OK)
     shown = redact_text(plan.spec.output.path)
-    console.print(f"Nothing to do: all {len(plan.shards)} shards are already committed in {shown}; "
+    console.print(f"Nothing to do: all {len(plan.shards)} shard(s) are already committed in {shown}; "
                   f"the last run ({last['run_id']}) ended {last['status']}"
                   + (f": {redact_text(last.get('message') or '')}" if code else "."), highlight=False)
     return RunReport(plan.spec.output.path, last["run_id"], RunTotals(), time.time() - started,
@@ -148,6 +148,11 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
         store.delete(store.garbage(records))
     except LostLockError as e:
         return _lost(run, e)
+    except OSError as e:  # the output went away (network, permissions): nothing more to record
+        message = redact_text(f"the run ended but {spec.output.path} cannot be read back ({e}); "
+                              f"committed shards are kept; rerun the same command to finish")
+        run.console.print(f"[red]{escape(message)}[/red]", highlight=False)
+        return RunReport(spec.output.path, run.run_id, run.totals, wall, exit_code=EXIT_CRASHED, message=message)
     manifest["shards"] = manifests.shard_entries(run.plan, records)
     code, message = manifests.outcome(spec, manifest, stopped=stopped, invalid=invalid)
     manifests.finish(manifest, code=code, message=redact_text(message), stopped=stopped and redact_text(stopped),
@@ -164,10 +169,12 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
         report.message += f"\nThe manifest could not be updated: {e}"
         report.exit_code = report.exit_code or EXIT_CRASHED
     console = run.console
-    console.print(summary_table(run.totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run.run_id})"))
-    shown = redact_text(spec.output.path)
-    console.print(f"Results in {shown}/results, errors in {shown}/errors, metrics in {shown}/metrics "
-                  f"(committed files are listed in {shown}/_commits).")
+    if not invalid:  # a run refused before it started has nothing to show
+        console.print(summary_table(run.totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run.run_id})"))
+        shown = redact_text(spec.output.path)
+        parts = ([f"Results in {shown}/results"] + ([f"errors in {shown}/errors"] if run.totals.errors else [])
+                 + [f"metrics in {shown}/metrics"])
+        console.print(", ".join(parts) + f" (committed files are listed in {shown}/_commits).", highlight=False)
     if report.message:
         report.message = redact_text(report.message)
         console.print(f"[red]{escape(report.message)}[/red]", highlight=False)

@@ -80,10 +80,13 @@ class PartWriter:
                 if table.num_rows:
                     files[kind] = self.store.write_table(self.store.part_name(kind, name, self.run_id), table)
             digest = id_digest(part.column("id"))
+            summary = part_summary(part, self.origin)
+            summary["errors_by_type"] = {r["values"]: r["counts"] for r in
+                                         pc.value_counts(errors.column("error_type")).to_pylist()}
             rows.append({"shard": name, "results_file": files.get("results"), "errors_file": files.get("errors"),
                          "results": results.num_rows, "errors": errors.num_rows,
                          "id_count": digest.count, "id_hash": digest.hash,
-                         "summary": json.dumps(part_summary(part, self.origin))})
+                         "summary": json.dumps(summary)})
         return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
 
 
@@ -161,16 +164,22 @@ class ShardCommitter:
     def _commit(self, shard: Shard, *, results: pa.Table | None = None, errors: pa.Table | None = None) -> None:
         parts = self.parts.get(shard.name, [])
         run_id = self.record["run_id"]
+        summaries = [json.loads(p["summary"]) for p in parts]
         if results is None:  # the normal path: the workers' files as they are
             files = {kind: [p[f"{kind}_file"] for p in parts if p[f"{kind}_file"]] for kind in ("results", "errors")}
             n_errors = sum(p["errors"] for p in parts)
+            by_type: dict[str, int] = {}
+            for summary in summaries:
+                for t, n in summary.get("errors_by_type", {}).items():
+                    by_type[t] = by_type.get(t, 0) + n
         else:  # repaired: one new file each
             files = {kind: [self.store.write_table(self.store.part_name(kind, shard.name, run_id), table)]
                      for kind, table in (("results", results), ("errors", errors)) if table.num_rows}
             files = {"results": files.get("results", []), "errors": files.get("errors", [])}
             n_errors = errors.num_rows
+            by_type = {r["values"]: r["counts"] for r in pc.value_counts(errors.column("error_type")).to_pylist()}
         fault_point("before-metrics")
-        m = merge_parts([json.loads(p["summary"]) for p in parts], shard=shard.path, rows=shard.rows,
+        m = merge_parts(summaries, shard=shard.path, rows=shard.rows,
                         errors=n_errors, context=self.context)
         metrics = pa.Table.from_pylist([m], schema=arrow_schema("metrics"))
         files["metrics"] = [self.store.write_table(self.store.part_name("metrics", shard.name, run_id), metrics)]
@@ -178,6 +187,7 @@ class ShardCommitter:
         self.fence()
         self.store.commit({**self.record, "name": shard.name, "input": shard.fingerprint(),
                            "rows": shard.rows, "results": shard.rows - n_errors, "errors": n_errors,
+                           "errors_by_type": dict(sorted(by_type.items())),
                            "ids": {"count": shard.ids.count, "hash": shard.ids.hash} if shard.ids else None,
                            "files": files, "committed_at": time.time()})
         fault_point("after-record")

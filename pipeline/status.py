@@ -29,14 +29,18 @@ OUTCOMES = {  # (manifest status, exit code) -> outcome
 
 
 def _error_types(store: OutputStore, records: list[dict]) -> dict[str, int]:
-    """Error rows by error_type, reading that one column of the committed errors files."""
-    files = [f for r in records for f in r["files"].get("errors", [])]
+    """Error rows by error_type: from the commit records, or (records written before they
+    carried the counts) that one column of the committed errors files."""
+    counts: dict[str, int] = {}
+    for r in records:
+        for t, n in (r.get("errors_by_type") or {}).items():
+            counts[t] = counts.get(t, 0) + n
+    files = [f for r in records if "errors_by_type" not in r for f in r["files"].get("errors", [])]
 
     def read(rel: str) -> list:
         with store.fs.open_input_file(store.abs(rel)) as f:
             return pq.read_table(f, columns=["error_type"]).column(0).to_pylist()
 
-    counts: dict[str, int] = {}
     with ThreadPoolExecutor(8) as pool:
         for types in pool.map(read, files):
             for t in types:
