@@ -96,9 +96,13 @@ def cmd_run(args) -> int:
 
     if args.dry_run:
         return cmd_validate(args)
+    from pipeline.plan import RetrySelection
+
     spec = _load(args)
+    retry = (RetrySelection.parse(args.retry_where or [], all_errors=args.retry_errors)
+             if (args.retry_errors or args.retry_where) else None)
     with quiet_stderr(spec.name):
-        report = run_job(spec, overwrite=args.overwrite, resume_anyway=args.resume_anyway,
+        report = run_job(spec, overwrite=args.overwrite, resume_anyway=args.resume_anyway, retry=retry,
                          progress=not args.no_progress, console=console)
     return report.exit_code
 
@@ -186,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep shards committed by a different spec or from changed inputs; run the rest")
         if name == "run":
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
+            s.add_argument("--retry-errors", action="store_true",
+                           help="compute the committed error rows again (with this spec, which may differ); "
+                                "their new rows replace them, exactly once")
+            s.add_argument("--retry-where", action="append", metavar="COLUMN=VALUE[,VALUE]",
+                           help="compute again the committed rows (results or errors) whose COLUMN holds a "
+                                "VALUE, e.g. finish_reason=length or error_type=engine_timeout (repeatable; "
+                                "implies --retry-errors, any condition may match)")
             s.add_argument("--dry-run", action="store_true",
                            help="check everything and print the plan; load no model")
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")

@@ -7,8 +7,22 @@ from typing import Any
 
 from pipeline.placement import ReplicaPlacer
 from pipeline.session import actor_env
-from pipeline.sink import SHARD_COLUMN, write_parts
+from pipeline.sink import SHARD_COLUMN, path_key, write_parts
 from pipeline.worker import InferenceWorker
+
+
+def keep_rows_to_redo(batch, *, redo: dict, id_column: str):
+    """Rows of shards to run whole, and of shards with rows to redo only those rows."""
+    import pyarrow.compute as pc
+
+    paths = batch.column(SHARD_COLUMN)
+    keep = None
+    for path in pc.unique(paths).to_pylist():
+        rows = pc.equal(paths, path)
+        if path_key(path) in redo:
+            rows = pc.and_(rows, pc.is_in(batch.column(id_column), value_set=redo[path_key(path)]))
+        keep = rows if keep is None else pc.or_(keep, rows)
+    return batch.filter(keep) if keep is not None else batch
 
 
 def rows_per_write(spec, rows: int) -> int:
@@ -32,8 +46,12 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     # All first replicas load before work starts, so that they share it from the first batch
     # (and an engine that cannot start fails the run now, not after the others finished).
     ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)
-    todo = plan.todo
+    todo = plan.work
     ds = ray.data.read_parquet([s.path for s in todo], filesystem=plan.input_fs, include_paths=True)
+    if plan.redo:  # --retry-errors: of committed shards, only the rows to redo
+        ds = ds.map_batches(keep_rows_to_redo, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
+            "redo": {path_key(s.path): plan.redo[s.name] for s in todo if s.name in plan.redo},
+            "id_column": spec.input.id_column})
     # Blocks of one batch each, so that every replica gets work and rows stream through
     # instead of waiting for whole files.
     batch = spec.resources.batch_size
@@ -62,7 +80,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         write_parts,
         fn_kwargs={"output": spec.output.path, "run_id": run_id, "head": spec.task.head,
                    "id_type": plan.id_type, "shard_names": {s.path: s.name for s in todo}, "origin": origin},
-        batch_size=rows_per_write(spec, sum(s.rows for s in todo)),
+        batch_size=rows_per_write(spec, sum(plan.rows_to_run(s) for s in todo)),
         batch_format="pyarrow",
         zero_copy_batch=True,
         num_cpus=0.25,

@@ -18,6 +18,47 @@ CHOICES = ("use another output path, pass --overwrite to replace it, or --resume
            "its committed shards and run only the others")
 
 
+@dataclass(frozen=True)
+class RetrySelection:
+    """Committed rows a `--retry-errors` run computes again: every error row, or the result
+    and error rows whose column holds one of the given values (any condition may match)."""
+
+    where: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    all_errors: bool = True
+
+    @classmethod
+    def parse(cls, conditions: list[str], *, all_errors: bool = False) -> "RetrySelection":
+        """From --retry-where COLUMN=V1,V2 conditions; all_errors (--retry-errors) adds every
+        error row; with no condition at all, every error row is selected."""
+        where = []
+        for c in conditions:
+            column, sep, values = c.partition("=")
+            if not sep or not column.strip() or not values:
+                raise SpecError(f"--retry-where {c!r}: write COLUMN=VALUE[,VALUE...], e.g. "
+                                f"--retry-where finish_reason=length or --retry-where error_type=engine_timeout")
+            where.append((column.strip(), tuple(v.strip() for v in values.split(","))))
+        return cls(tuple(where), all_errors=all_errors or not where)
+
+    def describe(self) -> str:
+        return " or ".join((["every error row"] if self.all_errors else [])
+                           + [f"{c} in {list(v)}" for c, v in self.where])
+
+    def ids(self, table: pa.Table | None, *, errors: bool) -> pa.Array | None:
+        """Ids of the rows of a committed table (results or errors) this selection picks."""
+        import pyarrow.compute as pc
+
+        if table is None or table.num_rows == 0:
+            return None
+        if errors and self.all_errors:
+            return table.column("id").combine_chunks()
+        mask = None
+        for column, values in self.where:
+            if column in table.column_names:
+                hit = pc.is_in(table.column(column).cast(pa.string()), value_set=pa.array(values))
+                mask = hit if mask is None else pc.or_(mask, hit)
+        return table.column("id").filter(pc.fill_null(mask, False)).combine_chunks() if mask is not None else None
+
+
 @dataclass
 class Plan:
     """What a run will do, known before any model loads."""
@@ -31,14 +72,26 @@ class Plan:
     kept: list[dict]  # committed shards of another spec or older input, kept by --resume-anyway
     orphaned: list[str]  # committed shards whose input file is gone
     last_run: dict | None = field(default=None, repr=False)  # the manifest found, if any
+    retry: RetrySelection | None = None
+    redo: dict[str, pa.Array] = field(default_factory=dict, repr=False)  # committed shard -> ids to redo
+    records: dict[str, dict] = field(default_factory=dict, repr=False)  # commit records found
 
     @property
     def todo(self) -> list[Shard]:
         done = set(self.done)
         return [s for s in self.shards if s.name not in done]
 
+    @property
+    def work(self) -> list[Shard]:
+        """Shards this run reads: those to run whole, then those with rows to redo."""
+        return self.todo + [s for s in self.shards if s.name in self.redo]
 
-def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = False) -> Plan:
+    def rows_to_run(self, shard: Shard) -> int:
+        return len(self.redo[shard.name]) if shard.name in self.redo else shard.rows
+
+
+def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = False,
+             retry: RetrySelection | None = None) -> Plan:
     """Check the spec, the inputs and the output folder; raises SpecError or InputError.
 
     resume_anyway keeps shards committed by a run of another spec, or from since-changed
@@ -46,6 +99,8 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     """
     if overwrite and resume_anyway:
         raise SpecError("--overwrite and --resume-anyway contradict each other; pick one")
+    if retry is not None and overwrite:
+        raise SpecError("--retry-errors redoes rows of committed shards; --overwrite removes them: pick one")
     head = head_class(spec.task.head)
     problem = head.check_options(spec.task.options)
     if problem:
@@ -62,7 +117,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
                          f"with each row's file name; rename that column (or the head's column option)")
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
-    plan = Plan(spec, fs, shards, id_type, columns, [], [], [])
+    plan = Plan(spec, fs, shards, id_type, columns, [], [], [], retry=retry)
     read_output_state(plan, overwrite=overwrite, resume_anyway=resume_anyway)
     return plan
 
@@ -80,10 +135,38 @@ def read_output_state(plan: Plan, *, overwrite: bool = False, resume_anyway: boo
     if legacy:
         raise InputError(f"output.path {spec.output.path} holds results in the layout of an older "
                          f"qwen-batch ({legacy[0]}, without commit records); {CHOICES}")
-    plan.done, plan.kept = _committed(spec, plan.shards, records, last_run, strict=not resume_anyway)
+    plan.done, plan.kept = _committed(spec, plan.shards, records, last_run, strict=not resume_anyway,
+                                      any_spec=plan.retry is not None)
     names = {s.name for s in plan.shards}
     plan.orphaned = sorted(n for n in records if n not in names)
-    plan.last_run = last_run
+    plan.last_run, plan.records = last_run, records
+    if plan.retry is not None:
+        plan.redo = _rows_to_redo(store, records, plan.done, plan.retry)
+
+
+def _rows_to_redo(store: OutputStore, records: dict[str, dict], done: list[str],
+                  retry: RetrySelection) -> dict[str, pa.Array]:
+    """Per committed shard, the ids of the rows the selection picks (read column by column)."""
+    import pyarrow.parquet as pq
+
+    columns = {c for c, _ in retry.where}
+    redo = {}
+    for name in done:
+        picked = []
+        for kind in ("results", "errors"):
+            if kind == "results" and not columns:
+                continue  # every error row: results are not read
+            for rel in records[name]["files"][kind]:
+                with store.fs.open_input_file(store.abs(rel)) as f:
+                    schema = pq.read_schema(f)
+                    f.seek(0)
+                    wanted = ["id"] + sorted(columns & set(schema.names)) if columns else ["id"]
+                    ids = retry.ids(pq.read_table(f, columns=wanted), errors=kind == "errors")
+                if ids is not None and len(ids):
+                    picked.append(ids)
+        if picked:
+            redo[name] = pa.concat_arrays(picked)
+    return redo
 
 
 def _same_input(a: dict | None, b: dict) -> bool:
@@ -93,11 +176,13 @@ def _same_input(a: dict | None, b: dict) -> bool:
 
 
 def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], last_run: dict | None,
-               *, strict: bool) -> tuple[list[str], list[dict]]:
+               *, strict: bool, any_spec: bool = False) -> tuple[list[str], list[dict]]:
     """(names of shards already done, committed shards kept despite another spec or input).
 
     A shard kept by --resume-anyway stays accepted in later runs of the same spec while its
-    input does not change again (the manifest lists it)."""
+    input does not change again (the manifest lists it). A shard some of whose rows were
+    redone with this spec (--retry-errors) counts as this spec's; any_spec accepts every
+    spec (a --retry-errors run may change it)."""
     fingerprint = spec.fingerprint()
     accepted = {k["name"]: k for k in (last_run or {}).get("kept", [])}
     done, kept = [], []
@@ -106,7 +191,8 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
         if record is None:
             continue
         why = []
-        if record.get("spec_fingerprint") != fingerprint:
+        specs = {record.get("spec_fingerprint")} | {r.get("spec_fingerprint") for r in record.get("redone", [])}
+        if fingerprint not in specs and not any_spec:
             why.append("committed by a run of a different job spec")
         if not _same_input(record.get("input"), s.fingerprint()):
             why.append(f"input shard {s.path} changed since it was processed")

@@ -21,7 +21,7 @@ from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore
 from pipeline.output_lock import LostLockError, OutputLock
-from pipeline.plan import Plan, estimate_input_tokens, plan_job, read_output_state  # noqa: F401
+from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, plan_job, read_output_state  # noqa: F401
 from pipeline.redact import redact_text
 from pipeline.shards import InputError
 from pipeline.sink import ShardCommitter, fault_point
@@ -49,9 +49,11 @@ class Run:
 
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = False, progress: bool = True,
-            engine_factory=None, console=None) -> RunReport:
+            retry: RetrySelection | None = None, engine_factory=None, console=None) -> RunReport:
     """Run a job to completion and return its report; see the README for the output layout.
 
+    retry: also compute again the committed rows it selects (`--retry-errors`); their new
+    rows replace the old ones in their shards, exactly once.
     engine_factory replaces the vLLM engine (tests inject faults with it).
     """
     from rich.console import Console
@@ -59,9 +61,14 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
 
     console = console or Console(stderr=True, soft_wrap=True)
     started = time.time()
-    plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway)  # refuse before writing
+    plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway, retry=retry)  # refuse before writing
     store = OutputStore(spec.output.path)
-    if not plan.todo and _finished(plan):
+    if retry is not None and not plan.work:
+        console.print(f"Nothing to retry: no committed row of {redact_text(spec.output.path)} is selected by "
+                      f"{retry.describe()}.", highlight=False)
+        return RunReport(spec.output.path, "", RunTotals(), time.time() - started,
+                         skipped_shards=len(plan.shards), message="nothing to do")
+    if retry is None and not plan.todo and _finished(plan):
         return _nothing_to_do(plan, console, started)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     lock = OutputLock(store.fs, store.root, run_id)
@@ -126,12 +133,16 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
             store.clear()
         store.delete(store.garbage())  # files of killed attempts: no record names them
         manifest = manifests.start(spec, run.plan, run.run_id)
+        if run.plan.retry is not None:
+            manifest["retried"] = {"where": run.plan.retry.describe(), "spec_fingerprint": spec.fingerprint(),
+                                   "rows": sum(len(v) for v in run.plan.redo.values()),
+                                   "shards": sorted(run.plan.redo)}
         store.reserve(2 * len(manifests.json_bytes(manifest)) + 4096, run.run_id)
         store.write_manifest(manifest)
     except OSError as e:
         raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
     stopped, invalid = None, False
-    if run.plan.todo:
+    if run.plan.work:
         try:
             _execute(run)
         except Exception as e:
@@ -234,9 +245,11 @@ def _execute(run: Run) -> None:
                        "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
                        "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device}
             committer = ShardCommitter(
-                store=run.store, input_fs=plan.input_fs, id_column=spec.input.id_column, shards=plan.todo,
+                store=run.store, input_fs=plan.input_fs, id_column=spec.input.id_column, shards=plan.work,
                 head=spec.task.head, id_type=plan.id_type, context=context, fence=run.lock.verify,
-                totals=run.totals, record={"run_id": run.run_id, "spec_fingerprint": spec.fingerprint()})
+                totals=run.totals, record={"run_id": run.run_id, "spec_fingerprint": spec.fingerprint()},
+                redo={name: (ids, plan.records[name]) for name, ids in plan.redo.items()},
+                redo_where=plan.retry.describe() if plan.retry else None)
             _stream(run, ds, committer)
         finally:
             placer.release()
@@ -249,12 +262,12 @@ def _stream(run: Run, ds, committer: ShardCommitter) -> None:
     import pyarrow.compute as pc
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    spec, todo = run.spec, run.plan.todo
+    spec, todo = run.spec, run.plan.work
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("rows  {task.fields[errors]} errors  {task.fields[tok]} out tok/s"),
                    TimeElapsedColumn(), console=run.console, disable=not run.progress)
     with bar:
-        task = bar.add_task(f"{spec.task.head} on {len(todo)} shards", total=sum(s.rows for s in todo),
+        task = bar.add_task(f"{spec.task.head} on {len(todo)} shards", total=sum(run.plan.rows_to_run(s) for s in todo),
                             errors=0, tok="-")
         first = None
         done_rows = errors = out_tokens = 0

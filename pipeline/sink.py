@@ -35,7 +35,7 @@ def fault_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _key(path: str) -> str:
+def path_key(path: str) -> str:
     """A file path without scheme and leading slash (Ray may drop the filesystem's prefix)."""
     return path.split("://", 1)[-1].lstrip("/")
 
@@ -64,7 +64,7 @@ class PartWriter:
                  shard_names: dict[str, str], origin: float):
         self.store = OutputStore(output)
         self.run_id, self.head, self.id_type, self.origin = run_id, head, id_type, origin
-        self.names = {_key(p): n for p, n in shard_names.items()}
+        self.names = {path_key(p): n for p, n in shard_names.items()}
 
     def __call__(self, stage: pa.Table) -> pa.Table:
         # The fencing check: a run that lost its lock writes nothing more.
@@ -73,7 +73,7 @@ class PartWriter:
         paths = stage.column(SHARD_COLUMN)
         for path in pc.unique(paths).to_pylist():
             part = stage.filter(pc.equal(paths, path))
-            name = self.names[_key(path)]
+            name = self.names[path_key(path)]
             results, errors = split_stage(part, self.head, self.id_type)
             files = {}
             for kind, table in (("results", results), ("errors", errors)):
@@ -99,17 +99,22 @@ class ShardCommitter:
     """Driver side: adds up part summaries per shard and commits each shard exactly once."""
 
     def __init__(self, *, store: OutputStore, input_fs, id_column: str, shards: list[Shard], head: str,
-                 id_type: pa.DataType, record: dict, context: dict, fence, totals: RunTotals):
+                 id_type: pa.DataType, record: dict, context: dict, fence, totals: RunTotals,
+                 redo: dict[str, tuple[pa.Array, dict]] | None = None, redo_where: str | None = None):
         """record: what every commit record of this run says (run id, spec fingerprint);
-        context: what every metrics row says; fence: raises if the run lost its lock."""
+        context: what every metrics row says; fence: raises if the run lost its lock;
+        redo: committed shards of which only some rows run again (--retry-errors), with the
+        ids to redo and the shard's commit record, which the new record replaces."""
         self.store, self.input_fs, self.id_column = store, input_fs, id_column
         self.head, self.id_type = head, id_type
         self.record, self.context, self.fence, self.totals = record, context, fence, totals
+        self.redo, self.redo_where = redo or {}, redo_where
         self.pending = {s.name: s for s in shards}
+        self.expected = {s.name: id_digest(self.redo[s.name][0]) if s.name in self.redo else s.ids for s in shards}
         self.parts: dict[str, list[dict]] = {s.name: [] for s in shards}
         self.seen: dict[str, IdDigest] = {s.name: NO_IDS for s in shards}
         for s in shards:
-            if s.rows == 0:
+            if self.expected[s.name] == NO_IDS:
                 self._commit(s)
 
     def add(self, parts: pa.Table) -> None:
@@ -120,7 +125,7 @@ class ShardCommitter:
                 continue
             self.parts[name].append(p)
             self.seen[name] += IdDigest(p["id_count"], p["id_hash"])
-            if self.seen[name] == self.pending[name].ids:
+            if self.seen[name] == self.expected[name]:
                 self._commit(self.pending[name])
 
     def finish(self) -> list[tuple[Shard, int, int]]:
@@ -150,8 +155,11 @@ class ShardCommitter:
         results = results.take(pc.filter(keep, in_results))
         errors = errors.take(pc.subtract(pc.filter(keep, pc.invert(in_results)), results.num_rows)) \
             if dupes else errors
-        with self.input_fs.open_input_file(shard.path) as f:
-            expected = pq.read_table(f, columns=[self.id_column]).column(0)
+        if shard.name in self.redo:
+            expected = self.redo[shard.name][0]
+        else:
+            with self.input_fs.open_input_file(shard.path) as f:
+                expected = pq.read_table(f, columns=[self.id_column]).column(0)
         missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=ids)))
         if len(missing):
             lost = pa.table({"id": missing.cast(self.id_type),
@@ -160,6 +168,44 @@ class ShardCommitter:
                                                         "rerun with --retry-errors to try it again"] * len(missing))})
             errors = pa.concat_tables([errors, lost.cast(errors.schema)])
         return results, errors, len(missing), dupes
+
+    def _merge_with_committed(self, name: str, new: dict) -> dict:
+        """The record of a shard some of whose rows were redone: its committed files, those
+        holding redone rows rewritten without them, plus this run's files. One record names
+        them all, so readers see the old rows or the new ones, never both or neither."""
+        ids, old = self.redo[name]
+        files = {kind: list(new["files"][kind]) for kind in ("results", "errors", "metrics")}
+        files["metrics"] = old["files"]["metrics"] + files["metrics"]
+        removed_errors: dict[str, int] = {}
+        removed = {"results": 0, "errors": 0}
+        for kind in ("results", "errors"):
+            kept = []
+            for rel in old["files"][kind]:
+                table = self.store.read_table(rel)
+                hit = pc.is_in(table.column("id"), value_set=ids)
+                if not pc.any(hit).as_py():
+                    kept.append(rel)
+                    continue
+                removed[kind] += int(pc.sum(hit).as_py())
+                if kind == "errors":
+                    for r in pc.value_counts(table.filter(hit).column("error_type")).to_pylist():
+                        removed_errors[r["values"]] = removed_errors.get(r["values"], 0) + r["counts"]
+                rest = table.filter(pc.invert(hit))
+                if rest.num_rows:
+                    kept.append(self.store.write_table(self.store.part_name(kind, name, self.record["run_id"]), rest))
+            files[kind] = kept + files[kind]
+        by_type = dict(old.get("errors_by_type") or {})
+        for t, n in removed_errors.items():
+            by_type[t] = by_type.get(t, 0) - n
+        for t, n in new["errors_by_type"].items():
+            by_type[t] = by_type.get(t, 0) + n
+        errors = old["errors"] - removed["errors"] + new["errors"]
+        return {**old, "files": files, "errors": errors, "results": old["rows"] - errors,
+                "errors_by_type": {t: n for t, n in sorted(by_type.items()) if n},
+                "redone": old.get("redone", []) + [{"run_id": self.record["run_id"], "rows": len(ids),
+                                                     "spec_fingerprint": self.record["spec_fingerprint"],
+                                                     "where": self.redo_where}],
+                "committed_at": new["committed_at"]}
 
     def _commit(self, shard: Shard, *, results: pa.Table | None = None, errors: pa.Table | None = None) -> None:
         parts = self.parts.get(shard.name, [])
@@ -179,17 +225,20 @@ class ShardCommitter:
             n_errors = errors.num_rows
             by_type = {r["values"]: r["counts"] for r in pc.value_counts(errors.column("error_type")).to_pylist()}
         fault_point("before-metrics")
-        m = merge_parts(summaries, shard=shard.path, rows=shard.rows,
-                        errors=n_errors, context=self.context)
+        ran = self.expected[shard.name].count  # rows this run computed: the shard, or its redone rows
+        m = merge_parts(summaries, shard=shard.path, rows=ran, errors=n_errors, context=self.context)
         metrics = pa.Table.from_pylist([m], schema=arrow_schema("metrics"))
         files["metrics"] = [self.store.write_table(self.store.part_name("metrics", shard.name, run_id), metrics)]
+        record = {**self.record, "name": shard.name, "input": shard.fingerprint(),
+                  "rows": shard.rows, "results": shard.rows - n_errors, "errors": n_errors,
+                  "errors_by_type": dict(sorted(by_type.items())),
+                  "ids": {"count": shard.ids.count, "hash": shard.ids.hash} if shard.ids else None,
+                  "files": files, "committed_at": time.time()}
+        if shard.name in self.redo:
+            record = self._merge_with_committed(shard.name, record)
         fault_point("before-record")
         self.fence()
-        self.store.commit({**self.record, "name": shard.name, "input": shard.fingerprint(),
-                           "rows": shard.rows, "results": shard.rows - n_errors, "errors": n_errors,
-                           "errors_by_type": dict(sorted(by_type.items())),
-                           "ids": {"count": shard.ids.count, "hash": shard.ids.hash} if shard.ids else None,
-                           "files": files, "committed_at": time.time()})
+        self.store.commit(record)
         fault_point("after-record")
         self.pending.pop(shard.name, None)
         self.totals.add(m)

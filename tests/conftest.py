@@ -33,7 +33,7 @@ MODULE_TIERS = {
     "test_summarize_head": "unit", "test_output_lock": "unit", "test_tiny_model": "unit",
     "test_shards": "unit", "test_s3_server": "unit", "test_status": "datapath",
     "test_pipeline_fake_engine": "datapath", "test_faults": "datapath", "test_bad_input": "datapath",
-    "test_exactly_once": "datapath", "test_s3_jobs": "datapath", "test_cli_messages": "engine",
+    "test_exactly_once": "datapath", "test_retry": "datapath", "test_s3_jobs": "datapath", "test_cli_messages": "engine",
     "test_cluster": "cluster", "test_cluster_config": "unit",
 }
 TIERS = ("unit", "datapath", "engine", "cluster")
