@@ -25,6 +25,16 @@ def keep_rows_to_redo(batch, *, redo: dict, id_column: str):
     return batch.filter(keep) if keep is not None else batch
 
 
+ASYNC_BATCHES = 4  # Ray Data's default concurrency of an async batch UDF within one task
+
+
+def rows_per_block(spec, rows: int) -> int:
+    """Rows per block handed to an engine actor: about 1/8 of each replica's share, between
+    one batch and 16 batches."""
+    batch = spec.resources.batch_size
+    return max(batch, min(16 * batch, rows // (8 * spec.resources.replica_range[1])))
+
+
 def rows_per_write(spec, rows: int) -> int:
     """output.rows_per_file, or about 1/16 of the rows to run (at least one batch, at most 10,000)."""
     if spec.output.rows_per_file:
@@ -52,10 +62,12 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         ds = ds.map_batches(keep_rows_to_redo, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
             "redo": {path_key(s.path): plan.redo[s.name] for s in todo if s.name in plan.redo},
             "id_column": spec.input.id_column})
-    # Blocks of one batch each, so that every replica gets work and rows stream through
-    # instead of waiting for whole files.
+    # Blocks of several batches: every replica gets work and rows stream through instead of
+    # waiting for whole files, while each Ray task carries enough rows to pay for itself.
+    # Ray Data runs up to ASYNC_BATCHES batches of one block at once in an engine actor.
     batch = spec.resources.batch_size
-    ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=batch)
+    block = rows_per_block(spec, sum(plan.rows_to_run(s) for s in todo))
+    ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=block)
     low, high = spec.resources.replica_range
     # Actors restart without Ray's bound: the ledger keeps the budget, per poison row.
     ledger = ray.remote(RowLedger).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
@@ -70,7 +82,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(
             min_size=low, max_size=high,
-            max_tasks_in_flight_per_actor=max(4, -(-spec.resources.rows_in_flight // batch))),
+            max_tasks_in_flight_per_actor=max(2, -(-spec.resources.rows_in_flight // min(block, ASYNC_BATCHES * batch)))),
         ray_remote_args_fn=placer.remote_args_fn,
         **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
         max_restarts=-1, max_task_retries=-1,

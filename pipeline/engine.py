@@ -392,10 +392,11 @@ def reap_orphans(run_id: str) -> int:
     return _kill(found)
 
 
-def reap_dead_runs(output: str, run_id: str) -> int:
+def reap_dead_runs(output: str, run_id: str, *, spare: tuple[str, ...] = ()) -> int:
     """Kill processes left by earlier runs on the same output (their driver was killed: Ray's
-    agents and vLLM processes outlive it). The caller holds the output's lock, so no other
-    run of that output is alive. Returns how many were killed."""
+    agents and vLLM processes outlive it). The caller holds the output's lock; spare names a
+    run whose driver is alive but lost the lock (paused): it stops itself, with its message,
+    when it wakes. Returns how many were killed."""
     import psutil
 
     found = []
@@ -403,7 +404,7 @@ def reap_dead_runs(output: str, run_id: str) -> int:
         try:
             env = p.environ()
             if (p.pid != os.getpid() and env.get(OUTPUT_MARK) == output
-                    and env.get(RUN_MARK) not in (None, run_id)):
+                    and env.get(RUN_MARK) not in (None, run_id, *spare)):
                 found.append(p)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue

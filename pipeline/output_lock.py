@@ -78,6 +78,7 @@ class OutputLock:
         self.path = posixpath.join(root, LOCK)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.previous: dict | None = None  # the stale lock this run took over, if any
 
     def _record(self) -> bytes:
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -86,6 +87,14 @@ class OutputLock:
     def holder(self) -> dict | None:
         """The lock's current content, None when nobody holds it, {} when unreadable."""
         return read_holder(self.fs, self.root)
+
+    def previous_alive_here(self) -> str | None:
+        """The run id of the lock taken over when its process still lives on this host
+        (paused, not dead): fenced, it stops by itself once it wakes up."""
+        p = self.previous or {}
+        if p.get("host") == socket.gethostname() and p.get("pid") and _alive(int(p["pid"])):
+            return p.get("run_id")
+        return None
 
     def verify(self) -> None:
         """The fencing check: raise LostLockError if another run took the lock over."""
@@ -126,6 +135,7 @@ class OutputLock:
                     f"and rerun (finished shards are kept), or write elsewhere. If that run is dead, delete "
                     f"{self.path}; a lock also expires {STALE_AFTER_S / 60:.0f} min after its run was last seen.")
             note = f"took over a stale lock on {self.root}: {reason}"
+            self.previous = holder
             self.fs.delete_file(self.path)
         self._create()
         self._thread = threading.Thread(target=self._beat, name="qwen-batch-lock", daemon=True)

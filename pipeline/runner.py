@@ -125,7 +125,8 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
         run.lock.verify()
         from pipeline.engine import reap_dead_runs
 
-        reaped = reap_dead_runs(spec.output.path, run.run_id)
+        paused = run.lock.previous_alive_here()
+        reaped = reap_dead_runs(spec.output.path, run.run_id, spare=(paused,) if paused else ())
         if reaped:
             run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
                               f"(its driver was killed).", highlight=False)

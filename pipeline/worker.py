@@ -82,15 +82,11 @@ class InferenceWorker:
         self.gate = EngineGate()
         self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.ledger)
 
-    async def _one(self, row: dict[str, Any], *, alone: bool = False) -> dict[str, Any]:
+    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One row through the head (the caller holds the engine gate and keeps the time)."""
         started = time.time()
         try:
-            async with (self.gate.exclusive() if alone else self.gate.shared()):
-                out = await asyncio.wait_for(self.head.run(row, self.engine), self.timeout)
-        except asyncio.TimeoutError:
-            out = {"error_type": "engine_timeout", "error_message": (
-                f"the engine did not answer within {self.timeout:.0f} s (resources.row_timeout_s); "
-                f"the request was cancelled")}
+            out = await self.head.run(row, self.engine)
         except RowError as e:
             out = {"error_type": e.error_type, "error_message": e.message}
         except Exception as e:
@@ -101,6 +97,19 @@ class InferenceWorker:
                 os._exit(70)
             out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
         return self._finish(out, row, started)
+
+    async def _timed(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows at once; those not answered within the row timeout become engine_timeout rows
+        (one deadline for the batch: its rows start together)."""
+        started = time.time()
+        tasks = [asyncio.ensure_future(self._one(r)) for r in rows]
+        done, pending = await asyncio.wait(tasks, timeout=self.timeout)
+        for t in pending:
+            t.cancel()
+        return [t.result() if t in done else self._finish(
+            {"error_type": "engine_timeout", "error_message": (
+                f"the engine did not answer within {self.timeout:.0f} s (resources.row_timeout_s); "
+                f"the request was cancelled")}, r, started) for t, r in zip(tasks, rows)]
 
     def _finish(self, out: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
         out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
@@ -114,7 +123,8 @@ class InferenceWorker:
         if deaths:
             out = self._condemned(row, deaths)
         else:
-            out = await self._one(row, alone=True)
+            async with self.gate.exclusive():
+                out = (await self._timed([row]))[0]
         await self.ledger.end_alone.remote(key)
         return out
 
@@ -161,7 +171,8 @@ class InferenceWorker:
         if self.ledger and await self._begin(key):  # an engine died on this batch
             out = done + [await self._suspect(r) for r in rows]
         else:
-            out = done + list(await asyncio.gather(*(self._one(r) for r in rows)))
+            async with self.gate.shared():
+                out = done + await self._timed(rows)
         if self.ledger:
             self.ledger.end.remote(key)  # no need to wait: calls from one actor arrive in order
         return out

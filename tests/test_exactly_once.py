@@ -292,11 +292,6 @@ def test_paused_run_that_lost_its_lock_writes_nothing_more(place):
     assert_trusted_is_whole(out, expected_by_name(shards))
     assert all(f.rsplit("/", 1)[1].startswith(holder["run_id"]) for f in store.garbage())
     assert not store.fs.get_file_info(store.abs(LOCK)).is_file  # nobody holds it now
-    if "Failed to connect to GCS" in err and "lost the lock" not in err:
-        # Known (issue #12): Ray ends a driver that could not reach its GCS for 60 s (a pause
-        # counts, and a takeover may end the paused run's Ray) with exit 1 as soon as it
-        # resumes, before the run's fencing check can say "lost the lock".
-        pytest.xfail(f"run A was ended by Ray (exit {code}), not by its fencing check")
     assert code == EXIT_CRASHED, f"run A ended with {code}:\n{err[-3000:]}"
     assert f"run {holder['run_id']} lost the lock" in err and "the other run's output stands" in err
 

@@ -208,10 +208,10 @@ def test_two_poison_rows_on_one_replica_fit_the_default_budget_and_are_remembere
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 52 KiB tmpfs: room for the lock, the manifest and about two shards' files."""
+    """An 80 KiB tmpfs: room for the lock, the manifest and about two shards' files."""
     mount = tmp_path / "out"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=52k", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80k", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     # Not a skip: without a real full disk this fault would go untested (CI runs as root).
     assert done.returncode == 0, f"the full-disk test mounts a small tmpfs and needs root: {done.stderr.strip()}"
