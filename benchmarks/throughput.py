@@ -209,6 +209,7 @@ def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
     from vllm import LLM, SamplingParams
 
     from pipeline.heads.summarize import SummarizeOptions, split_text
+    from pipeline.testing import FakeEngine
 
     t0 = time.time()
     llm = LLM(model=model, **engine)
@@ -216,13 +217,6 @@ def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
     tok = AutoTokenizer.from_pretrained(model)
     opts = SummarizeOptions()
     limit = engine["max_model_len"]
-
-    class Tok:  # what split_text needs
-        def tokenize(self, text):
-            return tok.encode(text, add_special_tokens=False)
-
-        def decode(self, ids):
-            return tok.decode(ids)
 
     def prompt(instruction, text):
         return tok.apply_chat_template([{"role": "user", "content": instruction.replace("{text}", text)}],
@@ -233,7 +227,8 @@ def run_vllm_map_reduce(model: str, engine: dict, n: int) -> dict:
 
     budget = limit - SUMMARY_TOKENS - len(tok.encode(prompt(opts.map_instruction, ""), add_special_tokens=False))
     params = SamplingParams(max_tokens=SUMMARY_TOKENS, **SAMPLING)
-    work = {d["id"]: split_text(d["text"], Tok(), budget, overlap=0, fits=fits(opts.map_instruction))
+    splitter = FakeEngine(tokenizer=tok, record=False)  # the tokenize/decode split_text needs
+    work = {d["id"]: split_text(d["text"], splitter, budget, overlap=0, fits=fits(opts.map_instruction))
             for d in documents(n)}
     out_tokens = in_tokens = 0
     instruction = opts.map_instruction

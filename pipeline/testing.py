@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.heads.base import Completion, RowError
+from pipeline.heads.base import Completion, RowError, Scores
+from pipeline.heads.classify import END_OF_TURN
 
 
 class EngineDeadError(RuntimeError):
@@ -17,14 +19,31 @@ class EngineDeadError(RuntimeError):
 
 
 class FakeEngine:
-    """Answers instantly with "ok ok ..."; its tokens are whitespace-separated words.
+    """The one stand-in engine: answers instantly, tokenizes by whitespace (or with a real
+    tokenizer), scripts answers and scores, records what it was asked, and injects faults.
 
+    Tokens: without a tokenizer, a token is a whitespace-separated word and a rendered
+    message is "<|im_start|> role content... <|im_end|>" (its words + 3 tokens); with
+    tokenizer (a Hugging Face tokenizer, e.g. Qwen3's), the real tokenizer and chat template.
+    answer: None answers "ok ok ..." of min(max_tokens, answer_tokens) tokens (all of
+    max_tokens when answer_tokens is None), finish "length"; a string, a list (answered in
+    turn, cycling) or a callable (prompt text, sampling) -> str answers that text plus the
+    end-of-turn token, finish "stop" (finish overrides either).
+    scores: log-probability of each continuation for score(), keyed by its text without the
+    end-of-turn token (a dict, default_score when missing) or a callable (text) -> float.
+    record: keep what the engine was asked in calls (sampling dicts of generate), prompts
+    (their prompt lengths), rendered ((messages, enable_thinking) of render_chat), methods
+    (score's method), tokenized (characters tokenized or rendered) and log (the method names
+    in call order). Off in fake_engine_factory's engines (the data path and benchmarks).
+
+    Faults (matched against the decoded prompt of generate):
     fail_on: prompts containing any of these strings fail with an engine_error.
     die_on: a prompt containing this string kills the whole actor process (os._exit), once
     per marker file, so the restarted actor succeeds.
     dead_on: likewise, but the engine reports itself dead (vLLM's EngineDeadError), once.
     poison_on: a prompt containing this string kills the actor process every time.
     hang_on: a prompt containing this string never gets an answer (a hung request).
+    delay: seconds each generate call waits first.
     """
 
     max_model_len = 4096
@@ -33,17 +52,49 @@ class FakeEngine:
     def __init__(self, args: dict[str, Any] | None = None, *, device: str = "cpu",
                  fail_on: tuple[str, ...] = (), die_on: str | None = None, marker: str | None = None,
                  delay: float = 0.0, dead_on: str | None = None, poison_on: str | None = None,
-                 hang_on: str | None = None):
+                 hang_on: str | None = None, tokenizer: Any = None, max_model_len: int | None = None,
+                 answer: str | Sequence[str] | Callable[[str, dict], str] | None = None,
+                 answer_tokens: int | None = 16, finish: str | None = None,
+                 scores: dict[str, float] | Callable[[str], float] | None = None,
+                 default_score: float = -5.0, record: bool = True):
         self.fail_on, self.die_on, self.marker, self.delay = fail_on, die_on, marker, delay
         self.dead_on, self.poison_on, self.hang_on = dead_on, poison_on, hang_on
+        self.tokenizer, self.answer, self.answer_tokens, self.finish = tokenizer, answer, answer_tokens, finish
+        self.scores, self.default_score, self.record = scores or {}, default_score, record
+        if max_model_len is not None:
+            self.max_model_len = max_model_len
         self.vocab: dict[str, int] = {"ok": 0}
         self.words: list[str] = ["ok"]
+        self.answered = 0
+        self.calls: list[dict[str, Any]] = []
+        self.prompts: list[int] = []
+        self.rendered: list[tuple[list[dict], bool]] = []
+        self.methods: list[str] = []
+        self.log: list[str] = []
+        self.tokenized = 0
+
+    def _note(self, name: str, chars: int = 0) -> None:
+        if self.record:
+            self.log.append(name)
+            self.tokenized += chars
 
     def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
-        text = " ".join(f"{m['role']}: {m['content']}" for m in messages)
-        return self.tokenize(text)
+        if self.record:
+            self.rendered.append((messages, enable_thinking))
+        self._note("render_chat", sum(len(m["content"]) for m in messages))
+        if self.tokenizer is not None:
+            from pipeline.engine import render_chat
+
+            return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
+        return self._encode(" ".join(f"<|im_start|> {m['role']} {m['content']} {END_OF_TURN}" for m in messages))
 
     def tokenize(self, text: str) -> list[int]:
+        self._note("tokenize", len(text))
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text, add_special_tokens=False)
         ids = []
         for w in text.split():
             if w not in self.vocab:
@@ -53,12 +104,23 @@ class FakeEngine:
         return ids
 
     def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return " ".join(self.words[t] for t in token_ids)
 
+    def _text(self, prompt_token_ids: list[int]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(prompt_token_ids)
+        return self.decode(prompt_token_ids)
+
     async def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> Completion:
+        if self.record:
+            self.log.append("generate")
+            self.calls.append(sampling)
+            self.prompts.append(len(prompt_token_ids))
         if self.delay:
             await asyncio.sleep(self.delay)
-        text = self.decode(prompt_token_ids)
+        text = self._text(prompt_token_ids)
         if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
@@ -71,13 +133,40 @@ class FakeEngine:
             await asyncio.Event().wait()
         if any(f in text for f in self.fail_on):
             raise RowError("engine_error", "the fake engine was told to fail this prompt")
-        n = min(sampling.get("max_tokens", 16), 16)
-        out = [0] * n
-        return Completion(self.decode(out), out, "length", len(prompt_token_ids), n)
+        if self.answer is None:
+            n = sampling.get("max_tokens", 16)
+            n = min(n, self.answer_tokens) if self.answer_tokens else n
+            out = self._filler(n)
+            return Completion(self.decode(out), out, self.finish or "length", len(prompt_token_ids), len(out))
+        if callable(self.answer):
+            answer = self.answer(text, sampling)
+        elif isinstance(self.answer, str):
+            answer = self.answer
+        else:
+            answer = self.answer[self.answered % len(self.answer)]
+        self.answered += 1
+        out = self._encode(answer) + self._encode(END_OF_TURN)
+        return Completion(answer, out, self.finish or "stop", len(prompt_token_ids), len(out))
+
+    def _filler(self, n: int) -> list[int]:
+        return [0] * n if self.tokenizer is None else self._encode(" ok" * n)[:n]
+
+    async def score(self, prompt: list[int], continuations: list[list[int]], *, method: str = "trie") -> Scores:
+        if self.record:
+            self.log.append("score")
+            self.methods.append(method)
+        texts = [self._text(c).removesuffix(END_OF_TURN) for c in continuations]
+        if callable(self.scores):
+            logprobs = [self.scores(t) for t in texts]
+        else:
+            logprobs = [self.scores.get(t, self.default_score) for t in texts]
+        return Scores(logprobs, sum(len(prompt) + len(c) for c in continuations))
 
 
 def fake_engine_factory(**kwargs):
-    """An engine_factory for run_job that builds FakeEngine with these options."""
+    """An engine_factory for run_job that builds FakeEngine with these options (recording
+    off unless record=True: an actor answers many rows)."""
+    kwargs.setdefault("record", False)
 
     def build(args, *, device):
         return FakeEngine(args, device=device, **kwargs)

@@ -5,35 +5,18 @@ import json
 
 import pytest
 
-from pipeline.heads.base import Completion, RowError
+from pipeline.heads.base import RowError
 from pipeline.heads.chat import ChatHead, row_sampling, split_reasoning
+from pipeline.testing import FakeEngine
 
 
-class ScriptedEngine:
-    """Records what the head asks for; answers with a fixed text."""
-
-    max_model_len = 64
-
-    def __init__(self, text="hello", finish="stop"):
-        self.text, self.finish, self.calls, self.rendered = text, finish, [], []
-
-    def render_chat(self, messages, *, enable_thinking):
-        self.rendered.append((messages, enable_thinking))
-        return list(range(sum(len(m["content"].split()) + 3 for m in messages)))
-
-    def tokenize(self, text):
-        return list(range(len(text.split())))
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-    async def generate(self, prompt_token_ids, sampling):
-        self.calls.append(sampling)
-        return Completion(self.text, [1, 2], self.finish, len(prompt_token_ids), 2)
+def scripted(answer="hello", max_model_len=64):
+    """The fake engine as these tests use it: records what the head asks for; a fixed answer."""
+    return FakeEngine(answer=answer, max_model_len=max_model_len)
 
 
 def run(head, row, engine=None):
-    engine = engine or ScriptedEngine()
+    engine = engine or scripted()
     return asyncio.run(head.run(row, engine)), engine
 
 
@@ -77,7 +60,7 @@ def test_bad_rows_become_invalid_input(row, fragment):
 
 
 def test_prompt_longer_than_context_is_refused_before_the_engine():
-    eng = ScriptedEngine()
+    eng = scripted()
     with pytest.raises(RowError) as e:
         run(ChatHead(), {"prompt": "word " * 100}, eng)
     assert e.value.error_type == "prompt_too_long"
@@ -86,12 +69,12 @@ def test_prompt_longer_than_context_is_refused_before_the_engine():
 
 
 def test_template_failure_is_a_template_error():
-    class Broken(ScriptedEngine):
+    class Broken(FakeEngine):  # a template that fails: only this test needs it
         def render_chat(self, messages, *, enable_thinking):
             raise ValueError("no template")
 
     with pytest.raises(RowError) as e:
-        run(ChatHead(), {"prompt": "hi"}, Broken())
+        run(ChatHead(), {"prompt": "hi"}, Broken(answer="hello", max_model_len=64))
     assert e.value.error_type == "template_error" and "no template" in e.value.message
 
 
@@ -104,7 +87,7 @@ def test_sampling_precedence_head_defaults_then_spec_then_row():
 
 
 def test_thinking_mode_uses_thinking_defaults_and_splits_reasoning():
-    eng = ScriptedEngine(text="<think>\nstep one\n</think>\n\nThe answer.")
+    eng = scripted("<think>\nstep one\n</think>\n\nThe answer.")
     out, _ = run(ChatHead({"enable_thinking": True}), {"prompt": "q"}, eng)
     assert eng.rendered[0][1] is True
     assert eng.calls[0]["temperature"] == 0.6 and eng.calls[0]["top_p"] == 0.95
@@ -192,26 +175,8 @@ def test_spec_max_tokens_is_a_ceiling_for_rows_unless_the_spec_raises_it():
     assert eng.calls[0]["max_tokens"] == 50
 
 
-class CountingEngine(ScriptedEngine):
-    """Counts characters it was asked to tokenize or render."""
-
-    max_model_len = 32768
-
-    def __init__(self):
-        super().__init__()
-        self.tokenized = 0
-
-    def render_chat(self, messages, *, enable_thinking):
-        self.tokenized += sum(len(m["content"]) for m in messages)
-        return super().render_chat(messages, enable_thinking=enable_thinking)
-
-    def tokenize(self, text):
-        self.tokenized += len(text)
-        return super().tokenize(text)
-
-
 def test_huge_rows_fail_without_being_tokenized():
-    eng = CountingEngine()
+    eng = scripted(max_model_len=32768)  # counts the characters it tokenizes or renders
     with pytest.raises(RowError) as e:  # a 50 MB prompt
         run(ChatHead(), {"prompt": "word " * 10_000_000}, eng)
     assert e.value.error_type == "prompt_too_long" and "50,000,000 characters" in e.value.message
@@ -224,7 +189,7 @@ def test_huge_rows_fail_without_being_tokenized():
 
 
 def test_a_long_row_is_counted_piece_by_piece_and_stops_past_the_context():
-    eng = CountingEngine()  # max_model_len 32768; 4,000,000 characters could fit 128-char tokens
+    eng = scripted(max_model_len=32768)  # 4,000,000 characters could fit 128-char tokens
     with pytest.raises(RowError) as e:
         run(ChatHead(), {"prompt": "word " * 800_000}, eng)
     assert e.value.error_type == "prompt_too_long" and "more than 32768 tokens" in e.value.message
@@ -232,25 +197,14 @@ def test_a_long_row_is_counted_piece_by_piece_and_stops_past_the_context():
 
 
 def test_counting_a_long_row_lets_other_rows_through():
-    log = []
-
-    class Logging(ScriptedEngine):
-        max_model_len = 1_000_000
-
-        def tokenize(self, text):
-            log.append("piece")
-            return super().tokenize(text)
-
-        async def generate(self, prompt_token_ids, sampling):
-            log.append("generate")
-            return await super().generate(prompt_token_ids, sampling)
+    eng, head = scripted(max_model_len=1_000_000), ChatHead()
 
     async def both():
-        eng, head = Logging(), ChatHead()
         await asyncio.gather(head.run({"prompt": "word " * 100_000}, eng), head.run({"prompt": "hi"}, eng))
 
     asyncio.run(both())
-    assert log.count("piece") == 8 and log.index("generate") < 2  # the short row did not wait
+    log = [call for call in eng.log if call in ("tokenize", "generate")]
+    assert log.count("tokenize") == 8 and log.index("generate") < 2  # the short row did not wait
 
 
 CONTROL_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>",
@@ -267,12 +221,8 @@ def test_every_control_string_is_text_inside_content(tokenizer, where):
     added = set(tokenizer.added_tokens_decoder)
     assert {tokenizer.added_tokens_decoder[i].content for i in added} >= set(CONTROL_STRINGS)
 
-    class Real(ScriptedEngine):
-        max_model_len = 4096
-
-        def render_chat(self, messages, *, enable_thinking):
-            self.rendered.append(messages)
-            return render_chat(tokenizer, messages, enable_thinking=enable_thinking)
+    def real():
+        return FakeEngine(answer="hello", tokenizer=tokenizer)
 
     def row(text):
         if where == "prompt":
@@ -285,13 +235,13 @@ def test_every_control_string_is_text_inside_content(tokenizer, where):
     def controls(ids):
         return sorted(i for i in ids if i in added)
 
-    eng = Real()
+    eng = real()
     run(ChatHead(), row("X"), eng)
-    baseline = controls(render_chat(tokenizer, eng.rendered[0], enable_thinking=False))  # the template's own
+    baseline = controls(render_chat(tokenizer, eng.rendered[0][0], enable_thinking=False))  # the template's own
     for text in CONTROL_STRINGS:
-        eng = Real()
+        eng = real()
         out, _ = run(ChatHead(), row(text), eng)
-        messages = eng.rendered[0]
+        messages = eng.rendered[0][0]
         ids = render_chat(tokenizer, messages, enable_thinking=False)
         expected_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                       enable_thinking=False)

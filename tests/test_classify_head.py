@@ -6,38 +6,13 @@ import math
 
 import pytest
 
-from pipeline.heads.base import RowError, Scores
+from pipeline.heads.base import RowError
 from pipeline.heads.classify import ClassifyHead
-
-
-class ScoringEngine:
-    """Scores each continuation by a table keyed on its text (default -5)."""
-
-    max_model_len = 4096
-
-    def __init__(self, table):
-        self.table, self.rendered = table, []
-
-    def render_chat(self, messages, *, enable_thinking):
-        self.rendered.append(messages)
-        return [1] * sum(len(m["content"]) // 4 + 3 for m in messages)
-
-    def tokenize(self, text):
-        self.last = text
-        return [hash(text) % 1000, 7]
-
-    def decode(self, ids):
-        return ""
-
-    async def score(self, prompt, continuations, *, method="trie"):
-        self.methods = getattr(self, "methods", []) + [method]
-        texts = {tuple(self.tokenize(k + "<|im_end|>")): k for k in self.table}
-        return Scores([self.table.get(texts.get(tuple(c)), -5.0) for c in continuations],
-                      len(continuations) * (len(prompt) + 2))
+from pipeline.testing import FakeEngine
 
 
 def run(options, text, table):
-    eng = ScoringEngine(table)
+    eng = FakeEngine(scores=table)  # each label's log-probability by its text (default -5)
     return asyncio.run(ClassifyHead(options).run({"text": text}, eng)), eng
 
 
@@ -64,7 +39,7 @@ def test_descriptions_and_examples_are_in_the_prompt():
     options = {"labels": {"spam": "unsolicited ads", "ham": "anything else"},
                "examples": [{"text": "Buy now!!!", "label": "spam"}], "system_prompt": "Be careful."}
     _, eng = run(options, "hello friend", {"ham": -0.1})
-    turns = eng.rendered[0]
+    turns = eng.rendered[0][0]
     assert turns[0] == {"role": "system", "content": "Be careful."}
     assert "- spam: unsolicited ads" in turns[1]["content"] and "Buy now!!!" in turns[1]["content"]
     assert turns[2] == {"role": "assistant", "content": "spam"}
@@ -93,12 +68,9 @@ def test_labels_must_be_unique_and_present():
         run({}, "text", {})
 
 
-def test_over_long_text_is_prompt_too_long():
-    class Small(ScoringEngine):
-        max_model_len = 50
-
+def test_over_long_text_is_prompt_too_long(tokenizer):  # counted by the real tokenizer
     with pytest.raises(RowError) as e:
-        asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400}, Small({})))
+        asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400}, FakeEngine(tokenizer=tokenizer, max_model_len=50)))
     assert e.value.error_type == "prompt_too_long"
 
 

@@ -6,33 +6,14 @@ import math
 
 import pytest
 
-from pipeline.heads.base import Completion, RowError
+from pipeline.heads.base import RowError
 from pipeline.heads.summarize import SummarizeHead, split_text
+from pipeline.testing import FakeEngine
 
 
-class TokenizerEngine:
-    """The real tokenizer and template; generate() returns a summary of exactly n tokens."""
-
-    def __init__(self, tokenizer, max_model_len=512, summary_tokens=None):
-        self.tok, self.max_model_len, self.summary_tokens = tokenizer, max_model_len, summary_tokens
-        self.calls = []  # (prompt tokens, max_tokens)
-
-    def render_chat(self, messages, *, enable_thinking):
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                            enable_thinking=enable_thinking)
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def tokenize(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    async def generate(self, prompt, sampling):
-        self.calls.append((len(prompt), sampling["max_tokens"]))
-        n = self.summary_tokens or sampling["max_tokens"]
-        ids = self.tokenize(" word" * n)[:n]
-        return Completion(self.decode(ids), ids, "length", len(prompt), len(ids))
+def real_engine(tokenizer, max_model_len=512):
+    """The fake engine with the real tokenizer and template; a summary is all of max_tokens."""
+    return FakeEngine(tokenizer=tokenizer, max_model_len=max_model_len, answer_tokens=None)
 
 
 def summarize(engine, doc, **options):
@@ -53,27 +34,27 @@ def paragraphs(n_tokens_total, tokenizer):
 
 def assert_all_calls_fit(engine):
     assert engine.calls
-    for prompt, max_tokens in engine.calls:
-        assert prompt + max_tokens <= engine.max_model_len
+    for prompt, sampling in zip(engine.prompts, engine.calls):
+        assert prompt + sampling["max_tokens"] <= engine.max_model_len
 
 
 def test_short_document_takes_one_call(tokenizer):
-    eng = TokenizerEngine(tokenizer)
+    eng = real_engine(tokenizer)
     out = summarize(eng, "A short note about owls.")
     assert (out["n_chunks"], out["levels"], out["calls"]) == (1, 1, 1) and len(eng.calls) == 1
     assert out["input_tokens"] == len(tokenizer.encode("A short note about owls.", add_special_tokens=False))
-    assert out["prompt_tokens"] == eng.calls[0][0] and out["completion_tokens"] == 32
+    assert out["prompt_tokens"] == eng.prompts[0] and out["completion_tokens"] == 32
     assert out["finish_reason"] == "length"
 
 
 def test_exactly_the_budget_fits_and_one_more_token_splits(tokenizer):
     doc = paragraphs(300, tokenizer)
-    probe = TokenizerEngine(tokenizer, max_model_len=10_000)
+    probe = real_engine(tokenizer, max_model_len=10_000)
     summarize(probe, doc)
-    exact = probe.calls[0][0] + 32
-    eng = TokenizerEngine(tokenizer, max_model_len=exact)
+    exact = probe.prompts[0] + 32
+    eng = real_engine(tokenizer, max_model_len=exact)
     assert summarize(eng, doc)["calls"] == 1
-    eng = TokenizerEngine(tokenizer, max_model_len=exact - 1)
+    eng = real_engine(tokenizer, max_model_len=exact - 1)
     out = summarize(eng, doc)
     assert out["n_chunks"] >= 2 and out["levels"] >= 2
     assert_all_calls_fit(eng)
@@ -81,7 +62,7 @@ def test_exactly_the_budget_fits_and_one_more_token_splits(tokenizer):
 
 @pytest.mark.parametrize("factor", [0.5, 2, 5, 20])
 def test_documents_of_any_length_fit_every_call(tokenizer, factor):
-    eng = TokenizerEngine(tokenizer, max_model_len=512)
+    eng = real_engine(tokenizer, max_model_len=512)
     doc = paragraphs(int(512 * factor), tokenizer)
     out = summarize(eng, doc)
     assert_all_calls_fit(eng)
@@ -90,14 +71,14 @@ def test_documents_of_any_length_fit_every_call(tokenizer, factor):
         assert out["n_chunks"] >= math.ceil(out["input_tokens"] / map_budget)
         assert out["n_chunks"] <= 2 * math.ceil(out["input_tokens"] / map_budget) + 1
     assert out["calls"] == len(eng.calls)
-    assert out["prompt_tokens"] == sum(p for p, _ in eng.calls)
+    assert out["prompt_tokens"] == sum(eng.prompts)
     if factor >= 20:
         assert out["levels"] >= 3
 
 
 def test_one_paragraph_longer_than_a_chunk_is_cut_on_tokens_and_kept_whole(tokenizer):
     doc = "word" + " and more" * 800  # no paragraph or sentence break
-    eng = TokenizerEngine(tokenizer, max_model_len=256)
+    eng = real_engine(tokenizer, max_model_len=256)
     chunks = split_text(doc, eng, 100, overlap=0, fits=lambda t: len(eng.tokenize(t)) <= 100)
     assert len(chunks) > 10 and "".join(chunks) == doc
     assert all(len(eng.tokenize(c)) <= 100 for c in chunks)
@@ -105,7 +86,7 @@ def test_one_paragraph_longer_than_a_chunk_is_cut_on_tokens_and_kept_whole(token
 
 def test_sentences_are_preferred_over_token_cuts(tokenizer):
     doc = " ".join(f"Sentence number {i} ends here." for i in range(200))
-    eng = TokenizerEngine(tokenizer)
+    eng = real_engine(tokenizer)
     chunks = split_text(doc, eng, 80, overlap=0, fits=lambda t: len(eng.tokenize(t)) <= 80)
     assert "".join(chunks) == doc
     assert all(c.rstrip().endswith("here.") for c in chunks[:-1])
@@ -113,7 +94,7 @@ def test_sentences_are_preferred_over_token_cuts(tokenizer):
 
 def test_cjk_and_emoji_are_never_split_inside_a_character(tokenizer):
     doc = "长文档摘要测试。" * 300 + "🙂🚀" * 200 + "日本語のテキスト" * 100
-    eng = TokenizerEngine(tokenizer, max_model_len=256)
+    eng = real_engine(tokenizer, max_model_len=256)
     chunks = split_text(doc, eng, 50, overlap=0, fits=lambda t: len(eng.tokenize(t)) <= 50)
     assert "".join(chunks) == doc
     assert not any("\ufffd" in c for c in chunks)
@@ -124,7 +105,7 @@ def test_cjk_and_emoji_are_never_split_inside_a_character(tokenizer):
 
 def test_overlap_repeats_the_end_of_the_previous_chunk(tokenizer):
     doc = paragraphs(2000, tokenizer)
-    eng = TokenizerEngine(tokenizer)
+    eng = real_engine(tokenizer)
     plain = split_text(doc, eng, 200, overlap=0, fits=lambda t: True)
     overlapped = split_text(doc, eng, 200, overlap=20, fits=lambda t: True)
     assert len(overlapped) == len(plain)
@@ -137,11 +118,11 @@ def test_overlap_repeats_the_end_of_the_previous_chunk(tokenizer):
                                            (42, "holds int")])
 def test_bad_documents_are_invalid_input(tokenizer, doc, fragment):
     with pytest.raises(RowError) as e:
-        summarize(TokenizerEngine(tokenizer), doc)
+        summarize(real_engine(tokenizer), doc)
     assert e.value.error_type == "invalid_input" and fragment in e.value.message
 
 
 def test_summary_length_too_big_for_the_context_is_explained(tokenizer):
     with pytest.raises(RowError) as e:
-        summarize(TokenizerEngine(tokenizer, max_model_len=128), "x " * 500, max_tokens=64)
+        summarize(real_engine(tokenizer, max_model_len=128), "x " * 500, max_tokens=64)
     assert e.value.error_type == "prompt_too_long" and "lower max_tokens" in e.value.message
