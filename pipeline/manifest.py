@@ -23,18 +23,23 @@ class RunReport:
     message: str = ""
 
 
-def start(spec, plan, run_id: str) -> dict:
-    """The manifest of a run that is starting."""
+def start(spec, plan, run_id: str, *, started: float) -> dict:
+    """The manifest of a run that is starting (started: when run_job was called; metrics
+    timelines count their windows from it)."""
+    retried = {} if plan.retry is None else {"retried": {
+        "where": plan.retry.describe(), "spec_fingerprint": spec.fingerprint(),
+        "rows": sum(len(v) for v in plan.redo.values()), "shards": sorted(plan.redo)}}
     return {
         "run_id": run_id,
         "status": "running",
         "spec_fingerprint": spec.fingerprint(),
         "spec": redact(spec.model_dump(mode="json")),
-        "started_at": time.time(),
+        "started_at": started,
         "resumed_anyway": bool(plan.kept),
         "kept": plan.kept,
         "orphaned": plan.orphaned,
         "shards": shard_entries(plan, {}),
+        **retried,
     }
 
 
@@ -79,8 +84,3 @@ def finish(manifest: dict, *, code: int, message: str, stopped: str | None, wall
                               ("rows", "results", "errors", "prompt_tokens", "completion_tokens")})
     return manifest
 
-
-def json_bytes(manifest: dict) -> bytes:
-    import json
-
-    return json.dumps(manifest, indent=2, default=str).encode()

@@ -36,6 +36,10 @@ MANIFEST = "_manifest.json"
 RESERVE = "_reserve"  # room kept on a local disk so the final manifest fits when it is full
 
 
+def _json(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=2, default=str).encode()
+
+
 def _no_space(e: OSError) -> bool:
     return e.errno == errno.ENOSPC or "No space left" in str(e)
 
@@ -179,12 +183,13 @@ class OutputStore:
     def read_manifest(self) -> dict | None:
         return self._get_json(MANIFEST)
 
-    def reserve(self, nbytes: int, run_id: str) -> None:
-        """Keep nbytes on a local disk for the final manifest (see write_manifest)."""
+    def reserve_for(self, manifest: dict, run_id: str) -> None:
+        """Keep room on a local disk for the final manifest (see write_manifest): twice the
+        starting manifest's size, plus a page."""
         if self.local:
             try:
                 with self.fs.open_output_stream(self.abs(f"{RESERVE}.{run_id}")) as f:
-                    f.write(b"\0" * nbytes)
+                    f.write(b"\0" * (2 * len(_json(manifest)) + 4096))
             except OSError:
                 pass  # no room even for that: the manifest may not be updated at the end
 
@@ -199,7 +204,7 @@ class OutputStore:
         """Replace _manifest.json whole. On a full local disk the run's reserve is given up
         and the write tried once more, so a run stopped by a full disk still says why; the
         old manifest is never left half-written."""
-        data = json.dumps(manifest, indent=2, default=str).encode()
+        data = _json(manifest)
         try:
             self._put(MANIFEST, data)
         except OSError as e:

@@ -117,31 +117,7 @@ def _nothing_to_do(plan: Plan, console, started: float) -> RunReport:
 
 def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
     """Run the plan's shards into an output this run holds the lock of; record the outcome."""
-    from rich.markup import escape
-
-    spec, store = run.spec, run.store
-    try:
-        read_output_state(run.plan, overwrite=overwrite, resume_anyway=resume_anyway)  # now under the lock
-        run.lock.verify()
-        from pipeline.engine import reap_dead_runs
-
-        paused = run.lock.previous_alive_here()
-        reaped = reap_dead_runs(spec.output.path, run.run_id, spare=(paused,) if paused else ())
-        if reaped:
-            run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
-                              f"(its driver was killed).", highlight=False)
-        if overwrite:
-            store.clear()
-        store.delete(store.garbage())  # files of killed attempts: no record names them
-        manifest = manifests.start(spec, run.plan, run.run_id)
-        if run.plan.retry is not None:
-            manifest["retried"] = {"where": run.plan.retry.describe(), "spec_fingerprint": spec.fingerprint(),
-                                   "rows": sum(len(v) for v in run.plan.redo.values()),
-                                   "shards": sorted(run.plan.redo)}
-        store.reserve(2 * len(manifests.json_bytes(manifest)) + 4096, run.run_id)
-        store.write_manifest(manifest)
-    except OSError as e:
-        raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
+    manifest = _prepare(run, overwrite=overwrite, resume_anyway=resume_anyway)
     stopped, invalid = None, False
     if run.plan.work:
         try:
@@ -151,19 +127,52 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
                 return _lost(run, _lost_lock(e))
             if os.environ.get("QWEN_BATCH_DEBUG"):
                 raise
-            stopped = _reason(e, spec.output.path)
+            stopped = _reason(e, run.spec.output.path)
             invalid = isinstance(e, (SpecError, InputError))  # e.g. a replica no node can hold
+    try:
+        report = _conclude(run, manifest, stopped=stopped, invalid=invalid)
+    except LostLockError as e:
+        return _lost(run, e)
+    _print_outcome(run, report, invalid=invalid)
+    return report
+
+
+def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
+    """Under the lock: the output's state read again, what dead runs left ended and deleted,
+    the starting manifest written. Returns it."""
+    from pipeline.engine import reap_dead_runs
+
+    spec, store = run.spec, run.store
+    try:
+        read_output_state(run.plan, overwrite=overwrite, resume_anyway=resume_anyway)
+        run.lock.verify()
+        paused = run.lock.previous_alive_here()
+        reaped = reap_dead_runs(spec.output.path, run.run_id, spare=(paused,) if paused else ())
+        if reaped:
+            run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
+                              f"(its driver was killed).", highlight=False)
+        if overwrite:
+            store.clear()
+        store.delete(store.garbage())  # files of killed attempts: no record names them
+        manifest = manifests.start(spec, run.plan, run.run_id, started=run.started)
+        store.reserve_for(manifest, run.run_id)
+        store.write_manifest(manifest)
+    except OSError as e:
+        raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
+    return manifest
+
+
+def _conclude(run: Run, manifest: dict, *, stopped: str | None, invalid: bool) -> RunReport:
+    """The outcome from what is committed now; the final manifest (fenced)."""
+    spec, store = run.spec, run.store
     wall = time.time() - run.started
     try:
         run.lock.verify()
         records = store.records()
         store.delete(store.garbage(records))
-    except LostLockError as e:
-        return _lost(run, e)
     except OSError as e:  # the output went away (network, permissions): nothing more to record
-        message = redact_text(f"the run ended but {spec.output.path} cannot be read back ({e}); "
-                              f"committed shards are kept; rerun the same command to finish")
-        run.console.print(f"[red]{escape(message)}[/red]", highlight=False)
+        message = (f"the run ended but {spec.output.path} cannot be read back ({e}); "
+                   f"committed shards are kept; rerun the same command to finish")
         return RunReport(spec.output.path, run.run_id, run.totals, wall, exit_code=EXIT_CRASHED, message=message)
     manifest["shards"] = manifests.shard_entries(run.plan, records)
     code, message = manifests.outcome(spec, manifest, stopped=stopped, invalid=invalid)
@@ -172,25 +181,29 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
     report = RunReport(spec.output.path, run.run_id, run.totals, wall, skipped_shards=len(run.plan.done),
                        exit_code=code, message=message)
     fault_point("before-manifest")
+    run.lock.verify()
     try:
-        run.lock.verify()
         store.write_manifest(manifest)
-    except LostLockError as e:
-        return _lost(run, e)
     except OSError as e:  # what is committed stays valid without the final manifest
         report.message += f"\nThe manifest could not be updated: {e}"
         report.exit_code = report.exit_code or EXIT_CRASHED
-    console = run.console
+    return report
+
+
+def _print_outcome(run: Run, report: RunReport, *, invalid: bool) -> None:
+    from rich.markup import escape
+
     if not invalid:  # a run refused before it started has nothing to show
-        console.print(summary_table(run.totals, wall_seconds=wall, title=f"qwen-batch {spec.name} ({run.run_id})"))
-        shown = redact_text(spec.output.path)
+        run.console.print(summary_table(run.totals, wall_seconds=report.wall_seconds,
+                                        title=f"qwen-batch {run.spec.name} ({run.run_id})"))
+        shown = redact_text(run.spec.output.path)
         parts = ([f"Results in {shown}/results"] + ([f"errors in {shown}/errors"] if run.totals.errors else [])
                  + [f"metrics in {shown}/metrics"])
-        console.print(", ".join(parts) + f" (committed files are listed in {shown}/_commits).", highlight=False)
+        run.console.print(", ".join(parts) + f" (committed files are listed in {shown}/_commits).",
+                          highlight=False)
     if report.message:
         report.message = redact_text(report.message)
-        console.print(f"[red]{escape(report.message)}[/red]", highlight=False)
-    return report
+        run.console.print(f"[red]{escape(report.message)}[/red]", highlight=False)
 
 
 def _lost_lock(e: BaseException | None) -> LostLockError | None:
