@@ -40,9 +40,11 @@ def path_key(path: str) -> str:
     return path.split("://", 1)[-1].lstrip("/")
 
 
-def split_stage(stage: pa.Table, head: str, id_type: pa.DataType) -> tuple[pa.Table, pa.Table]:
-    """Stage rows -> (results, errors) in their schemas' columns and types."""
-    results_schema = arrow_schema(f"results_{head}", id_type=id_type)
+def split_stage(stage: pa.Table, head: str, id_type: pa.DataType,
+                results_schema: pa.Schema | None = None) -> tuple[pa.Table, pa.Table]:
+    """Stage rows -> (results, errors) in their schemas' columns and types; results_schema:
+    the job's (Head.result_schema) when the head's columns follow its options."""
+    results_schema = results_schema or arrow_schema(f"results_{head}", id_type=id_type)
     errors_schema = arrow_schema("errors", id_type=id_type)
     failed = pc.is_valid(stage.column("error_type"))
     results = stage.filter(pc.invert(failed)).select(results_schema.names).cast(results_schema)
@@ -61,9 +63,10 @@ class PartWriter:
     """Ray Data stage: stage rows -> data files; returns one summary row per shard touched."""
 
     def __init__(self, *, output: str, run_id: str, head: str, id_type: pa.DataType,
-                 shard_names: dict[str, str], origin: float):
+                 shard_names: dict[str, str], origin: float, results_schema: pa.Schema | None = None):
         self.store = OutputStore(output)
         self.run_id, self.head, self.id_type, self.origin = run_id, head, id_type, origin
+        self.results_schema = results_schema
         self.names = {path_key(p): n for p, n in shard_names.items()}
 
     def __call__(self, stage: pa.Table) -> pa.Table:
@@ -74,7 +77,7 @@ class PartWriter:
         for path in pc.unique(paths).to_pylist():
             part = stage.filter(pc.equal(paths, path))
             name = self.names[path_key(path)]
-            results, errors = split_stage(part, self.head, self.id_type)
+            results, errors = split_stage(part, self.head, self.id_type, self.results_schema)
             files = {}
             for kind, table in (("results", results), ("errors", errors)):
                 if table.num_rows:
@@ -100,13 +103,15 @@ class ShardCommitter:
 
     def __init__(self, *, store: OutputStore, input_fs, id_column: str, shards: list[Shard], head: str,
                  id_type: pa.DataType, record: dict, context: dict, fence, totals: RunTotals,
-                 redo: dict[str, tuple[pa.Array, dict]] | None = None, redo_where: str | None = None):
+                 redo: dict[str, tuple[pa.Array, dict]] | None = None, redo_where: str | None = None,
+                 results_schema: pa.Schema | None = None):
         """record: what every commit record of this run says (run id, spec fingerprint);
         context: what every metrics row says; fence: raises if the run lost its lock;
         redo: committed shards of which only some rows run again (--retry-errors), with the
         ids to redo and the shard's commit record, which the new record replaces."""
         self.store, self.input_fs, self.id_column = store, input_fs, id_column
         self.head, self.id_type = head, id_type
+        self.results_schema = results_schema or arrow_schema(f"results_{head}", id_type=id_type)
         self.record, self.context, self.fence, self.totals = record, context, fence, totals
         self.redo, self.redo_where = redo or {}, redo_where
         self.pending = {s.name: s for s in shards}
@@ -143,7 +148,7 @@ class ShardCommitter:
         """Read a shard's parts, keep each id's first row, add an error row per missing id."""
         def read(kind):
             files = [p[f"{kind}_file"] for p in self.parts[shard.name] if p[f"{kind}_file"]]
-            schema = arrow_schema(f"results_{self.head}" if kind == "results" else "errors", id_type=self.id_type)
+            schema = self.results_schema if kind == "results" else arrow_schema("errors", id_type=self.id_type)
             return pa.concat_tables([schema.empty_table()] + [self.store.read_table(f).cast(schema) for f in files])
 
         results, errors = read("results"), read("errors")

@@ -25,9 +25,10 @@ STATUS_COLUMNS = [
 ]
 
 
-def stage_schema(head: str, id_type: pa.DataType) -> pa.Schema:
-    """What the stage emits: the head's result columns, the error columns, timing, shard."""
-    results = arrow_schema(f"results_{head}", id_type=id_type)
+def stage_schema(head, id_type: pa.DataType) -> pa.Schema:
+    """What the stage emits: the head's result columns, the error columns, timing, shard.
+    head: a Head (its result_schema, which may follow its options) or a head's name."""
+    results = arrow_schema(f"results_{head}", id_type=id_type) if isinstance(head, str) else head.result_schema(id_type)
     fields = [results.field(i).with_nullable(True) for i in range(len(results))]
     return pa.schema(fields + STATUS_COLUMNS + [pa.field(SHARD_COLUMN, pa.string())])
 
@@ -64,7 +65,7 @@ class InferenceWorker:
         spec = JobSpec.model_validate_json(spec_json)
         self.id_column = spec.input.id_column
         self.head = head_class(spec.task.head)(spec.task.options, sampling=spec.sampling.merged())
-        self.schema = stage_schema(spec.task.head, id_type)
+        self.schema = stage_schema(self.head, id_type)
         if engine_factory is None:
             from pipeline.engine import VllmEngine as engine_factory
         self.reconstructed = _reconstructed()
