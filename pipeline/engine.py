@@ -26,6 +26,7 @@ OUTPUT_MARK = "QWEN_BATCH_OUTPUT"
 # per label); see VllmEngine.score.
 SCORING_METHODS = ("trie", "per_label")
 MAX_LOGPROB_IDS = 128  # vLLM's cap on SamplingParams.logprob_token_ids per request
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 @dataclass
@@ -50,6 +51,13 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
         args.update(long_context_args(model))
     if pooling_task(model) is not None:
         args["runner"] = "pooling"
+    else:
+        # Structured outputs (the sampling key structured_json): xgrammar, compact JSON (no
+        # free whitespace, which random or weak models can emit forever); Qwen3's reasoning
+        # parser so that in thinking mode the constraint starts after </think> (and
+        # thinking_token_budget works). Neither changes unconstrained requests.
+        args["reasoning_parser"] = "qwen3"
+        args["structured_outputs_config"] = dict(STRUCTURED_OUTPUTS)
     if model.quantization:
         args["quantization"] = model.quantization
     if device == "cpu":
@@ -189,6 +197,10 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.args = dict(args)
+        if isinstance(args.get("structured_outputs_config"), dict):  # engine args stay plain data
+            from vllm.config import StructuredOutputsConfig
+
+            args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
         # vLLM's CPU build crashes its engine when a seeded request is prefilled in chunks
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
@@ -223,6 +235,11 @@ class VllmEngine:
 
         if not self.per_request_seed:
             sampling = {k: v for k, v in sampling.items() if k != "seed"}
+        if "structured_json" in sampling:  # a JSON Schema the answer must follow
+            from vllm.sampling_params import StructuredOutputsParams
+
+            sampling = dict(sampling)
+            sampling["structured_outputs"] = StructuredOutputsParams(json=sampling.pop("structured_json"))
         params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class SpecError(ValueError):
@@ -228,13 +228,22 @@ class SamplingSpec(SamplingValues):
 
 
 class TaskSpec(_Section):
-    head: Literal["chat", "summarize", "classify"] = Field(
+    head: Literal["chat", "summarize", "classify", "extract"] = Field(
         description="Which task head turns each row into a result."
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="The head's own options (see the README's head sections); checked strictly.",
     )
+
+    @field_validator("options")
+    @classmethod
+    def _resolve_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Options that name a file (extract's schema) are read in now, so the workers, the
+        fingerprint and the manifest hold the content."""
+        from pipeline.heads import head_class
+
+        return head_class(info.data["head"]).resolve_options(v) if "head" in info.data else v
 
 
 class ResourcesSpec(_Section):

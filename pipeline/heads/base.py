@@ -106,6 +106,19 @@ class Head:
             return explain_validation_error(cls.Options, e, f"task.options for head '{cls.name}'")
         return None
 
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options as the job runs them, when the spec is loaded (e.g. a file they name,
+        read in, so workers and the manifest see its content). Raise ValueError if it fails."""
+        return options
+
+    def result_schema(self, id_type: Any) -> Any:
+        """The Arrow schema of this job's results: schemas/results_<head>.json unless the
+        head's columns depend on its options."""
+        from pipeline.schemas import arrow_schema
+
+        return arrow_schema(f"results_{self.name}", id_type=id_type)
+
     def input_columns(self) -> list[str]:
         """Columns this head reads (besides the id) when a shard has them."""
         raise NotImplementedError
