@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from pipeline import dataflow, manifest as manifests
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
-from pipeline.heads import results_schema
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore
 from pipeline.output_lock import LostLockError, OutputLock
@@ -256,7 +255,7 @@ def _execute(run: Run) -> None:
         try:
             ds = dataflow.build(plan, run_id=run.run_id, device=device, engine_args=args,
                                 engine_factory=run.engine_factory, placer=placer, origin=run.started)
-            context = {"run_id": run.run_id, "replicas": spec.resources.replica_range[1], "model": spec.model.source,
+            context = {"run_id": run.run_id, "replicas": spec.resources.replica_range[1], "model": redact_text(spec.model.source),
                        "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
                        "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device}
             committer = ShardCommitter(
@@ -264,8 +263,7 @@ def _execute(run: Run) -> None:
                 head=spec.task.head, id_type=plan.id_type, context=context, fence=run.lock.verify,
                 totals=run.totals, record={"run_id": run.run_id, "spec_fingerprint": spec.fingerprint()},
                 redo={name: (ids, plan.records[name]) for name, ids in plan.redo.items()},
-                redo_where=plan.retry.describe() if plan.retry else None,
-                results_schema=results_schema(spec, plan.id_type))
+                redo_where=plan.retry.describe() if plan.retry else None)
             _stream(run, ds, committer)
         finally:
             placer.release()
