@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 # engine (never fast by accident).
 MODULE_TIERS = {
     "test_spec": "unit", "test_redact": "unit", "test_chat_head": "unit", "test_classify_head": "unit",
-    "test_summarize_head": "unit", "test_output_lock": "unit", "test_tiny_model": "unit",
+    "test_summarize_head": "unit", "test_extract_head": "unit", "test_output_lock": "unit", "test_tiny_model": "unit",
     "test_shards": "unit", "test_s3_server": "unit", "test_status": "datapath",
     "test_pipeline_fake_engine": "datapath", "test_faults": "datapath", "test_bad_input": "datapath",
     "test_exactly_once": "datapath", "test_retry": "datapath", "test_s3_jobs": "datapath", "test_cli_messages": "engine",
@@ -66,15 +67,10 @@ def prompt_rows(n: int, start: int = 0, **cols) -> list[dict]:
 
 @pytest.fixture
 def chat_job(tmp_path, tiny_model):
-    """Make a chat-head spec reading tmp_path/in and writing tmp_path/out; top-level keys given replace these."""
-    from pipeline.spec import load_spec
+    """Make a chat-head spec reading tmp_path/in and writing tmp_path/out; sections given merge over these."""
+    from jobs import spec_maker
 
-    def make(**sections):
-        data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-                "model": {"source": str(tiny_model)}, "task": {"head": "chat"}}
-        return load_spec(data={**data, **sections})
-
-    return make
+    return functools.partial(spec_maker(model=tiny_model), tmp_path)
 
 
 def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | None = None) -> list[Path]:

@@ -332,7 +332,7 @@ class ExtractHead(Head):
         super().__init__(self.resolve_options(options or {}), sampling=sampling)
         self.schema = self.build_schema(self.options)
         self.constraint = constraint(self.schema)
-        self.schema_text = json.dumps(self.constraint, ensure_ascii=False)
+        self.schema_text = json.dumps(self.constraint, ensure_ascii=False, separators=(",", ":"))
 
     # ---- options
 
@@ -346,10 +346,9 @@ class ExtractHead(Head):
     def build_schema(o: ExtractOptions) -> dict[str, Any]:
         if (o.schema_ is None) == (o.fields is None):
             raise SchemaError("give either schema (a JSON Schema) or fields (the short form), not both or neither")
-        if o.fields is not None:
-            return fields_schema(o.fields)
-        check_schema(o.schema_)
-        return o.schema_
+        schema = fields_schema(o.fields) if o.fields is not None else o.schema_
+        check_schema(schema)
+        return schema
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> str | None:

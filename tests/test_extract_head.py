@@ -1,0 +1,204 @@
+"""Extract head without an engine: schema -> Arrow, option checks, answers -> rows (FakeEngine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import pyarrow as pa
+import pytest
+
+from pipeline.heads import RowError, head_class
+from pipeline.heads.extract import ExtractHead, SchemaError, coerce, fields_schema
+from pipeline.sink import split_stage
+from pipeline.spec import SpecError, load_spec
+from pipeline.testing import FakeEngine
+from pipeline.worker import stage_schema
+
+FIELDS = {"brand": "string", "rating": "integer", "mood": "enum[pos,neg,mixed]", "tags": "list[string]",
+          "price": "number?", "in_stock": "boolean", "dims": {"w": "number", "unit": "enum[cm,in]?"}}
+
+
+def schema_of(fields):
+    return ExtractHead({"fields": fields}).schema
+
+
+def test_registered_and_in_the_spec():
+    assert head_class("extract") is ExtractHead
+    spec = load_spec(data={"input": {"path": "/in"}, "output": {"path": "/out"}, "model": {"source": "m"},
+                           "task": {"head": "extract", "options": {"fields": {"a": "string"}}}})
+    assert spec.task.head == "extract"
+
+
+def test_short_form_is_a_closed_json_schema():
+    s = fields_schema(FIELDS)
+    assert s["required"] == ["brand", "rating", "mood", "tags", "in_stock", "dims"]
+    assert s["properties"]["mood"] == {"type": "string", "enum": ["pos", "neg", "mixed"]}
+    assert s["properties"]["tags"] == {"type": "array", "items": {"type": "string"}}
+    assert s["properties"]["dims"]["required"] == ["w"] and s["additionalProperties"] is False
+    assert fields_schema({"xs": "list[enum[a, b]]"})["properties"]["xs"]["items"]["enum"] == ["a", "b"]
+    jsonschema.Draft202012Validator.check_schema(s)
+
+
+def test_schema_to_arrow_types():
+    schema = ExtractHead({"fields": FIELDS}).result_schema(pa.string())
+    assert schema.names == ["id", "brand", "rating", "mood", "tags", "price", "in_stock", "dims",
+                            "raw", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens"]
+    t = {f.name: f for f in schema}
+    assert t["id"].type == pa.string() and not t["id"].nullable
+    assert t["brand"].type == pa.string() and not t["brand"].nullable
+    assert t["rating"].type == pa.int64()
+    assert t["mood"].type == pa.dictionary(pa.int32(), pa.string())
+    assert t["tags"].type == pa.list_(pa.field("item", pa.string(), nullable=False))
+    assert t["price"].type == pa.float64() and t["price"].nullable
+    assert t["in_stock"].type == pa.bool_()
+    dims = t["dims"].type
+    assert isinstance(dims, pa.StructType) and dims.field("w").type == pa.float64() and not dims.field("w").nullable
+    assert dims.field("unit").nullable and dims.field("unit").type == pa.dictionary(pa.int32(), pa.string())
+
+
+def test_inline_schema_nullable_type_and_annotations():
+    head = ExtractHead({"schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "t", "type": "object",
+        "properties": {"name": {"type": ["string", "null"], "description": "d", "maxLength": 5},
+                       "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["name", "n"]}})
+    t = head.result_schema(pa.int64())
+    assert t.field("name").nullable and not t.field("n").nullable
+    # the constraint drops annotations and closes objects
+    assert head.constraint == {"type": "object", "required": ["name", "n"], "additionalProperties": False,
+                               "properties": {"name": {"type": ["string", "null"], "maxLength": 5},
+                                              "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"schema": {"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}}, ["'a'", "anyOf"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "string", "format": "date"}}}}, ["'a'", "format"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer", "multipleOf": 2}}}}}},
+     ["'a.b'", "multipleOf"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {}}}}}, ["'a'", "at least one property"]),
+    ({"schema": {"type": "object", "properties": {}}}, ["at least one property"]),
+    ({"schema": {"type": "array", "items": {"type": "string"}}}, ["top level must be an object"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {"x": {"type": "string"}},
+                                                        "additionalProperties": True}}}}, ["'a'", "additionalProperties"]),
+    ({"schema": {"type": "object", "properties": {"raw": {"type": "string"}}}}, ["'raw'", "clashes"]),
+    ({"fields": {"reasoning": "string"}}, ["'reasoning'", "clashes"]),
+    ({"fields": {"id": "integer"}}, ["'id'", "clashes"]),
+    ({"fields": {"a": {"b": "strng"}}}, ["'a.b'", "unknown type"]),
+    ({"fields": {"a": {}}}, ["'a'", "at least one field"]),
+    ({"fields": {"a": "enum[x,x]"}}, ["'a'", "distinct"]),
+    ({"schema": {"type": "object", "properties": {"a": {"enum": [1, 2]}}}}, ["'a'", "strings"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "array"}}}}, ["'a'", "items"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}}, ["required", "'b'"]),
+    ({}, ["either schema", "or fields"]),
+    ({"fields": {"a": "string"}, "schema": {"type": "object", "properties": {"b": {"type": "string"}}}}, ["not both"]),
+    ({"fields": {"a": "integer"}, "examples": [{"text": "t", "output": {"a": "x"}}]}, ["examples[0]", "'a'"]),
+    ({"fields": {"a": "integer"}, "thinking_budget": 8}, ["enable_thinking"]),
+    ({"fields": {"a": "integer"}, "max_token": 8}, ["max_token"]),
+])
+def test_bad_options_are_refused_naming_the_field(options, words):
+    problem = ExtractHead.check_options(options)
+    assert problem is not None
+    for w in words:
+        assert w in problem, (w, problem)
+
+
+def test_good_options_pass_and_schema_file_is_read(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
+    assert ExtractHead.check_options({"schema": str(path), "examples": [{"text": "t", "output": {"a": "x"}}]}) is None
+    spec = load_spec(data={"input": {"path": "/in"}, "output": {"path": "/out"}, "model": {"source": "m"},
+                           "task": {"head": "extract", "options": {"schema": str(path)}}})
+    assert spec.task.options["schema"]["properties"] == {"a": {"type": "string"}}  # content, not the path
+    with pytest.raises(SpecError, match="cannot be read"):
+        load_spec(data={"input": {"path": "/in"}, "output": {"path": "/out"}, "model": {"source": "m"},
+                        "task": {"head": "extract", "options": {"schema": str(tmp_path / "none.json")}}})
+    assert "not valid JSON" in ExtractHead.check_options({"schema": "{nope"})
+
+
+def test_coerce_checks_what_the_columns_hold():
+    s = schema_of({"n": "integer", "x": "number?", "e": "enum[a,b]", "sub": {"k": "boolean"}})
+    assert coerce({"n": 3.0, "e": "a", "sub": {"k": True}}, s, "") == {"n": 3, "x": None, "e": "a", "sub": {"k": True}}
+    for bad, where in [({"n": 2 ** 63, "e": "a", "sub": {"k": True}}, "'n'"),
+                       ({"n": 1.5, "e": "a", "sub": {"k": True}}, "'n'"),
+                       ({"n": 1, "e": "c", "sub": {"k": True}}, "'e'"),
+                       ({"n": 1, "e": "a", "sub": {"k": 1}}, "'sub.k'"),
+                       ({"n": 1, "e": "a"}, "lacks required"),
+                       ({"n": 1, "e": "a", "sub": {"k": True}, "zz": 1}, "unexpected")]:
+        with pytest.raises(SchemaError, match=where):
+            coerce(bad, s, "")
+    bounded = ExtractHead({"schema": {"type": "object", "properties": {"v": {"type": "number", "exclusiveMaximum": 1}}}}).schema
+    with pytest.raises(SchemaError, match="bounds"):
+        coerce({"v": 1}, bounded, "")
+
+
+def run(head, row, engine):
+    return asyncio.run(head.run(row, engine))
+
+
+def test_answer_becomes_a_typed_row_and_round_trips_the_stage():
+    head = ExtractHead({"fields": FIELDS, "examples": [{"text": "ex", "output": {
+        "brand": "B", "rating": 1, "mood": "neg", "tags": [], "in_stock": False, "dims": {"w": 1}}}]})
+    answer = {"brand": "Acmé 東京", "rating": 4, "mood": "pos", "tags": ["a", "b"], "in_stock": True, "dims": {"w": 2.5}}
+    engine = FakeEngine(answer=json.dumps(answer, ensure_ascii=False))
+    out = run(head, {"text": "a review"}, engine)
+    assert out["brand"] == "Acmé 東京" and out["price"] is None and out["dims"] == {"w": 2.5, "unit": None}
+    assert json.loads(out["raw"]) == answer and out["reasoning"] is None and out["finish_reason"] == "stop"
+    sampling = engine.calls[0]
+    assert sampling["structured_json"] == head.constraint and "thinking_token_budget" not in sampling
+    messages, thinking = engine.rendered[0]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"] and not thinking
+    assert '"enum":["pos","neg","mixed"]' in messages[0]["content"] and "a review" in messages[-1]["content"]
+    # stage -> results keeps the types
+    schema = head.result_schema(pa.int64())
+    stage = pa.Table.from_pylist([{**out, "id": 7, "path": "p"},
+                                  {"id": 8, "path": "p", "error_type": "output_parse_error", "error_message": "m"}],
+                                 schema=stage_schema(head, pa.int64()))
+    results, errors = split_stage(stage, "extract", pa.int64(), schema)
+    assert results.schema == schema and errors.num_rows == 1
+    row = results.to_pylist()[0]
+    jsonschema.validate({k: v for k, v in row.items() if k in head.schema["properties"] and v is not None}, head.schema)
+
+
+def test_thinking_keeps_reasoning_and_budget():
+    head = ExtractHead({"fields": {"a": "integer"}, "enable_thinking": True, "thinking_budget": 32})
+    engine = FakeEngine(answer="let me see</think>\n\n{\"a\":1}")
+    out = run(head, {"prompt": "give a"}, engine)
+    assert out["a"] == 1 and out["reasoning"] == "let me see" and out["raw"] == '{"a":1}'
+    assert engine.calls[0]["thinking_token_budget"] == 32 and engine.rendered[0][1] is True
+    assert engine.calls[0]["temperature"] == 0.6  # Qwen3's thinking sampling
+
+
+@pytest.mark.parametrize("answer, finish, words", [
+    ('{"a":1', "length", ["cut by max_tokens", '{\\"a\\":1']),
+    ("x" * 1000, "length", ["cut by max_tokens", "1,000 characters"]),
+    ("not json", "stop", ["not valid JSON", "not json"]),
+    ('{"a":"one"}', "stop", ["does not match", "'a'"]),
+])
+def test_bad_answers_are_output_parse_errors_with_the_raw_text(answer, finish, words):
+    head = ExtractHead({"fields": {"a": "integer"}})
+    with pytest.raises(RowError) as e:
+        run(head, {"text": "t"}, FakeEngine(answer=answer, finish=finish))
+    assert e.value.error_type == "output_parse_error"
+    for w in words:
+        assert w in e.value.message
+    assert len(e.value.message) < 600
+
+
+def test_unfinished_thinking_is_an_output_parse_error():
+    head = ExtractHead({"fields": {"a": "integer"}, "enable_thinking": True})
+    with pytest.raises(RowError, match="reasoning did not end"):
+        run(head, {"text": "t"}, FakeEngine(answer="thinking forever", finish="length"))
+
+
+def test_rows_take_text_prompt_or_messages():
+    head = ExtractHead({"fields": {"a": "integer"}, "instruction": "Read: {text}"})
+    assert head.messages({"text": "hello"})[-1] == {"role": "user", "content": "Read: hello"}
+    assert head.messages({"prompt": "whole prompt", "text": "x"})[-1]["content"] == "whole prompt"
+    conv = head.messages({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]})
+    assert conv[0]["role"] == "system" and conv[0]["content"].startswith("S\n\n") and conv[-1]["content"] == "U"
+    for row in ({}, {"text": " "}, {"messages": [{"role": "assistant", "content": "a"}]}):
+        with pytest.raises(RowError) as e:
+            head.messages(row)
+        assert e.value.error_type == "invalid_input"
