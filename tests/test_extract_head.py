@@ -103,7 +103,6 @@ def test_inline_schema_nullable_type_and_annotations():
     ({}, ["either schema", "or fields"]),
     ({"fields": {"a": "string"}, "schema": {"type": "object", "properties": {"b": {"type": "string"}}}}, ["not both"]),
     ({"fields": {"a": "integer"}, "examples": [{"text": "t", "output": {"a": "x"}}]}, ["examples[0]", "'a'"]),
-    ({"fields": {"a": "integer"}, "thinking_budget": 8}, ["enable_thinking"]),
     ({"fields": {"a": "integer"}, "max_token": 8}, ["max_token"]),
 ])
 def test_bad_options_are_refused_naming_the_field(options, words):
@@ -193,6 +192,20 @@ def test_bad_answers_are_output_parse_errors_with_the_raw_text(answer, finish, w
     for w in words:
         assert w in e.value.message
     assert len(e.value.message) < 600
+
+
+def test_row_columns_switch_thinking_and_lower_max_tokens():
+    head = ExtractHead({"fields": {"a": "integer"}, "thinking_budget": 8, "max_tokens": 64})
+    engine = FakeEngine(answer='{"a":1}')
+    run(head, {"text": "t", "enable_thinking": False, "sampling": '{"max_tokens": 5}'}, engine)
+    assert engine.calls[-1]["max_tokens"] == 5 and "thinking_token_budget" not in engine.calls[-1]
+    engine = FakeEngine(answer='r</think>{"a":1}')
+    assert run(head, {"text": "t", "enable_thinking": True}, engine)["reasoning"] == "r"
+    assert engine.calls[-1]["thinking_token_budget"] == 8 and engine.rendered[-1][1] is True
+    for row in ({"text": "t", "sampling": '{"max_tokens": 65}'}, {"text": "t", "enable_thinking": "yes"}):
+        with pytest.raises(RowError) as e:
+            run(head, row, FakeEngine(answer='{"a":1}'))
+        assert e.value.error_type == "invalid_input"
 
 
 def test_unfinished_thinking_is_an_output_parse_error():

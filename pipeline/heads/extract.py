@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
-from pipeline.heads.chat import QWEN3_SAMPLING, ROLES, split_reasoning
+from pipeline.heads.chat import QWEN3_SAMPLING, ROLES, row_sampling, split_reasoning
 
 FIXED_COLUMNS = ("raw", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens")
 # Columns of the stage and the output that a top-level field may not take.
@@ -75,6 +75,8 @@ class ExtractOptions(HeadOptions):
     text_column: str = Field("text", description="Column with the text to extract from (put into instruction).")
     messages_column: str = Field("messages", description="Column with a list of {role, content} (used as is).")
     prompt_column: str = Field("prompt", description="Column with a whole user prompt (used as is).")
+    sampling_column: str = Field("sampling", description="Column with per-row sampling overrides (JSON object or struct), as the chat head.")
+    thinking_column: str = Field("enable_thinking", description="Boolean column turning thinking on or off for a row (null: the option).")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="The user turn for text rows; {text} is the row's text, {schema} the schema.")
     system_prompt: str = Field(DEFAULT_SYSTEM, description="System prompt; {schema} is the JSON Schema. "
                                "A conversation's own system turn gets it appended.")
@@ -371,11 +373,13 @@ class ExtractHead(Head):
                 coerce(ex.output, schema, "")
             except SchemaError as e:
                 return f"{where}: examples[{i}].output does not match the {fields_in}: {e}"
-        if o.thinking_budget is not None and not o.enable_thinking:
-            return f"{where}: thinking_budget is set but enable_thinking is false"
         return None
 
     def input_columns(self) -> list[str]:
+        o = self.options
+        return [o.text_column, o.messages_column, o.prompt_column, o.sampling_column, o.thinking_column]
+
+    def required_any(self) -> list[str]:
         o = self.options
         return [o.text_column, o.messages_column, o.prompt_column]
 
@@ -427,17 +431,24 @@ class ExtractHead(Head):
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
         messages = self.messages(row)
-        sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[o.enable_thinking]}
+        thinking = row.get(o.thinking_column)
+        if thinking is None:
+            thinking = o.enable_thinking
+        elif not isinstance(thinking, bool):
+            raise RowError("invalid_input", f"'{o.thinking_column}' must be true, false or null")
+        sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[thinking]}
         sampling.update(self.sampling)
+        sampling.update(row_sampling(row.get(o.sampling_column),
+                                     max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"]))
         sampling["structured_json"] = self.constraint
-        if o.enable_thinking and o.thinking_budget is not None:
+        if thinking and o.thinking_budget is not None:
             sampling["thinking_token_budget"] = o.thinking_budget
         await refuse_if_cannot_fit(engine, [m["content"] for m in messages], turns=len(messages))
         try:
-            prompt = engine.render_chat(messages, enable_thinking=o.enable_thinking)
+            prompt = engine.render_chat(messages, enable_thinking=thinking)
         except Exception as e:  # a template is user code: any failure is this row's
             raise RowError("template_error", f"the chat template failed: {e}") from None
-        if o.enable_thinking:
+        if thinking:
             # Qwen3 opens its reasoning with <think>; in the prompt, the engine's reasoning
             # parser and thinking budget know the answer is not started yet.
             prompt = prompt + engine.tokenize("<think>\n")
@@ -445,7 +456,7 @@ class ExtractHead(Head):
             raise RowError("prompt_too_long", f"the prompt has {len(prompt)} tokens but model.max_model_len is "
                                               f"{engine.max_model_len}; shorten it or raise model.max_model_len")
         done = await engine.generate(prompt, sampling)
-        if o.enable_thinking:
+        if thinking:
             reasoning, answer = split_reasoning(done.text)
             if "</think>" not in done.text:
                 raise RowError("output_parse_error",
