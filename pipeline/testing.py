@@ -43,6 +43,8 @@ class FakeEngine:
     dead_on: likewise, but the engine reports itself dead (vLLM's EngineDeadError), once.
     poison_on: a prompt containing this string kills the actor process every time.
     hang_on: a prompt containing this string never gets an answer (a hung request).
+    stall: with marker, the first engine built (no marker file yet) answers nothing at all
+    (a hung engine); it creates the marker, so the engine of a restarted actor answers.
     delay: seconds each generate call waits first.
     """
 
@@ -56,9 +58,12 @@ class FakeEngine:
                  answer: str | Sequence[str] | Callable[[str, dict], str] | None = None,
                  answer_tokens: int | None = 16, finish: str | None = None,
                  scores: dict[str, float] | Callable[[str], float] | None = None,
-                 default_score: float = -5.0, record: bool = True):
+                 default_score: float = -5.0, record: bool = True, stall: bool = False):
         self.fail_on, self.die_on, self.marker, self.delay = fail_on, die_on, marker, delay
         self.dead_on, self.poison_on, self.hang_on = dead_on, poison_on, hang_on
+        self.stalled = bool(stall and marker and not os.path.exists(marker))
+        if self.stalled:
+            open(marker, "w").close()
         self.tokenizer, self.answer, self.answer_tokens, self.finish = tokenizer, answer, answer_tokens, finish
         self.scores, self.default_score, self.record = scores or {}, default_score, record
         if max_model_len is not None:
@@ -129,7 +134,7 @@ class FakeEngine:
         if self.dead_on and self.dead_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise EngineDeadError("the fake engine core died")
-        if self.hang_on and self.hang_on in text:
+        if self.stalled or (self.hang_on and self.hang_on in text):
             await asyncio.Event().wait()
         if any(f in text for f in self.fail_on):
             raise RowError("engine_error", "the fake engine was told to fail this prompt")

@@ -81,6 +81,7 @@ class InferenceWorker:
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
         self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
         self.gate = EngineGate()
+        self.last_answer = 0.0  # when a row last finished on this engine (hung-engine check)
         self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.ledger)
 
     async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -99,12 +100,18 @@ class InferenceWorker:
             out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
         return self._finish(out, row, started)
 
-    async def _timed(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _timed(self, rows: list[dict[str, Any]], *, alone: bool = False) -> list[dict[str, Any]]:
         """Rows at once; those not answered within the row timeout become engine_timeout rows
-        (one deadline for the batch: its rows start together)."""
+        (one deadline for the batch: its rows start together). If no row at all finished on
+        this engine meanwhile, the engine is hung, not the rows: the actor ends so that Ray
+        restarts it with a fresh engine and runs the batch again, its rows one at a time (a
+        row that hangs alone then becomes the engine_timeout row)."""
         started = time.time()
         tasks = [asyncio.ensure_future(self._one(r)) for r in rows]
         done, pending = await asyncio.wait(tasks, timeout=self.timeout)
+        if pending and not alone and self.last_answer < started:
+            self._shutdown_engine()
+            os._exit(71)
         for t in pending:
             t.cancel()
         return [t.result() if t in done else self._finish(
@@ -113,6 +120,7 @@ class InferenceWorker:
                 f"the request was cancelled")}, r, started) for t, r in zip(tasks, rows)]
 
     def _finish(self, out: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
+        self.last_answer = time.time()
         out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
                    _engine_settings=self.engine_settings, _worker=self.worker_id)
         return out
@@ -125,7 +133,7 @@ class InferenceWorker:
             out = self._condemned(row, deaths)
         else:
             async with self.gate.exclusive():
-                out = (await self._timed([row]))[0]
+                out = (await self._timed([row], alone=True))[0]
         await self.ledger.end_alone.remote(key)
         return out
 
