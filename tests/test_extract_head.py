@@ -166,7 +166,8 @@ def test_answer_becomes_a_typed_row_and_round_trips_the_stage():
     results, errors = split_stage(stage, "extract", pa.int64(), schema)
     assert results.schema == schema and errors.num_rows == 1
     row = results.to_pylist()[0]
-    jsonschema.validate(as_json({k: v for k, v in row.items() if k in head.schema["properties"]}), head.schema)
+    jsonschema.validate(json.loads(row["raw"]), head.schema)
+    assert as_json({k: v for k, v in row.items() if k in head.schema["properties"]}) == as_json(answer)
 
 
 def test_thinking_keeps_reasoning_and_budget():
