@@ -12,7 +12,7 @@ from pipeline.spec import load_spec
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 DEMO_JOBS = {"demo-chat.yaml": "chat", "demo-summarize.yaml": "documents",
-             "demo-classify.yaml": "reviews"}
+             "demo-classify.yaml": "reviews", "demo-extract.yaml": "reviews"}
 
 REVIEWS = ["I loved it, would buy again.", "Broke after two days. Refund please.",
            "It is a chair. It has four legs.", "Best purchase this year!",

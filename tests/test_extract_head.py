@@ -47,6 +47,8 @@ def test_short_form_is_a_closed_json_schema():
     assert s["properties"]["tags"] == {"type": "array", "items": {"type": "string"}}
     assert s["properties"]["dims"]["required"] == ["w"] and s["additionalProperties"] is False
     assert fields_schema({"xs": "list[enum[a, b]]"})["properties"]["xs"]["items"]["enum"] == ["a", "b"]
+    objs = fields_schema({"xs": [{"k": "string", "v": "number?"}]})["properties"]["xs"]
+    assert objs["type"] == "array" and objs["items"]["required"] == ["k"]
     jsonschema.Draft202012Validator.check_schema(s)
 
 

@@ -1,8 +1,8 @@
 """Extract head: a JSON answer constrained by a JSON Schema, written as typed columns.
 
 The job gives a JSON Schema (`schema`, inline or a .json file) or the short form `fields`
-({name: string | integer | number | boolean | enum[a,b] | list[T] | {nested}}, `?` at the end
-for an optional field). Every top-level property of the schema becomes a Parquet column of
+({name: string | integer | number | boolean | enum[a,b] | list[T] | {nested} | [{nested}]},
+`?` at the end for an optional field). Every top-level property of the schema becomes a Parquet column of
 the matching Arrow type (object -> struct, array -> list, string enum -> dictionary string,
 integer -> int64, number -> float64, boolean -> bool; optional fields are nullable), next to
 `raw` (the answer's JSON text), `reasoning`, `finish_reason`, `prompt_tokens` and
@@ -71,7 +71,7 @@ class ExtractOptions(HeadOptions):
         "the spec is loaded); its top-level properties become columns.")
     fields: dict[str, Any] | None = Field(
         None, description="Short form instead of schema: {name: string | integer | number | boolean | "
-        "enum[a,b] | list[TYPE] | {nested fields}}; a trailing ? makes a field optional.")
+        "enum[a,b] | list[TYPE] | {nested fields} | [{fields of each item}]}; a trailing ? makes a field optional.")
     text_column: str = Field("text", description="Column with the text to extract from (put into instruction).")
     messages_column: str = Field("messages", description="Column with a list of {role, content} (used as is).")
     prompt_column: str = Field("prompt", description="Column with a whole user prompt (used as is).")
@@ -121,13 +121,17 @@ def fields_schema(fields: dict[str, Any], where: str = "") -> dict[str, Any]:
         if isinstance(typ, dict):
             props[name] = fields_schema(typ, path)
             required.append(name)
+        elif isinstance(typ, list) and len(typ) == 1 and isinstance(typ[0], dict):  # [{...}]: a list of objects
+            props[name] = {"type": "array", "items": fields_schema(typ[0], f"{path}[]")}
+            required.append(name)
         elif isinstance(typ, str):
             optional = typ.rstrip().endswith("?")
             props[name] = parse_short(typ.rstrip().removesuffix("?"), path)
             if not optional:
                 required.append(name)
         else:
-            raise SchemaError(f"field '{path}': give a type name (string, integer, ...) or a mapping of fields")
+            raise SchemaError(f"field '{path}': give a type name (string, integer, ...), a mapping of fields "
+                              f"or [a mapping] for a list of objects")
     return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
 
