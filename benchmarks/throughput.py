@@ -28,7 +28,8 @@ SYSTEMS = ("vllm", "ray-data-llm", "qwen-batch")
 # Baselines the ratios are computed against, with their names in the table.
 REFERENCES = {"vllm": "vLLM", "ray-data-llm": "Ray Data LLM", "vllm-map-reduce": "vLLM map-reduce",
               "vllm-score": "vLLM scoring", "qwen-batch-per-label": "per_label head",
-              "ray-data-llm-choice": "Ray Data LLM choice"}
+              "ray-data-llm-choice": "Ray Data LLM choice", "vllm-json": "vLLM JSON",
+              "ray-data-llm-json": "Ray Data LLM JSON"}
 # The classify mix runs every system once per label set: "SYSTEM/K" labels with K labels, and
 # ratios compare systems on the same label set.
 CLASSIFY_SYSTEMS = ("qwen-batch-classify", "qwen-batch-per-label", "ray-data-llm-choice")
@@ -178,6 +179,123 @@ def run_ray_data_llm_choice(model: str, engine: dict, input_dir: str, labels: li
             "in_set": float(out["label"].isin(labels).mean())}
 
 
+# --- the extract mix: the same rows, prompt and JSON Schema for every system ----------------
+
+EXTRACT_SYSTEMS = ("qwen-batch-extract", "vllm-json", "ray-data-llm-json")
+EXTRACT_MAX_TOKENS = 192
+# Bounded strings: a random-weight model closes a string only at maxLength.
+EXTRACT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "product": {"type": "string", "maxLength": 16},
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+        "sentiment": {"enum": ["positive", "negative", "neutral", "mixed"]},
+        "aspects": {"type": "array", "maxItems": 3, "items": {
+            "type": "object", "properties": {"aspect": {"enum": ["quality", "price", "delivery", "service"]},
+                                             "positive": {"type": "boolean"}},
+            "required": ["aspect", "positive"]}},
+        "would_recommend": {"type": "boolean"},
+    },
+    "required": ["product", "rating", "sentiment", "aspects", "would_recommend"],
+}
+
+
+def _extract_head():
+    from pipeline.heads.extract import ExtractHead
+
+    return ExtractHead({"schema": EXTRACT_SCHEMA})
+
+
+def _structured_engine(engine: dict) -> dict:
+    """The engine settings qwen-batch gives every generative engine (pipeline.engine):
+    xgrammar with compact JSON and Qwen3's reasoning parser, so all systems decode alike."""
+    from vllm.config import StructuredOutputsConfig
+
+    from pipeline.engine import STRUCTURED_OUTPUTS
+
+    return {**engine, "reasoning_parser": "qwen3",
+            "structured_outputs_config": StructuredOutputsConfig(**STRUCTURED_OUTPUTS)}
+
+
+def _extract_result(rows: int, outs_ok: int, t0: float, t1: float, t2: float, out_tokens: int, in_tokens: int) -> dict:
+    return {"wall_s": t2 - t0, "gen_s": t2 - t1, "rows": rows, "output_tokens": out_tokens,
+            "input_tokens": in_tokens, "valid": outs_ok / max(rows, 1)}
+
+
+def _valid(text: str) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), EXTRACT_SCHEMA)
+        return True
+    except Exception:
+        return False
+
+
+def run_vllm_json(model: str, engine: dict, n: int) -> dict:
+    """Bare vLLM: LLM.generate over the rows, each decoded under the JSON Schema."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    t0 = time.time()
+    llm = LLM(model=model, **_structured_engine(engine))
+    t1 = time.time()
+    tok = AutoTokenizer.from_pretrained(model)
+    head = _extract_head()
+    texts = [tok.apply_chat_template(head.messages({"text": r["text"]}), tokenize=False,
+                                     add_generation_prompt=True, enable_thinking=False) for r in reviews(n)]
+    params = SamplingParams(max_tokens=EXTRACT_MAX_TOKENS, temperature=0.0,
+                            structured_outputs=StructuredOutputsParams(json=head.constraint))
+    outs = llm.generate(texts, params, use_tqdm=False)
+    t2 = time.time()
+    llm.llm_engine.engine_core.shutdown()
+    return _extract_result(len(outs), sum(_valid(o.outputs[0].text) for o in outs), t0, t1, t2,
+                           sum(len(o.outputs[0].token_ids) for o in outs), sum(len(o.prompt_token_ids) for o in outs))
+
+
+def run_ray_data_llm_json(model: str, engine: dict, input_dir: str) -> dict:
+    """Ray Data LLM on the same rows: guided JSON decoding (structured_outputs json)."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    t0 = time.time()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=_structured_engine(engine), concurrency=1, batch_size=64,
+        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False)
+    head = _extract_head()
+    constraint = head.constraint
+    processor = build_processor(
+        config,
+        preprocess=lambda row: dict(
+            messages=head.messages({"text": row["text"]}), chat_template_kwargs={"enable_thinking": False},
+            sampling_params=dict(temperature=0.0, max_tokens=EXTRACT_MAX_TOKENS, structured_outputs={"json": constraint})),
+        postprocess=lambda row: dict(id=row["id"], raw=row["generated_text"], done=time.time(),
+                                     took=row["time_taken_llm"], num_input_tokens=row["num_input_tokens"],
+                                     num_generated_tokens=row["num_generated_tokens"]),
+    )
+    out = processor(ray.data.read_parquet(input_dir)).to_pandas()
+    t2 = time.time()
+    ray.shutdown()
+    gen_start = float((out["done"] - out["took"]).min())
+    return {**_extract_result(len(out), int(sum(_valid(t) for t in out["raw"])), t0, gen_start,
+                              float(out["done"].max()), int(out["num_generated_tokens"].sum()),
+                              int(out["num_input_tokens"].sum())), "wall_s": t2 - t0}
+
+
+def run_qwen_batch_extract(model: str, engine: dict, input_dir: str, out_dir: str) -> dict:
+    result = run_qwen_batch(model, engine, input_dir, out_dir, sampling={"temperature": 0.0},
+                            task={"head": "extract", "options": {"schema": EXTRACT_SCHEMA,
+                                                                 "max_tokens": EXTRACT_MAX_TOKENS}})
+    from pipeline.output import OutputStore
+
+    results = OutputStore(out_dir).read_committed("results")
+    rows = results.num_rows if results is not None else 0
+    return {**result, "valid": rows / max(result["rows"], 1)}
+
+
 def run_qwen_batch(model: str, engine: dict, input_dir: str, out_dir: str, *, task: dict,
                    sampling: dict | None = None, engine_factory=None) -> dict:
     """A qwen-batch job as a user runs it; the generation span comes from its own metrics."""
@@ -305,6 +423,10 @@ def child(args) -> None:
         scoring = "trie" if system == "qwen-batch-classify" else "per_label"
         result = run_qwen_batch(args.model, engine, args.input, args.scratch,
                                 task={"head": "classify", "options": {"labels": labels, "scoring": scoring}})
+    elif system in EXTRACT_SYSTEMS:
+        result = (run_qwen_batch_extract(args.model, engine, args.input, args.scratch) if system == "qwen-batch-extract"
+                  else run_vllm_json(args.model, engine, args.prompts) if system == "vllm-json"
+                  else run_ray_data_llm_json(args.model, engine, args.input))
     elif system == "ray-data-llm-choice":
         result = run_ray_data_llm_choice(args.model, engine, args.input, labels)
     elif args.system == "vllm":
@@ -356,13 +478,15 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--systems", default=None, help="comma-separated; default: all for the mix")
-    p.add_argument("--mix", choices=["chat", "summarize", "classify"], default="chat",
+    p.add_argument("--mix", choices=["chat", "summarize", "classify", "extract"], default="chat",
                    help="chat: short prompts, varied output lengths; summarize: long documents "
                         "(bare-vLLM map-reduce against the summarize head); classify: reviews "
                         "labeled with 4 and with 10 labels by the classify head (trie scoring), "
                         "the same head with scoring: per_label, and Ray Data LLM decoding the "
                         "label under a structured `choice` grammar; add vllm-score/4 to "
-                        "--systems for bare-vLLM per-label scoring")
+                        "--systems for bare-vLLM per-label scoring; extract: the same reviews "
+                        "through the extract head, bare vLLM and Ray Data LLM, all decoding under "
+                        "one JSON Schema")
     p.add_argument("--label-sets", default="4,10", help="classify mix: label set sizes to run (4, 10)")
     p.add_argument("--engine-kwargs", default="{}",
                    help="JSON merged into every system's engine arguments (e.g. '{\"block_size\": 32}')")
@@ -386,7 +510,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.from_runs:
         runs = pq.read_table(args.from_runs).to_pylist()
-        return report(runs, out, metric="rows_per_s" if args.mix == "classify" else "output_tokens_per_s")
+        return report(runs, out, metric="rows_per_s" if args.mix in ("classify", "extract") else "output_tokens_per_s")
     if not args.model:
         from pipeline.tiny_model import make_tiny_model
 
@@ -400,6 +524,9 @@ def main() -> None:
     elif args.mix == "summarize":
         write_rows(input_dir, documents(args.prompts), shards=4)
         default = ("vllm-map-reduce", "qwen-batch-summarize")
+    elif args.mix == "extract":
+        write_rows(input_dir, reviews(args.prompts))
+        default = EXTRACT_SYSTEMS
     else:
         write_rows(input_dir, reviews(args.prompts))
         default = tuple(f"{s}/{k}" for k in args.label_sets.split(",") for s in CLASSIFY_SYSTEMS)
@@ -421,7 +548,7 @@ def main() -> None:
                 runs.append(r)
                 print(f"  data path      run {rep + 1}: {r['rows_per_s']:8.1f} rows/s", flush=True)
     pq.write_table(pa.Table.from_pylist(runs), out / "runs.parquet")
-    report(runs, out, metric="rows_per_s" if args.mix == "classify" else "output_tokens_per_s")
+    report(runs, out, metric="rows_per_s" if args.mix in ("classify", "extract") else "output_tokens_per_s")
 
 
 def report(runs: list[dict], out: Path, *, metric: str) -> None:
