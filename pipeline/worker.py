@@ -187,13 +187,10 @@ class InferenceWorker:
         return out
 
     async def _begin(self, key: str) -> int:
-        """Tell the ledger a batch starts; how many earlier attempts of it died. Only a
-        restarted actor can be given a batch again (Ray retries an actor's tasks on the same
-        actor), so a first-life actor does not wait for the answer."""
-        if self.reconstructed:
-            return await self.ledger.begin.remote(key)
-        self.ledger.begin.remote(key)
-        return 0
+        """Tell the ledger a batch starts; how many earlier attempts of it died. Awaited: a
+        batch must be on record before its rows can kill the engine, or its retry would not
+        know it is one (and a poison row would cost an extra restart)."""
+        return await self.ledger.begin.remote(key)
 
     def _skip_poisoned(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(rows to run, error rows for those condemned in an earlier run)."""
