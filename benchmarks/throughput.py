@@ -262,9 +262,13 @@ def run_ray_data_llm_json(model: str, engine: dict, input_dir: str) -> dict:
     t0 = time.time()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray 2.60 takes the template's arguments per stage: a row's chat_template_kwargs are not
+    # read, and the prompt would be rendered in thinking mode (the JSON constraint then waits
+    # for a </think> that never comes).
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=_structured_engine(engine), concurrency=1, batch_size=64,
-        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False)
+        placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False,
+        chat_template_stage={"chat_template_kwargs": {"enable_thinking": False}})
     head = _extract_head()
     constraint = head.constraint
     processor = build_processor(
