@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import read_dir, write_shards
+from jobs import spec_maker
 from pipeline.runner import run_job
-from pipeline.spec import load_spec
 
 LABELS = ["positive", "negative", "neutral"]
 TEXTS = [
@@ -25,13 +25,8 @@ TEXTS = [
 ]
 
 
-def job(tiny_model, tmp, task, **model):
-    return load_spec(data={
-        "input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / "out")},
-        "model": {"source": str(tiny_model), "max_model_len": 512, "dtype": "float32",
-                  "engine_kwargs": {"enforce_eager": True}, **model},
-        "task": task,
-    })
+job = spec_maker(head="classify",
+                 model={"max_model_len": 512, "dtype": "float32", "engine_kwargs": {"enforce_eager": True}})
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def classify_job(tiny_model, tmp_path_factory):
     rows = [{"id": i, "text": t} for i, t in enumerate(TEXTS)]
     rows += [{"id": 100, "text": ""}, {"id": 101, "text": None}, {"id": 102, "text": "long " * 600}]
     write_shards(tmp / "in", [rows[:6], rows[6:]], pa.schema([("id", pa.int64()), ("text", pa.string())]))
-    report = run_job(job(tiny_model, tmp, {"head": "classify", "options": {"labels": LABELS}}), progress=False)
+    report = run_job(job(tmp, model=tiny_model, task={"options": {"labels": LABELS}}), progress=False)
     return tmp, report
 
 
@@ -107,7 +102,7 @@ def test_sequence_classification_checkpoint_matches_transformers(tmp_path, token
                            id2label={0: "negative", 1: "neutral", 2: "positive"})
     rows = [{"id": i, "text": t} for i, t in enumerate(TEXTS[:6])]
     write_shards(tmp_path / "in", [rows])
-    report = run_job(job(ckpt, tmp_path, {"head": "classify"}), progress=False)
+    report = run_job(job(tmp_path, model=ckpt), progress=False)
     assert report.exit_code == 0 and report.totals.results == 6
     model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
     for r in read_dir(tmp_path / "out" / "results").to_pylist():
@@ -130,7 +125,7 @@ def test_token_classification_checkpoint_matches_transformers(tmp_path, tokenize
     texts = ["Ada Lovelace visited London in 1842.", "Marie Curie moved from Warsaw to Paris.",
              "北京 and 東京 are capitals 🙂"]
     write_shards(tmp_path / "in", [[{"id": i, "text": t} for i, t in enumerate(texts)]])
-    report = run_job(job(ckpt, tmp_path, {"head": "classify"}), progress=False)
+    report = run_job(job(tmp_path, model=ckpt), progress=False)
     assert report.exit_code == 0 and report.totals.results == 3
     model = AutoModelForTokenClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
     for r in read_dir(tmp_path / "out" / "results").to_pylist():
@@ -148,7 +143,7 @@ def test_multi_label_returns_a_subset_with_consistent_probabilities(tiny_model, 
     write_shards(tmp_path / "in", [rows])
     options = {"labels": {"shipping": "about delivery", "quality": "about the product",
                           "service": "about support"}, "multi_label": True, "threshold": 0.5}
-    report = run_job(job(tiny_model, tmp_path, {"head": "classify", "options": options}), progress=False)
+    report = run_job(job(tmp_path, model=tiny_model, task={"options": options}), progress=False)
     assert report.exit_code == 0 and report.totals.results == 4
     for r in read_dir(tmp_path / "out" / "results").to_pylist():
         probs = {d["label"]: d["prob"] for d in r["label_probs"]}

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import REPO, read_dir, run_cli, vllm_processes, write_shards
+from jobs import ids_out, job_spec, merged
 from pipeline.engine import RUN_MARK
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -122,16 +123,10 @@ def job_file(tmp: Path, tiny_model, **sections) -> Path:
                   "engine_kwargs": {"enforce_eager": True}},
         "task": {"head": "chat"}, "sampling": {"temperature": 0, "max_tokens": 8},
     }
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
+    data = merged(data, sections)
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def output_ids(out: Path) -> list:
-    results, errors = read_dir(out / "results"), read_dir(out / "errors")
-    return results.column("id").to_pylist() + (errors.column("id").to_pylist() if errors else [])
 
 
 def node_of(worker: str) -> str:
@@ -145,7 +140,7 @@ def test_two_replicas_by_address_run_on_different_nodes(cluster, tiny_model, tmp
         "replicas": 2, "replica_resources": {SLOT: 1}, "batch_size": 4, "rows_in_flight": 8})
     proc = run_cli("run", str(spec), "--address", cluster.address, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = output_ids(tmp_path / "out")
+    ids = ids_out(tmp_path / "out")
     assert sorted(ids) == sorted(r["id"] for s in shards for r in s)
     workers = {w for m in read_dir(tmp_path / "out" / "metrics").to_pylist() for w in m["workers"]}
     assert len({node_of(w) for w in workers}) == 2, workers
@@ -163,7 +158,7 @@ def test_ray_job_submit(cluster, tiny_model, tmp_path):
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "succeeded" in done.stdout
-    assert sorted(output_ids(tmp_path / "out")) == list(range(6))
+    assert sorted(ids_out(tmp_path / "out")) == list(range(6))
     run_id = json.loads((tmp_path / "out" / "_manifest.json").read_text())["run_id"]
     assert vllm_processes(run_id=run_id) == []
 
@@ -250,11 +245,8 @@ def test_cluster_launcher_config_passes_rays_validation():
 
 
 def _spec(**model):
-    from pipeline.spec import load_spec
-
-    return load_spec(data={"input": {"path": "in"}, "output": {"path": "out"}, "task": {"head": "chat"},
-                           "model": {"source": "Qwen/Qwen3-32B", **model},
-                           "resources": {"replica_resources": {"accelerator_type:H100": 0.001}}})
+    return job_spec(".", model={"source": "Qwen/Qwen3-32B", **model},
+                    resources={"replica_resources": {"accelerator_type:H100": 0.001}})
 
 
 def test_replica_shapes_and_what_the_cluster_can_hold():

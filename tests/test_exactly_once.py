@@ -5,7 +5,7 @@ inputs added, renamed, removed and rewritten, and an --overwrite cut short.
 
 The engine is the instant fake (pipeline.testing): these tests are about the output, not the
 model. What a reader is told to trust is checked the way readers read: through the commit
-records (conftest.read_dir, OutputStore.read_committed)."""
+records (jobs.ids_out, OutputStore.read_committed)."""
 
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ import yaml
 from rich.console import Console
 
 from conftest import run_cli, write_shards
+from jobs import ids_out, spec_maker
 from pipeline.output import KINDS, OutputStore
 from pipeline.output_lock import LOCK, OutputBusyError
 from pipeline.plan import plan_job
 from pipeline.runner import EXIT_CRASHED, EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
 from pipeline.shards import InputError
 from pipeline.sink import FAULT_AT
-from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
 
 FAULT_POINTS = ("before-metrics", "before-record", "after-record", "before-manifest")
@@ -61,13 +61,8 @@ def _model(tiny_model, s3_server):
         ray.shutdown()
 
 
-def make_spec(inp: str, out: str, **over):
-    data = {"input": {"path": inp}, "output": {"path": out, "rows_per_file": 2},
-            "model": dict(MODEL), "task": {"head": "chat"}, "sampling": {"max_tokens": 3},
-            "resources": {"batch_size": 2}}
-    for k, v in over.items():
-        data[k] = {**data.get(k, {}), **v}
-    return load_spec(data=data)
+make_spec = spec_maker(model=MODEL, output={"rows_per_file": 2}, sampling={"max_tokens": 3},
+                       resources={"batch_size": 2})
 
 
 def rows_of(n_shards: int, n_rows: int) -> list[list[dict]]:
@@ -110,17 +105,6 @@ def place(request, tmp_path):
     return Place(request.param, tmp_path, server)
 
 
-def committed_ids(out: str) -> list:
-    """Ids of every committed result and error row (what a reader sees), in no order."""
-    store = OutputStore(out)
-    records = store.records()
-    ids = []
-    for kind in ("results", "errors"):
-        table = store.read_committed(kind, records)
-        ids += table.column("id").to_pylist() if table is not None else []
-    return ids
-
-
 def assert_trusted_is_whole(out: str, expected: dict[str, list]) -> dict[str, dict]:
     """Every commit record's files exist and hold exactly the ids of its shard (once each),
     with one metrics row; returns the records."""
@@ -137,7 +121,7 @@ def assert_trusted_is_whole(out: str, expected: dict[str, list]) -> dict[str, di
 
 
 def assert_exact(out: str, shards: list[list[dict]]) -> None:
-    ids = committed_ids(out)
+    ids = ids_out(out)
     assert sorted(ids) == sorted(r["id"] for rows in shards for r in rows), "an id is missing or duplicated"
 
 
@@ -324,7 +308,7 @@ def test_adding_a_same_named_file_elsewhere_renames_nothing(tmp_path):
     put("d2", d2)
     again = run_job(spec, progress=False, engine_factory=fake_engine_factory())
     assert again.exit_code == EXIT_OK and again.skipped_shards == 1 and again.totals.rows == 4
-    assert sorted(committed_ids(str(tmp_path / "out"))) == sorted(r["id"] for r in d1 + d2)
+    assert sorted(ids_out(str(tmp_path / "out"))) == sorted(r["id"] for r in d1 + d2)
     assert set(OutputStore(str(tmp_path / "out")).records()) == {"d1/part-0.parquet", "d2/part-0.parquet"}
 
     # d1's input goes, d3 comes: d1's output is orphaned, reported, and not counted
@@ -363,7 +347,7 @@ def test_names_that_used_to_collide_are_committed_apart(tmp_path):
     records = assert_trusted_is_whole(out, {"a/b__x.parquet": sorted(r["id"] for r in one),
                                             "a__b/x.parquet": sorted(r["id"] for r in two)})
     assert set(records) == {"a/b__x.parquet", "a__b/x.parquet"}
-    assert sorted(committed_ids(out)) == sorted(r["id"] for r in one + two)
+    assert sorted(ids_out(out)) == sorted(r["id"] for r in one + two)
 
 
 # -- 5. a rewritten input is noticed; 6. resumed_anyway stays visible ------------------------
@@ -398,7 +382,7 @@ def test_rewritten_input_with_same_size_and_rows_is_refused_unless_resume_anyway
     manifest = OutputStore(str(tmp_path / "out")).read_manifest()
     assert manifest["run_id"] == later.run_id and manifest["resumed_anyway"]
     assert [k["name"] for k in manifest["kept"]] == ["a.parquet"]
-    assert sorted(committed_ids(str(tmp_path / "out"))) == [0, 1, 2, 3, 10, 11]
+    assert sorted(ids_out(str(tmp_path / "out"))) == [0, 1, 2, 3, 10, 11]
     nothing = run_job(spec, progress=False, engine_factory=fake_engine_factory())
     assert nothing.message == "nothing to do"
     assert OutputStore(str(tmp_path / "out")).read_manifest()["resumed_anyway"]
@@ -463,7 +447,7 @@ def test_nothing_to_do_after_a_failed_run_fails_again(tmp_path):
     log = console.file.getvalue()
     assert "Nothing to do" in log and f"the last run ({first.run_id}) ended failed" in log
     assert OutputStore(str(tmp_path / "out")).read_manifest()["run_id"] == first.run_id  # unchanged
-    assert sorted(committed_ids(str(tmp_path / "out"))) == list(range(6))
+    assert sorted(ids_out(str(tmp_path / "out"))) == list(range(6))
 
 
 def test_manifest_is_never_left_half_written_on_a_full_disk(finished, tmp_path):

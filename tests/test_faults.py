@@ -14,10 +14,10 @@ import pytest
 from rich.console import Console
 
 from conftest import read_dir, write_shards
+from jobs import ids_out, job_spec, spec_maker
 from pipeline.output import OutputStore
 from pipeline.output_lock import OutputBusyError
 from pipeline.runner import run_job
-from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
 
 
@@ -26,18 +26,8 @@ def committed(out) -> set[str]:
     return set(OutputStore(str(out)).records()) if out.exists() else set()
 
 
-def ids_out(out):
-    results, errors = read_dir(out / "results"), read_dir(out / "errors")
-    ids = results.column("id").to_pylist() + (errors.column("id").to_pylist() if errors else [])
-    return ids
-
-
-def spec_for(tmp, tiny_model, **resources):
-    return load_spec(data={
-        "input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / "out"), "rows_per_file": 5},
-        "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
-        "sampling": {"max_tokens": 4}, "resources": {"batch_size": 5, **resources},
-    })
+# The usual job here: 5 rows a file and a batch, 4 tokens an answer.
+spec_for = spec_maker(output={"rows_per_file": 5}, sampling={"max_tokens": 4}, resources={"batch_size": 5})
 
 
 @pytest.mark.parametrize("fault", ["die_on", "dead_on"], ids=["actor process exits", "engine reports itself dead"])
@@ -48,7 +38,7 @@ def test_engine_actor_that_dies_mid_shard_is_restarted_and_its_rows_retried(tmp_
              for i in range(20)] for s in range(3)]
     write_shards(tmp_path / "in", rows)
     factory = fake_engine_factory(**{fault: "FAULT"}, marker=str(tmp_path / "fault"))
-    report = run_job(spec_for(tmp_path, tiny_model), progress=False, engine_factory=factory)
+    report = run_job(spec_for(tmp_path, model=tiny_model), progress=False, engine_factory=factory)
     assert (tmp_path / "fault").exists(), "the fault was not injected"
     assert report.exit_code == 0 and report.totals.errors == 0
     assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
@@ -68,7 +58,7 @@ def start_slow_run(tmp_path, tiny_model):
     """A run of the fake engine (0.5 s a row) in its own process, once it committed a shard."""
     import yaml
 
-    spec = spec_for(tmp_path, tiny_model, rows_in_flight=5)
+    spec = spec_for(tmp_path, model=tiny_model, resources={"rows_in_flight": 5})
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), "0.5"],
@@ -125,12 +115,9 @@ def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
 
     rows = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(12)] for s in range(5)]
     write_shards(tmp_path / "in", rows)
-    spec = load_spec(data={
-        "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-        "model": {"source": str(tiny_model), "max_model_len": 256, "engine_kwargs": {"enforce_eager": True}},
-        "task": {"head": "chat"}, "sampling": {"max_tokens": 48, "temperature": 0},
-        "resources": {"batch_size": 4, "rows_in_flight": 4},
-    })
+    spec = job_spec(tmp_path, model={"source": str(tiny_model), "max_model_len": 256,
+                                     "engine_kwargs": {"enforce_eager": True}},
+                    sampling={"max_tokens": 48, "temperature": 0}, resources={"batch_size": 4, "rows_in_flight": 4})
     killed = []
 
     def killer():
@@ -169,7 +156,7 @@ def test_poison_row_that_kills_every_engine_ends_as_one_error_row(tmp_path, tiny
              for i in range(12)] for s in range(3)]
     write_shards(tmp_path / "in", rows)
     factory = fake_engine_factory(poison_on="POISON")
-    report = run_job(spec_for(tmp_path, tiny_model), progress=False, engine_factory=factory)
+    report = run_job(spec_for(tmp_path, model=tiny_model), progress=False, engine_factory=factory)
     assert report.exit_code == 0, report.message
     errors = read_dir(tmp_path / "out" / "errors")
     assert errors.column("id").to_pylist() == [102]
@@ -188,7 +175,7 @@ def test_two_poison_rows_on_one_replica_fit_the_default_budget_and_are_remembere
     rows = [[{"id": s * 100 + i, "prompt": "POISON pill" if (s, i) in ((0, 2), (1, 4)) else f"row {i}"}
              for i in range(10)] for s in range(2)]
     write_shards(tmp_path / "in", rows)
-    report = run_job(spec_for(tmp_path, tiny_model), progress=False,
+    report = run_job(spec_for(tmp_path, model=tiny_model), progress=False,
                      engine_factory=fake_engine_factory(poison_on="POISON"))
     assert report.exit_code == 0, report.message
     errors = read_dir(tmp_path / "out" / "errors").to_pylist()
@@ -198,7 +185,7 @@ def test_two_poison_rows_on_one_replica_fit_the_default_budget_and_are_remembere
     # as if the run had crashed before committing: the rerun must not run the poison rows again
     for record in (tmp_path / "out" / "_commits").glob("*.json"):
         record.unlink()
-    again = run_job(spec_for(tmp_path, tiny_model, max_engine_restarts=0), progress=False,
+    again = run_job(spec_for(tmp_path, model=tiny_model, resources={"max_engine_restarts": 0}), progress=False,
                     engine_factory=fake_engine_factory(poison_on="POISON"))
     assert again.exit_code == 0, again.message
     errors = read_dir(tmp_path / "out" / "errors").to_pylist()
@@ -225,11 +212,8 @@ def test_full_disk_stops_the_run_keeps_whole_shards_and_rerun_finishes(tmp_path,
 
     rows = [[{"id": s * 100 + i, "prompt": f"row {i} " + "word " * 50} for i in range(40)] for s in range(6)]
     write_shards(tmp_path / "in", rows)
-    spec = load_spec(data={
-        "input": {"path": str(tmp_path / "in")}, "output": {"path": str(small_disk), "rows_per_file": 40},
-        "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
-        "sampling": {"max_tokens": 16}, "resources": {"batch_size": 10},
-    })
+    spec = job_spec(tmp_path / "in", small_disk, model=tiny_model, output={"rows_per_file": 40},
+                    sampling={"max_tokens": 16}, resources={"batch_size": 10})
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     first = run_driver(spec_file)
@@ -280,7 +264,7 @@ def test_a_hung_request_becomes_an_engine_timeout_row(tmp_path, tiny_model):
     rows = [[{"id": s * 100 + i, "prompt": "HANG here" if (s, i) == (0, 1) else f"row {i}"} for i in range(6)]
             for s in range(2)]
     write_shards(tmp_path / "in", rows)
-    spec = spec_for(tmp_path, tiny_model, row_timeout_s=2)
+    spec = spec_for(tmp_path, model=tiny_model, resources={"row_timeout_s": 2})
     report = run_job(spec, progress=False, engine_factory=fake_engine_factory(hang_on="HANG"))
     assert report.exit_code == 0, report.message
     errors = read_dir(tmp_path / "out" / "errors").to_pylist()

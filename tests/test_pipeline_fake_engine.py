@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 
 from conftest import read_dir, write_shards
+from jobs import spec_maker
 from pipeline.runner import EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
 from pipeline.shards import InputError
-from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
 
 
@@ -35,13 +35,7 @@ def _model(tiny_model):
     MODEL["source"] = str(tiny_model)  # only its config is read: the engine is the fake
 
 
-def make_spec(tmp_path, **over):
-    data = {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-            "model": dict(MODEL), "task": {"head": "chat"},
-            "sampling": {"max_tokens": 5}, "resources": {"batch_size": 16}}
-    for k, v in over.items():
-        data[k] = {**data.get(k, {}), **v}
-    return load_spec(data=data)
+make_spec = spec_maker(model=MODEL, sampling={"max_tokens": 5}, resources={"batch_size": 16})
 
 
 @pytest.fixture(scope="module")

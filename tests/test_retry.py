@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from conftest import read_dir, write_shards
+from jobs import spec_maker
 from pipeline.output import OutputStore
 from pipeline.plan import RetrySelection
 from pipeline.runner import run_job
-from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
 
 ROWS = [[{"id": s * 100 + i, "prompt": f"FAIL {i}" if i % 4 == 0 else f"row {i}"} for i in range(12)]
@@ -22,17 +22,13 @@ ALL_IDS = sorted(r["id"] for shard in ROWS for r in shard)
 FAILED = sorted(r["id"] for shard in ROWS for r in shard if r["prompt"].startswith("FAIL"))
 
 
-def spec_for(tmp, tiny_model, max_tokens=4):
-    return load_spec(data={
-        "input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / "out"), "rows_per_file": 6},
-        "model": {"source": str(tiny_model)}, "task": {"head": "chat"},
-        "sampling": {"max_tokens": max_tokens}, "resources": {"batch_size": 4}})
+spec_for = spec_maker(output={"rows_per_file": 6}, sampling={"max_tokens": 4}, resources={"batch_size": 4})
 
 
 @pytest.fixture
 def failed_run(tmp_path, tiny_model):
     write_shards(tmp_path / "in", ROWS)
-    report = run_job(spec_for(tmp_path, tiny_model), progress=False,
+    report = run_job(spec_for(tmp_path, model=tiny_model), progress=False,
                      engine_factory=fake_engine_factory(fail_on=("FAIL",)))
     assert report.exit_code == 0 and report.totals.errors == len(FAILED)
     return tmp_path
@@ -46,7 +42,7 @@ def rows_out(out):
 def test_retry_errors_with_a_changed_spec_replaces_exactly_the_error_rows(failed_run, tiny_model):
     tmp = failed_run
     before = {r["id"]: r for r in read_dir(tmp / "out" / "results").to_pylist()}
-    spec = spec_for(tmp, tiny_model, max_tokens=6)  # the fix: a bigger max_tokens, say
+    spec = spec_for(tmp, model=tiny_model, sampling={"max_tokens": 6})  # the fix: a bigger max_tokens, say
     report = run_job(spec, progress=False, retry=RetrySelection.parse([], all_errors=True),
                      engine_factory=fake_engine_factory())
     assert report.exit_code == 0, report.message
@@ -71,10 +67,10 @@ def test_retry_errors_with_a_changed_spec_replaces_exactly_the_error_rows(failed
 
 def test_retry_where_selects_by_column_and_nothing_selected_is_a_noop(failed_run, tiny_model):
     tmp = failed_run
-    none = run_job(spec_for(tmp, tiny_model), progress=False,
+    none = run_job(spec_for(tmp, model=tiny_model), progress=False,
                    retry=RetrySelection.parse(["error_type=engine_timeout"]), engine_factory=fake_engine_factory())
     assert none.exit_code == 0 and none.message == "nothing to do"
-    some = run_job(spec_for(tmp, tiny_model), progress=False,
+    some = run_job(spec_for(tmp, model=tiny_model), progress=False,
                    retry=RetrySelection.parse(["error_type=engine_error"]), engine_factory=fake_engine_factory())
     assert some.exit_code == 0 and some.totals.rows == len(FAILED)
     results, errors = rows_out(tmp / "out")
@@ -99,7 +95,7 @@ def test_a_retry_killed_at_a_commit_then_rerun_leaves_every_id_once(failed_run, 
 
     tmp = failed_run
     spec_file = tmp / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(spec_for(tmp, tiny_model).model_dump(mode="json")))
+    spec_file.write_text(yaml.safe_dump(spec_for(tmp, model=tiny_model).model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-c", RETRY_DRIVER, str(spec_file)], start_new_session=True,
                             env={**os.environ, "QWEN_BATCH_FAULT_AT": step},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

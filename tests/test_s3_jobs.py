@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_shards
+from jobs import ids_out
 from pipeline.output import OutputStore
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.spec import load_spec
@@ -23,16 +24,6 @@ def shards(n_shards=2, n_rows=4):
 
 def all_ids(rows):
     return sorted(r["id"] for shard in rows for r in shard)
-
-
-def committed_ids(out: str) -> list:
-    store = OutputStore(out)
-    records = store.records()
-    ids = []
-    for kind in ("results", "errors"):
-        table = store.read_committed(kind, records)
-        ids += table.column("id").to_pylist() if table is not None else []
-    return ids
 
 
 def spec_data(bucket: str, model: str, **extra) -> dict:
@@ -59,7 +50,7 @@ def fake_s3_run(s3_server, tiny_model, tmp_path_factory):
 def test_chat_job_on_s3_commits_every_id_once(fake_s3_run, s3_server):
     bucket, rows, report, _ = fake_s3_run
     assert report.exit_code == EXIT_OK, report.message
-    assert sorted(committed_ids(f"{bucket}/out")) == all_ids(rows)
+    assert sorted(ids_out(f"{bucket}/out")) == all_ids(rows)
     keys = s3_server.list(f"{bucket}/out")
     assert {"_manifest.json", "_commits/part-00000.parquet.json", "_commits/part-00001.parquet.json"} <= set(keys)
     assert not any(k.startswith("_lock") for k in keys)  # released
@@ -111,7 +102,7 @@ def test_real_engine_chat_job_on_s3_through_the_cli(s3_server, s3_bucket, tiny_m
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.leftovers == []
     out = f"{s3_bucket}/out"
-    assert sorted(committed_ids(out)) == all_ids(rows)
+    assert sorted(ids_out(out)) == all_ids(rows)
     store = OutputStore(out)
     results = store.read_committed("results")
     assert set(results.column("finish_reason").to_pylist()) <= {"length", "stop"}
