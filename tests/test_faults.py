@@ -304,3 +304,16 @@ def test_processes_of_a_killed_driver_are_ended_by_the_next_run(tmp_path, tiny_m
         p.kill()
     assert not leftovers
     assert sorted(ids_out(tmp_path / "out")) == sorted(s * 100 + i for s in range(6) for i in range(10))
+
+
+def test_a_hung_engine_is_restarted_not_turned_into_timeout_rows(tmp_path, tiny_model):
+    """The first engine answers nothing at all: when a batch's deadline passes with no row
+    finished on that engine, the actor is restarted with a fresh engine and the rows run
+    again; every row gets a result."""
+    rows = [[{"id": s * 100 + i, "prompt": f"row {i}"} for i in range(6)] for s in range(2)]
+    write_shards(tmp_path / "in", rows)
+    spec = spec_for(tmp_path, model=tiny_model, resources={"row_timeout_s": 2})
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(stall=True, marker=str(tmp_path / "m")))
+    assert (tmp_path / "m").exists(), "the hung engine was never built"
+    assert report.exit_code == 0 and report.totals.errors == 0, report.message
+    assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
