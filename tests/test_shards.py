@@ -67,3 +67,11 @@ def test_dry_run_prints_the_plan_and_loads_no_model(tmp_path, tokenizer, chat_jo
     assert "1-3 replica(s) x 1 device(s) (tensor 1 x pipeline 1, device auto)" in out.stderr
     assert not (tmp_path / "out").exists()
     assert not out.leftovers
+
+
+def test_engine_arguments_are_checked_at_plan_time(tmp_path, chat_job):
+    """validate and --dry-run refuse what run would: contradictory model keys fail before Ray."""
+    write_shards(tmp_path / "in", [prompt_rows(1)])
+    spec = chat_job(model={"source": chat_job().model.source, "max_model_len": 4096, "long_context": 2048})
+    with pytest.raises(SpecError, match="model.max_model_len 4096 is above model.long_context 2048"):
+        plan_job(spec)
