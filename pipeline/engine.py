@@ -188,23 +188,29 @@ def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: b
     return ids
 
 
+def vllm_engine_args(args: dict[str, Any]):
+    """engine_args' plain data as vLLM's AsyncEngineArgs (nested configs become their classes)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if isinstance(args.get("structured_outputs_config"), dict):  # engine args stay plain data
+        from vllm.config import StructuredOutputsConfig
+
+        args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
+    return AsyncEngineArgs(**args)
+
+
 class VllmEngine:
     """One async vLLM engine; every generate() call is one request, batched continuously."""
 
     def __init__(self, args: dict[str, Any], *, device: str = "cuda"):
         from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.args = dict(args)
-        if isinstance(args.get("structured_outputs_config"), dict):  # engine args stay plain data
-            from vllm.config import StructuredOutputsConfig
-
-            args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
         # vLLM's CPU build crashes its engine when a seeded request is prefilled in chunks
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
         self.tokenizer = AutoTokenizer.from_pretrained(

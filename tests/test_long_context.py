@@ -32,9 +32,9 @@ def test_max_model_len_above_long_context_is_refused(tiny_model):
 
 
 def test_vllm_accepts_the_yarn_config(tiny_model):
-    from vllm.engine.arg_utils import AsyncEngineArgs
+    from pipeline.engine import vllm_engine_args
 
     args = engine_args(ModelSpec(source=str(tiny_model), long_context=131072), device="cpu")
-    config = AsyncEngineArgs(**args).create_engine_config()
+    config = vllm_engine_args(args).create_engine_config()
     assert config.model_config.max_model_len == 131072
     assert config.model_config.hf_config.rope_parameters["rope_type"] == "yarn"
