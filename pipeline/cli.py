@@ -173,7 +173,8 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(args.dir)
+    with quiet_stderr("demo"):
+        return run_demo(args.dir, console=console)
 
 
 def main(argv: list[str] | None = None) -> int:

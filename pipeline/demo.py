@@ -99,13 +99,14 @@ def write_review_shards(folder: Path) -> list[Path]:
     return paths
 
 
-def run_demo(workdir: str) -> int:
+def run_demo(workdir: str, *, console=None) -> int:
+    """Build the tiny model, write sample inputs and run every demo job; the worst exit code."""
     from rich.console import Console
 
     from pipeline.runner import run_job
     from pipeline.tiny_model import make_tiny_model
 
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     work = Path(workdir)
     model = work / "tiny-qwen3"
     if not (model / "config.json").exists():
@@ -120,6 +121,6 @@ def run_demo(workdir: str) -> int:
             f"model.source={model}", f"input.path={work / 'inputs' / inputs}",
             f"output.path={work / 'outputs' / Path(job).stem}"])
         console.rule(f"{job}: {spec.task.head} job")
-        report = run_job(spec, overwrite=True)
+        report = run_job(spec, overwrite=True, console=console)
         worst = max(worst, report.exit_code)
     return worst
