@@ -43,6 +43,11 @@ def rows_per_write(spec, rows: int) -> int:
     return max(spec.resources.batch_size, min(10_000, rows // 16))
 
 
+def ledger_name(run_id: str) -> str:
+    """The Ray name of a run's RowLedger actor (in the driver's namespace)."""
+    return f"qwen-batch-ledger-{run_id}"
+
+
 def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine_factory,
           placer: ReplicaPlacer, origin: float):
     """read_parquet -> batches -> engine actors -> write tasks -> part summaries."""
@@ -70,8 +75,11 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     block = rows_per_block(spec, sum(plan.rows_to_run(s) for s in todo))
     ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=block)
     low, high = spec.resources.replica_range
-    # Actors restart without Ray's bound: the ledger keeps the budget, per poison row.
-    ledger = ray.remote(RowLedger).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
+    # Actors restart without Ray's bound: the ledger keeps the budget, per poison row. The
+    # ledger too restarts when its process dies (its calls are retried; the poison rows it
+    # condemned are read back from OUTPUT/_poison); named, so that it can be found.
+    ledger = ray.remote(RowLedger).options(name=ledger_name(run_id), num_cpus=0, max_restarts=-1,
+                                           max_task_retries=-1).remote(
         spec.output.path, spec.resources.max_engine_restarts)
     ds = ds.map_batches(
         InferenceWorker,

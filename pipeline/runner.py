@@ -141,14 +141,17 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
 def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
     """Under the lock: the output's state read again, what dead runs left ended and deleted,
     the starting manifest written. Returns it."""
-    from pipeline.engine import reap_dead_runs
+    from pipeline.session import reap_dead_runs_everywhere
 
     spec, store = run.spec, run.store
     try:
         read_output_state(run.plan, overwrite=overwrite, resume_anyway=resume_anyway)
         run.lock.verify()
         paused = run.lock.previous_alive_here()
-        reaped = reap_dead_runs(spec.output.path, run.run_id, spare=(paused,) if paused else ())
+        # On every node of the cluster when an earlier run may have died: its lock was taken
+        # over, or its manifest still says running (a lock deleted by hand).
+        suspect = run.lock.previous is not None or (run.plan.last_run or {}).get("status") == "running"
+        reaped = reap_dead_runs_everywhere(spec, run.run_id, spare=(paused,) if paused else (), suspect=suspect)
         if reaped:
             run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
                               f"(its driver was killed).", highlight=False)
@@ -236,9 +239,24 @@ def _reason(e: BaseException, output: str) -> str:
     if "No space left on device" in str(e) or "Permission denied" in str(e):  # also from a write task
         why = "No space left on device" if "No space left" in str(e) else "Permission denied"
         return f"cannot write to {output}: {why}. Free space or fix permissions there"
+    said = _stopped_by_worker(e)
+    if said:
+        return said
     lines = [line for line in str(e).splitlines() if line.strip()]
     return (f"{type(e).__name__}: {lines[-1] if lines else ''} (details: rerun with "
             f"QWEN_BATCH_DEBUG=1 for the traceback, QWEN_BATCH_WORKER_LOGS=1 for engine logs)")
+
+
+def _stopped_by_worker(e: BaseException) -> str | None:
+    """The message of a RunStopped an engine actor raised (pipeline.worker), found in the
+    error Ray hands the driver (or its causes), or None."""
+    seen = 0
+    while e is not None and seen < 10:
+        for line in str(e).splitlines():
+            if "RunStopped: " in line:
+                return line.split("RunStopped: ", 1)[1].strip()
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _execute(run: Run) -> None:

@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.engine import OUTPUT_MARK, RUN_MARK, reap_on_every_node, reap_orphans
+from pipeline.engine import OUTPUT_MARK, RUN_MARK, reap_dead_runs, reap_on_every_node, reap_orphans
 from pipeline.spec import JobSpec
 
 
@@ -85,3 +85,66 @@ def ray_session(spec: JobSpec, run_id: str):
                 reap_on_every_node(run_id)
             ray.shutdown()
             reap_orphans(run_id)
+
+
+def _reap_dead_runs_on_node(output: str, run_id: str, spare: tuple[str, ...]) -> tuple[str, int]:
+    """reap_dead_runs on the node this task runs on: (the node's id, how many it killed)."""
+    import ray
+
+    from pipeline import engine
+
+    return ray.get_runtime_context().get_node_id(), engine.reap_dead_runs(output, run_id, spare=spare)
+
+
+def reap_dead_runs_on_every_node(output: str, run_id: str, *, spare: tuple[str, ...] = (),
+                                 timeout: float = 60) -> dict[str, int]:
+    """reap_dead_runs on every alive node of the connected Ray cluster (a zero-CPU task pinned
+    to each): node id -> processes killed there. A node that goes away meanwhile is left out
+    (nothing of the dead run is left running there)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    reap = ray.remote(num_cpus=0, max_retries=0)(_reap_dead_runs_on_node)
+    refs = [reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(output, run_id, tuple(spare)) for n in ray.nodes() if n.get("Alive")]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    killed: dict[str, int] = {}
+    for ref in done:
+        try:
+            node, count = ray.get(ref)
+        except Exception:  # the node died under the task
+            continue
+        killed[node] = killed.get(node, 0) + count
+    return killed
+
+
+def reap_dead_runs_everywhere(spec: JobSpec, run_id: str, *, spare: tuple[str, ...] = (),
+                              suspect: bool = True) -> int:
+    """End what earlier runs on this output left running when their driver was killed (Ray's
+    agents and workers, vLLM's processes, marked with OUTPUT_MARK/RUN_MARK): on this machine,
+    and, when an earlier run may have died (suspect: its lock was taken over, or its manifest
+    still says running), on every node of the cluster. That is the Ray this process is
+    connected to, or else spec.ray.address / RAY_ADDRESS, joined for the moment (a private
+    Ray ran on this machine only). spare: runs whose driver is alive but lost the lock (they
+    stop themselves when they wake). Returns how many processes were killed."""
+    import ray
+
+    output = spec.output.path
+    killed = reap_dead_runs(output, run_id, spare=spare)
+    if not suspect:
+        return killed
+    joined = False
+    try:
+        if not ray.is_initialized():
+            address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+            if not address:
+                return killed
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            joined = True
+        return killed + sum(reap_dead_runs_on_every_node(output, run_id, spare=spare).values())
+    except Exception as e:  # the cluster cannot be reached: the run itself will say so
+        logging.getLogger(__name__).warning("could not end an earlier run's processes on the cluster: %s", e)
+        return killed
+    finally:
+        if joined:
+            ray.shutdown()

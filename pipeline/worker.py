@@ -47,6 +47,27 @@ def _reconstructed() -> bool:
         return False
 
 
+class RunStopped(RuntimeError):
+    """Raised in an engine actor to stop the run with this message for people (the runner
+    finds it in the error Ray hands the driver)."""
+
+
+LEDGER_GONE = ("the run's row ledger (the Ray actor that tracks batches for poison-row recovery and the engine "
+               "restart budget) is gone for good (ended with ray.kill, or its Ray lost it); without it a dying "
+               "engine could restart forever, so the run stops; committed shards are kept, rerun the same command "
+               "to finish")
+
+
+def _ledger_gone(e: BaseException) -> bool:
+    """Whether a ledger call failed because the actor is dead for good. A ledger whose process
+    died is restarted by Ray and the call retried: that never gets here."""
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:
+        return False
+    return isinstance(e, RayActorError)
+
+
 def _node_id() -> str:
     """The Ray node this actor runs on (short), so metrics show where each replica ran."""
     try:
@@ -72,9 +93,14 @@ class InferenceWorker:
         if ledger is not None and self.reconstructed:  # this actor died before: within budget?
             import ray
 
-            over = ray.get(ledger.restarted.remote())
+            try:
+                over = ray.get(ledger.restarted.remote())
+            except Exception as e:
+                if _ledger_gone(e):
+                    raise RunStopped(LEDGER_GONE) from None
+                raise
             if over:
-                raise RuntimeError(f"{over}; the run stops, committed shards are kept")
+                raise RunStopped(f"{over}; the run stops, committed shards are kept")
         self.engine = engine_factory(engine_args, device=device)
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
@@ -128,13 +154,15 @@ class InferenceWorker:
     async def _suspect(self, row: dict[str, Any]) -> dict[str, Any]:
         """Run a row of a batch whose engine died: alone, so a second death names this row."""
         key = batch_key(row[SHARD_COLUMN], [row[self.id_column]])
-        deaths = await self.ledger.begin_alone.remote(key, {"path": row[SHARD_COLUMN], "id": row[self.id_column]})
-        if deaths:
-            out = self._condemned(row, deaths)
-        else:
-            async with self.gate.exclusive():
+        # The gate first: a row is on record as running alone only while it has the engine to
+        # itself (noted while it waited, it would be blamed for the row that held the engine).
+        async with self.gate.exclusive():
+            deaths = await self.ledger.begin_alone.remote(key, {"path": row[SHARD_COLUMN], "id": row[self.id_column]})
+            if deaths:
+                out = self._condemned(row, deaths)
+            else:
                 out = (await self._timed([row], alone=True))[0]
-        await self.ledger.end_alone.remote(key)
+            await self.ledger.end_alone.remote(key)
         return out
 
     def _condemned(self, row: dict[str, Any], deaths: int) -> dict[str, Any]:
@@ -164,7 +192,12 @@ class InferenceWorker:
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         rows, bad = self._rows(batch)
-        out = await self._run([r for i, r in enumerate(rows) if i not in bad])
+        try:
+            out = await self._run([r for i, r in enumerate(rows) if i not in bad])
+        except Exception as e:
+            if self.ledger is not None and _ledger_gone(e):  # the engine is in this process: only the ledger is an actor
+                raise RunStopped(LEDGER_GONE) from None
+            raise
         out += [self._finish({"error_type": "invalid_input", "error_message": bad[i]}, rows[i], time.time())
                 for i in bad]
         yield pa.Table.from_pylist(out, schema=self.schema)
