@@ -158,8 +158,8 @@ def cmd_validate(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from pipeline.tiny_model import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed)
-    console.print(f"Tiny Qwen3 (random weights, real tokenizer) written to {path}")
+    path = make_tiny_model(args.dir, seed=args.seed, kind=args.kind)
+    console.print(f"Tiny Qwen3 ({args.kind}: random weights, real tokenizer) written to {path}")
     return 0
 
 
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kind", choices=("causal", "embed", "rerank"), default="causal",
+                   help="causal: Qwen3ForCausalLM (default); embed: Qwen3-Embedding's layout (Qwen3Model "
+                        "weights under a Qwen3ForCausalLM config); rerank: Qwen3-Reranker's (a causal LM)")
     s = sub.add_parser("status", help="the last run's outcome, shards committed and pending, errors, tokens, "
                                       "the lock, and what a rerun would do (reads no input)")
     s.add_argument("output", help="the job's output.path")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +18,11 @@ def parse_type(text: str) -> pa.DataType:
     text = text.strip()
     if text.startswith("list<") and text.endswith(">"):
         return pa.list_(parse_type(text[5:-1]))
+    if text.startswith("fixed_size_list<") and text.endswith(">"):
+        item, size = _split_top(text[16:-1])
+        if not size.strip().isdigit():
+            raise ValueError(f"{text}: the list size {size.strip()!r} is the job's (give it to arrow_schema)")
+        return pa.list_(parse_type(item), int(size))
     if text.startswith("map<") and text.endswith(">"):
         key, value = _split_top(text[4:-1])
         return pa.map_(parse_type(key), parse_type(value))
@@ -48,11 +54,15 @@ def load_contract(name: str) -> dict:
     return json.loads((SCHEMA_DIR / f"{name}.json").read_text())
 
 
-def arrow_schema(name: str, *, id_type: pa.DataType | None = None) -> pa.Schema:
-    """The Arrow schema of schemas/NAME.json; a column typed "input" takes id_type."""
+def arrow_schema(name: str, *, id_type: pa.DataType | None = None, sizes: dict[str, int] | None = None) -> pa.Schema:
+    """The Arrow schema of schemas/NAME.json; a column typed "input" takes id_type, and a
+    size the contract names (fixed_size_list<float32, N>) takes its value from sizes."""
     fields = []
     for col in load_contract(name)["columns"]:
-        typ = id_type if col["type"] == "input" else parse_type(col["type"])
+        text = col["type"]
+        for key, value in (sizes or {}).items():
+            text = re.sub(rf"\b{re.escape(key)}\b", str(value), text)
+        typ = id_type if text == "input" else parse_type(text)
         if typ is None:
             raise ValueError(f"schema {name}: column {col['name']} needs the input id type")
         fields.append(pa.field(col["name"], typ, nullable=col.get("nullable", True)))

@@ -118,19 +118,32 @@ def build_qwen3_tokenizer():
     return tokenizer
 
 
+# Kinds of tiny checkpoint (make-tiny-model --kind), each laid out as the real one ships:
+# causal: Qwen3ForCausalLM (chat, summarize, classify, extract); embed: Qwen3-Embedding's
+# layout, the bare Qwen3Model weights (no lm_head, no "model." prefix) under a config that
+# names Qwen3ForCausalLM; rerank: Qwen3-Reranker's, a plain Qwen3ForCausalLM.
+KINDS = {"causal": "Qwen3ForCausalLM", "embed": "Qwen3Model", "rerank": "Qwen3ForCausalLM"}
+
+
 def make_tiny_model(
     out_dir: str | Path,
     *,
-    architecture: str = "Qwen3ForCausalLM",
+    architecture: str | None = None,
     id2label: dict[int, str] | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    kind: str = "causal",
 ) -> Path:
     """Write a tiny random-weight Qwen3 checkpoint (config, safetensors, tokenizer) to out_dir.
 
-    Deterministic for a given seed. float32 by default so that vLLM and transformers agree
-    token for token (the oracle tests rely on it); it is small either way.
+    kind picks the layout (KINDS); architecture, when given, is the transformers class to
+    build instead (Qwen3ForSequenceClassification, ...). Deterministic for a given seed.
+    float32 by default so that vLLM and transformers agree token for token (the oracle tests
+    rely on it); it is small either way.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    architecture = architecture or KINDS[kind]
     import torch
     import transformers
 
@@ -146,6 +159,11 @@ def make_tiny_model(
     model = model_cls(config).to(getattr(torch, dtype))
     model.eval()
     model.save_pretrained(out)
+    if kind == "embed":  # Qwen3-Embedding's config.json names the causal LM over Qwen3Model weights
+        config_path = out / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved["architectures"] = ["Qwen3ForCausalLM"]
+        config_path.write_text(json.dumps(saved, indent=2))
     build_qwen3_tokenizer().save_pretrained(out)
     generation_config = {"bos_token_id": 151643, "eos_token_id": [151645, 151643]}
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
