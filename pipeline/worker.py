@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import time
+import types
 from typing import Any, AsyncIterator
 
 import pyarrow as pa
@@ -78,6 +79,42 @@ def _node_id() -> str:
         return "local"
 
 
+def start_eagerly(coro):
+    """Run a coroutine up to its first real wait: a row that needs no engine round trip (a
+    bad row, an instant engine) is done without a task; else a task goes on from there.
+    Returns (done, result) or (False, task). Python 3.12's eager task factory does this."""
+    try:
+        first = coro.send(None)
+    except StopIteration as e:
+        return True, e.value
+    return False, asyncio.ensure_future(_go_on(coro, first))
+
+
+async def _go_on(coro, first):
+    return await _delegate(coro, first)
+
+
+@types.coroutine
+def _delegate(coro, value):
+    """`yield from` an already started coroutine: what it waits on is waited on by the task."""
+    while True:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # the task's cancellation goes into the row's coroutine
+            try:
+                value = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
 class InferenceWorker:
     """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
 
@@ -133,17 +170,18 @@ class InferenceWorker:
         restarts it with a fresh engine and runs the batch again, its rows one at a time (a
         row that hangs alone then becomes the engine_timeout row)."""
         started = time.time()
-        tasks = [asyncio.ensure_future(self._one(r)) for r in rows]
-        done, pending = await asyncio.wait(tasks, timeout=self.timeout)
+        runs = [start_eagerly(self._one(r)) for r in rows]
+        tasks = [task for finished, task in runs if not finished]
+        done, pending = await asyncio.wait(tasks, timeout=self.timeout) if tasks else ((), ())
         if pending and not alone and self.last_answer < started:
             self._shutdown_engine()
             os._exit(71)
         for t in pending:
             t.cancel()
-        return [t.result() if t in done else self._finish(
+        return [out if finished else out.result() if out in done else self._finish(
             {"error_type": "engine_timeout", "error_message": (
                 f"the engine did not answer within {self.timeout:.0f} s (resources.row_timeout_s); "
-                f"the request was cancelled")}, r, started) for t, r in zip(tasks, rows)]
+                f"the request was cancelled")}, r, started) for (finished, out), r in zip(runs, rows)]
 
     def _finish(self, out: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
         self.last_answer = time.time()
