@@ -88,6 +88,7 @@ def test_report_on_an_s3_output(fake_s3_run, s3_server):
     assert OutputStore(f"{bucket}/out").garbage() == []  # the report is no stray data file
 
 
+@pytest.mark.engine  # the real vLLM engine: not in the fast tier with the rest of this module
 def test_real_engine_chat_job_on_s3_through_the_cli(s3_server, s3_bucket, tiny_model, tmp_path):
     """`qwen-batch run` with the real vLLM engine (tiny model), input and output on S3."""
     rows = shards()
