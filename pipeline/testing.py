@@ -33,8 +33,9 @@ class FakeEngine:
     end-of-turn token (a dict, default_score when missing) or a callable (text) -> float.
     record: keep what the engine was asked in calls (sampling dicts of generate), prompts
     (their prompt lengths), rendered ((messages, enable_thinking) of render_chat), methods
-    (score's method), tokenized (characters tokenized or rendered) and log (the method names
-    in call order). Off in fake_engine_factory's engines (the data path and benchmarks).
+    (score's method), tokenized (characters tokenized, by tokenize or tokenize_text, or
+    rendered) and log (the method names in call order). Off in fake_engine_factory's engines
+    (the data path and benchmarks).
 
     Faults (matched against the decoded prompt of generate):
     fail_on: prompts containing any of these strings fail with an engine_error.
@@ -97,6 +98,16 @@ class FakeEngine:
         self._note("tokenize", len(text))
         return self._encode(text)
 
+    def tokenize_text(self, text: str) -> list[int]:
+        """Untrusted text as plain text: with a tokenizer, by its vocabulary alone (control
+        strings stay text, as VllmEngine.tokenize_text); without, whitespace words as tokenize."""
+        self._note("tokenize_text", len(text))
+        if self.tokenizer is not None:
+            from pipeline.engine import plain_text_tokens
+
+            return plain_text_tokens(self.tokenizer, text)
+        return self._encode(text)
+
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is not None:
             return self.tokenizer.encode(text, add_special_tokens=False)
@@ -125,11 +136,7 @@ class FakeEngine:
             self.prompts.append(len(prompt_token_ids))
         if self.delay:
             await asyncio.sleep(self.delay)
-        # the prompt's text only when a fault or an answer needs it (the benchmarks' fake engine
-        # does no more per row than a Ray Data UDF would)
-        needs_text = (self.die_on or self.poison_on or self.dead_on or self.hang_on or self.fail_on
-                      or callable(self.answer))
-        text = self._text(prompt_token_ids) if needs_text else ""
+        text = self._text(prompt_token_ids)
         if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)

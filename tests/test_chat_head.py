@@ -203,8 +203,8 @@ def test_counting_a_long_row_lets_other_rows_through():
         await asyncio.gather(head.run({"prompt": "word " * 100_000}, eng), head.run({"prompt": "hi"}, eng))
 
     asyncio.run(both())
-    log = [call for call in eng.log if call in ("tokenize", "generate")]
-    assert log.count("tokenize") == 8 and log.index("generate") < 2  # the short row did not wait
+    log = [call for call in eng.log if call in ("tokenize_text", "generate")]
+    assert log.count("tokenize_text") == 8 and log.index("generate") < 2  # the short row did not wait
 
 
 CONTROL_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>",

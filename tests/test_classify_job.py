@@ -3,6 +3,7 @@ of each label on the same float32 weights (generative), and transformers' softma
 tiny Qwen3ForSequenceClassification checkpoint (vLLM's pooling runner)."""
 
 import asyncio
+import itertools
 
 import pyarrow as pa
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from conftest import read_dir, write_shards
 from jobs import spec_maker
+from test_plain_text import control_rows, plain_oracle
 from pipeline.runner import run_job
 
 LABELS = ["positive", "negative", "neutral"]
@@ -94,19 +96,25 @@ def test_tokens_computed_are_recorded(classify_job):
 
 
 def test_sequence_classification_checkpoint_matches_transformers(tmp_path, tokenizer):
+    """The row's text is the whole prompt, as plain text: a row per control string of the
+    tokenizer (and rows 4-5 of TEXTS) keeps it as text, on the oracle's plain tokenization."""
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.tiny_model import make_tiny_model
 
     ckpt = make_tiny_model(tmp_path / "seq", architecture="Qwen3ForSequenceClassification",
                            id2label={0: "negative", 1: "neutral", 2: "positive"})
-    rows = [{"id": i, "text": t} for i, t in enumerate(TEXTS[:6])]
+    texts = TEXTS[:6] + control_rows(tokenizer)
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts)]
     write_shards(tmp_path / "in", [rows])
     report = run_job(job(tmp_path, model=ckpt), progress=False)
-    assert report.exit_code == 0 and report.totals.results == 6
+    assert report.exit_code == 0 and report.totals.results == len(texts)
     model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
+    added = set(tokenizer.added_tokens_decoder)
     for r in read_dir(tmp_path / "out" / "results").to_pylist():
-        ids = torch.tensor([tokenizer.encode(TEXTS[r["id"]], add_special_tokens=False)])
+        plain = plain_oracle(tokenizer, texts[r["id"]])
+        assert r["prompt_tokens"] == len(plain) and not added & set(plain), texts[r["id"]]
+        ids = torch.tensor([plain])
         with torch.no_grad():
             expected = torch.softmax(model(ids).logits[0], -1).tolist()
         got = [d["prob"] for d in r["label_probs"]]
@@ -118,24 +126,32 @@ def test_sequence_classification_checkpoint_matches_transformers(tmp_path, token
 def test_token_classification_checkpoint_matches_transformers(tmp_path, tokenizer):
     from transformers import AutoModelForTokenClassification
 
+    from pipeline.heads.classify import entities
     from pipeline.tiny_model import make_tiny_model
 
     names = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
     ckpt = make_tiny_model(tmp_path / "tok", architecture="Qwen3ForTokenClassification", id2label=names)
     texts = ["Ada Lovelace visited London in 1842.", "Marie Curie moved from Warsaw to Paris.",
-             "北京 and 東京 are capitals 🙂"]
+             "北京 and 東京 are capitals 🙂"] + control_rows(tokenizer)
     write_shards(tmp_path / "in", [[{"id": i, "text": t} for i, t in enumerate(texts)]])
     report = run_job(job(tmp_path, model=ckpt), progress=False)
-    assert report.exit_code == 0 and report.totals.results == 3
+    assert report.exit_code == 0 and report.totals.results == len(texts)
     model = AutoModelForTokenClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
+    found = 0
     for r in read_dir(tmp_path / "out" / "results").to_pylist():
         text = texts[r["id"]]
-        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+        plain = plain_oracle(tokenizer, text)
         with torch.no_grad():
-            expected = [names[i] for i in model(ids).logits[0].argmax(-1).tolist()]
-        assert r["token_labels"] == expected
+            expected = [names[i] for i in model(torch.tensor([plain])).logits[0].argmax(-1).tolist()]
+        assert r["token_labels"] == expected and r["prompt_tokens"] == len(plain), text
         for ent in r["entities"]:
             assert ent["text"] == text[ent["start"]:ent["end"]] and ent["label"] in ("PER", "LOC")
+        if text.isascii():  # a byte-level token is its bytes: the spans are the tokens' lengths in turn
+            ends = list(itertools.accumulate(len(t) for t in tokenizer.convert_ids_to_tokens(plain)))
+            assert ends[-1] == len(text)
+            assert r["entities"] == entities(text, expected, list(zip([0] + ends[:-1], ends))), text
+            found += len(r["entities"])
+    assert found  # the random weights do label some entities in the control-string rows
 
 
 def test_multi_label_returns_a_subset_with_consistent_probabilities(tiny_model, tmp_path):

@@ -64,7 +64,14 @@ class Engine(Protocol):
         """Token ids of the chat-templated prompt, ready for generation."""
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of plain text (no special tokens added)."""
+        """Token ids of text the pipeline itself writes (no special tokens added): control
+        strings in it become control tokens, e.g. label + "<|im_end|>". Never for row text."""
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of untrusted text (a row's, a document's) as plain text, by the vocabulary
+        alone: every control string in it (<|im_start|>, <|im_end|>, <|endoftext|>, <think>,
+        <tool_call>, <|fim_*|>, ... all of the tokenizer's added tokens) stays text, as inside
+        a rendered chat message. The count of a text's tokens in render_chat's prompt."""
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids."""
@@ -75,8 +82,11 @@ class Engine(Protocol):
     async def score(self, prompt_token_ids: list[int], continuations: list[list[int]]) -> Scores:
         """Log-probability of each continuation (all its tokens) after the prompt."""
 
-    # Classification checkpoints (the pooling runner) also have:
-    # id2label: dict[int, str] and `async def classify(prompt_token_ids) -> list[float]`.
+    # Classification checkpoints (the pooling runner) also have: id2label: dict[int, str],
+    # pooling_task ("classify" or "token_classify"), `async def classify(prompt_token_ids)
+    # -> list[float]`, `async def classify_tokens(prompt_token_ids) -> list[list[float]]` and
+    # `def token_offsets(text) -> (ids, [(start, end), ...])`: the ids of tokenize_text(text)
+    # with each token's character span in text as given (before any normalization).
 
 
 class HeadOptions(BaseModel):
@@ -177,7 +187,7 @@ async def refuse_if_cannot_fit(engine: Engine, texts: list[str], *, turns: int) 
     for text in texts:
         for start in range(0, len(text), COUNT_PIECE_CHARS):
             piece = text[start:start + COUNT_PIECE_CHARS]
-            count, cuts, seen = count + len(engine.tokenize(piece)), cuts + 1, seen + len(piece)
+            count, cuts, seen = count + len(engine.tokenize_text(piece)), cuts + 1, seen + len(piece)
             if count - cuts * _CUT_SLACK >= limit:
                 raise RowError("prompt_too_long",
                                f"the prompt has more than {limit} tokens (counted {count:,} in its first "

@@ -12,7 +12,10 @@ cache; `scoring: per_label` is the older way (prompt log-probabilities of prompt
 full prefill per label). Both give the same numbers; the second costs K prefills a row.
 
 On a *ForSequenceClassification checkpoint the engine's pooling runner gives the class
-probabilities directly.
+probabilities directly (and a *ForTokenClassification checkpoint a label per token). There
+the row's text is the whole prompt, tokenized as plain text (engine.tokenize_text /
+token_offsets): a control string in it (<|im_end|>, <think>, <|fim_prefix|>, ...) stays text,
+as in a chat-templated prompt.
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ class ClassifyHead(Head):
         }
 
     async def _run_checkpoint(self, text: str, engine: Engine) -> dict[str, Any]:
-        prompt = engine.tokenize(text)
+        prompt = engine.tokenize_text(text)  # untrusted: control strings stay text
         if len(prompt) > engine.max_model_len:
             raise RowError("prompt_too_long", f"the text has {len(prompt)} tokens but model.max_model_len "
                                               f"is {engine.max_model_len}; shorten it or raise max_model_len")
@@ -191,7 +194,7 @@ class ClassifyHead(Head):
         }
 
     async def _run_tokens(self, text: str, engine: Engine) -> dict[str, Any]:
-        ids, offsets = engine.token_offsets(text)
+        ids, offsets = engine.token_offsets(text)  # as tokenize_text, spans in text as given
         if len(ids) > engine.max_model_len:
             raise RowError("prompt_too_long", f"the text has {len(ids)} tokens but model.max_model_len "
                                               f"is {engine.max_model_len}; shorten it or raise max_model_len")

@@ -4,7 +4,9 @@ A document whose prompt fits the context takes one engine call. A longer one is 
 chunks that prefer paragraph, then sentence breaks; the chunks are summarized concurrently
 and their summaries combined in groups, level by level, until one summary remains. Every
 prompt is counted with the model's own tokenizer before it is sent: no call exceeds
-max_model_len (prompt + max_tokens).
+max_model_len (prompt + max_tokens). The document is counted and cut as plain text
+(engine.tokenize_text), as render_chat tokenizes it inside the prompt: a control string in it
+(<|im_end|>, <think>, ...) is counted as the text it is, and kept in the chunks.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class SummarizeHead(Head):
         sampling = {"temperature": o.temperature, "top_p": 0.8, "top_k": 20, "max_tokens": o.max_tokens}
         sampling.update(self.sampling)
         max_tokens = sampling["max_tokens"]
-        tokens = engine.tokenize(doc)
+        tokens = engine.tokenize_text(doc)
         tally = _Tally()
         reduce_budget = self._budget(engine, o.reduce_instruction, max_tokens)
         map_budget = self._budget(engine, o.map_instruction, max_tokens) - o.chunk_overlap
@@ -171,16 +173,16 @@ def split_text(text: str, engine: Engine, budget: int, *, overlap: int, fits) ->
     budget -= 4  # slack for tokens that merge across the joins
     units: list[tuple[str, int]] = []
     for para in _keep_split(PARAGRAPH, text):
-        n = len(engine.tokenize(para))
+        n = len(engine.tokenize_text(para))
         if n <= budget:
             units.append((para, n))
             continue
         for sent in _keep_split(SENTENCE, para):
-            n = len(engine.tokenize(sent))
+            n = len(engine.tokenize_text(sent))
             if n <= budget:
                 units.append((sent, n))
             else:
-                units.extend((w, len(engine.tokenize(w))) for w in _token_windows(sent, engine, budget))
+                units.extend((w, len(engine.tokenize_text(w))) for w in _token_windows(sent, engine, budget))
     chunks: list[str] = []
     cur, cur_n = "", 0
     for unit, n in units:
@@ -203,7 +205,7 @@ def split_text(text: str, engine: Engine, budget: int, *, overlap: int, fits) ->
         if fits(c):
             out.append(c)
         else:
-            n = len(engine.tokenize(c))
+            n = len(engine.tokenize_text(c))
             pending[:0] = _token_windows(c, engine, max(4, n // 2 + 1))
     return out or [text]
 
@@ -234,7 +236,7 @@ def _decode_clean(engine: Engine, ids: list[int]) -> tuple[str, int]:
 
 def _token_windows(text: str, engine: Engine, budget: int) -> list[str]:
     """Consecutive windows of at most `budget` tokens that never split a character."""
-    ids = engine.tokenize(text)
+    ids = engine.tokenize_text(text)
     out, start = [], 0
     while start < len(ids):
         piece, used = _decode_clean(engine, ids[start:start + budget])
@@ -246,6 +248,6 @@ def _token_windows(text: str, engine: Engine, budget: int) -> list[str]:
 
 
 def _tail(text: str, engine: Engine, n: int) -> str:
-    ids = engine.tokenize(text)
+    ids = engine.tokenize_text(text)
     tail = engine.decode(ids[-n:])
     return tail.lstrip("\ufffd")
