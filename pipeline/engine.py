@@ -37,8 +37,19 @@ class EngineScores(Scores):
     computed_tokens: int | None = None
 
 
-def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
-    """vLLM engine arguments for a model section (engine_kwargs win)."""
+# What a head may ask of the engine (Head.engine_task) -> vLLM arguments. "embed": the pooling
+# runner over a *ForCausalLM or *Model checkpoint (Qwen3-Embedding ships Qwen3Model weights
+# under a Qwen3ForCausalLM config), pooling the last token's final hidden state, L2-normalised
+# (use_activation: vLLM's embedding activation is the normalisation).
+ENGINE_TASKS = {
+    "embed": {"runner": "pooling", "convert": "embed",
+              "pooler_config": {"seq_pooling_type": "LAST", "use_activation": True}},
+}
+
+
+def engine_args(model: ModelSpec, *, device: str, task: str | None = None) -> dict[str, Any]:
+    """vLLM engine arguments for a model section (engine_kwargs win); task: what the job's
+    head needs of the engine (Head.engine_task), None for the checkpoint as it is."""
     args: dict[str, Any] = {
         "model": model.source,
         "tensor_parallel_size": model.tensor_parallel_size,
@@ -50,7 +61,11 @@ def engine_args(model: ModelSpec, *, device: str) -> dict[str, Any]:
         args["max_model_len"] = model.max_model_len
     if model.long_context:
         args.update(long_context_args(model))
-    if pooling_task(model) is not None:
+    if task is not None:
+        args.update(engine_task_args(model, task))
+    elif question_answering(model):
+        return qa_engine_args(model, args, device=device)
+    elif pooling_task(model) is not None:
         args["runner"] = "pooling"
     else:
         # Structured outputs (the sampling key structured_json): xgrammar, compact JSON (no
@@ -101,6 +116,46 @@ def pooling_task(model: ModelSpec) -> str | None:
         if any(a.endswith(suffix) for a in archs):
             return task
     return None
+
+
+QA_RUNNER = "transformers-qa"  # engine_args' runner for *ForQuestionAnswering: not a vLLM runner
+QA_BATCH_TOKENS = 8192  # padded tokens per forward pass of the question-answering model
+
+
+def question_answering(model: ModelSpec) -> bool:
+    """A *ForQuestionAnswering checkpoint (start/end logits per token)? vLLM has no runner for
+    it: VllmEngine runs it in transformers inside the actor (README, the qa head)."""
+    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    return any(a.endswith("ForQuestionAnswering") for a in archs)
+
+
+def qa_engine_args(model: ModelSpec, args: dict[str, Any], *, device: str) -> dict[str, Any]:
+    """Engine arguments of a *ForQuestionAnswering checkpoint (transformers in the actor), or a
+    SpecError for model keys only vLLM could honour."""
+    from pipeline.spec import SpecError
+
+    if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
+        raise SpecError(f"model.source {model.source} is a question-answering checkpoint, run by transformers "
+                        f"on one device per replica; drop model.tensor_parallel_size/pipeline_parallel_size")
+    if model.quantization:
+        raise SpecError(f"model.quantization: vLLM's quantization does not apply to question-answering "
+                        f"checkpoints (run by transformers); drop it")
+    return {**args, "runner": QA_RUNNER}
+
+
+def engine_task_args(model: ModelSpec, task: str) -> dict[str, Any]:
+    """The vLLM arguments of an engine task (ENGINE_TASKS), or a SpecError when the
+    checkpoint cannot serve it (a classification checkpoint has its own head)."""
+    from pipeline.spec import SpecError
+
+    if task not in ENGINE_TASKS:
+        raise ValueError(f"unknown engine task {task!r}; known: {', '.join(ENGINE_TASKS)}")
+    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    if not any(a.endswith(("ForCausalLM", "Model")) for a in archs):
+        raise SpecError(f"model.source {model.source} is a {', '.join(archs) or 'checkpoint without architectures'}; "
+                        f"task.head needs vLLM's pooling runner ({task}) over a language model's hidden states "
+                        f"(a *ForCausalLM or *Model checkpoint, as Qwen3-Embedding ships)")
+    return json.loads(json.dumps(ENGINE_TASKS[task]))  # a copy: engine args stay plain data
 
 
 def long_context_args(model: ModelSpec) -> dict[str, Any]:
@@ -276,6 +331,10 @@ def vllm_engine_args(args: dict[str, Any]):
         from vllm.config import StructuredOutputsConfig
 
         args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
+    if isinstance(args.get("pooler_config"), dict):
+        from vllm.config import PoolerConfig
+
+        args = {**args, "pooler_config": PoolerConfig(**args["pooler_config"])}
     return AsyncEngineArgs(**args)
 
 
@@ -287,6 +346,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.args = dict(args)
+        if args.get("runner") == QA_RUNNER:
+            self._init_qa(args, device)
+            return
         # vLLM's CPU build crashes its engine when a seeded request is prefilled in chunks
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
@@ -298,11 +360,82 @@ class VllmEngine:
         )
         self.id2label: dict[int, str] | None = None
         self.pooling_task: str | None = None
-        if args.get("runner") == "pooling":
+        if args.get("convert") == "embed":
+            self.pooling_task = "embed"
+        elif args.get("runner") == "pooling":
             config = hf_config(args["model"], args.get("trust_remote_code", False))
             self.id2label = {int(k): v for k, v in config.id2label.items()}
             self.pooling_task = next(t for suffix, t in POOLING_TASKS.items()
                                      if any(a.endswith(suffix) for a in config.architectures))
+
+    def _init_qa(self, args: dict[str, Any], device: str) -> None:
+        """A *ForQuestionAnswering checkpoint in transformers (vLLM has no runner for it; see
+        the README's qa head): qa_logits batches the windows in flight into padded forwards."""
+        import torch
+        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+        remote = args.get("trust_remote_code", False)
+        dtype = args.get("dtype", "auto")
+        self._llm = None
+        self.per_request_seed = False
+        self.tokenizer = AutoTokenizer.from_pretrained(args["model"], trust_remote_code=remote)
+        self._qa_device = "cuda" if device == "cuda" else "cpu"
+        self._qa_model = AutoModelForQuestionAnswering.from_pretrained(
+            args["model"], dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            trust_remote_code=remote).to(self._qa_device).eval()
+        config = self._qa_model.config
+        self.max_model_len = int(args.get("max_model_len") or config.max_position_embeddings)
+        self.settings = throughput_settings({"dtype": dtype})
+        self.id2label, self.pooling_task = None, "question_answering"
+        self._qa_queue: list[tuple[list[int], asyncio.Future]] = []
+        self._qa_busy = False
+
+    async def qa_logits(self, token_ids: list[int]) -> tuple[list[float], list[float]]:
+        """Start and end logits of every token of a question-answering checkpoint's input (the
+        question's and the context window's ids). Calls in flight are run together, padded."""
+        fut = asyncio.get_running_loop().create_future()
+        self._qa_queue.append((list(token_ids), fut))
+        if not self._qa_busy:
+            self._qa_busy = True
+            asyncio.ensure_future(self._qa_drain())
+        return await fut
+
+    async def _qa_drain(self) -> None:
+        try:
+            while self._qa_queue:
+                batch, longest = [], 0
+                while self._qa_queue:
+                    ids = self._qa_queue[0][0]
+                    if batch and max(longest, len(ids)) * (len(batch) + 1) > QA_BATCH_TOKENS:
+                        break
+                    batch.append(self._qa_queue.pop(0))
+                    longest = max(longest, len(ids))
+                try:
+                    outs = await asyncio.to_thread(self._qa_forward, [ids for ids, _ in batch])
+                except Exception as e:  # this batch's rows fail; the engine goes on
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(RowError("engine_error", f"the question-answering model failed: {e}"))
+                    continue
+                for (_, fut), out in zip(batch, outs):
+                    if not fut.done():
+                        fut.set_result(out)
+        finally:
+            self._qa_busy = False
+
+    def _qa_forward(self, batch: list[list[int]]) -> list[tuple[list[float], list[float]]]:
+        import torch
+
+        longest = max(map(len, batch))
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, row in enumerate(batch):  # right padding: a causal model's real tokens never see it
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        with torch.inference_mode():
+            out = self._qa_model(input_ids=ids.to(self._qa_device), attention_mask=mask.to(self._qa_device))
+        start, end = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+        return [(start[i, :len(row)].tolist(), end[i, :len(row)].tolist()) for i, row in enumerate(batch)]
 
     def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
         return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
@@ -435,6 +568,11 @@ class VllmEngine:
                                           PoolingParams(task=task), request_id=uuid.uuid4().hex):
             final = out
         return final.outputs.data
+
+    async def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """The prompt's embedding (engine task "embed"): its last token's final hidden state,
+        L2-normalised, in float32 (hidden_size floats)."""
+        return self._pool_probs(await self._pool(prompt_token_ids, "embed"))
 
     async def classify(self, prompt_token_ids: list[int]) -> list[float]:
         """Class probabilities of a sequence-classification checkpoint."""

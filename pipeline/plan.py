@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.heads import head_class
+from pipeline.heads import head_class, job_head
 from pipeline.output import OutputStore
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
 from pipeline.sink import SHARD_COLUMN
@@ -105,12 +105,21 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     problem = head.check_options(spec.task.options)
     if problem:
         raise SpecError(problem)
-    head_obj = head(spec.task.options)
     _check_engine(spec)
+    try:
+        head_obj = job_head(spec)  # a head that reads the checkpoint's config checks it here
+    except ValueError as e:
+        raise SpecError(f"task.options for head '{spec.task.head}': {e}") from None
     fs, shards = open_shards(spec.input.path)
     _check_output_outside_input(spec)
     reads = head_obj.input_columns()
     check_shards(fs, shards, id_column=spec.input.id_column, any_of=head_obj.required_any(), reads=reads)
+    for column in head_obj.required_all():
+        lacking = [s for s in shards if column not in s.schema.names]
+        if lacking:
+            raise InputError(f"{lacking[0].path}: no column '{column}' (columns: {', '.join(lacking[0].schema.names)}), "
+                             f"which head '{spec.task.head}' reads from every row; add it or set the "
+                             f"head's column option" + (f" ({len(lacking)} shards lack it)" if len(lacking) > 1 else ""))
     clash = [c for c in [spec.input.id_column] + reads if c == SHARD_COLUMN]
     if clash:
         raise InputError(f"the job reads a column named '{SHARD_COLUMN}', which Ray Data overwrites "
@@ -217,7 +226,8 @@ def _check_engine(spec: JobSpec) -> None:
         raise SpecError(f"model.source {spec.model.source}: cannot read the checkpoint's config "
                         f"({first}); give a Hugging Face id such as Qwen/Qwen3-8B or a local "
                         f"checkpoint directory") from None
-    engine_args(spec.model, device="cpu")  # raises SpecError for contradictory model keys
+    # raises SpecError for contradictory model keys, or a checkpoint the head's engine task cannot use
+    engine_args(spec.model, device="cpu", task=head_class(spec.task.head).engine_task)
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:

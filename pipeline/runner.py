@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pipeline import dataflow, manifest as manifests
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
-from pipeline.heads import results_schema
+from pipeline.heads import head_class, results_schema
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore
 from pipeline.output_lock import LostLockError, OutputLock
@@ -268,7 +268,7 @@ def _execute(run: Run) -> None:
     spec, plan = run.spec, run.plan
     with session.ray_session(spec, run.run_id):
         device = session.device(spec)
-        args = engine_args(spec.model, device=device)
+        args = engine_args(spec.model, device=device, task=head_class(spec.task.head).engine_task)
         placer = ReplicaPlacer(replica_shape(spec, device))
         placer.check()
         try:

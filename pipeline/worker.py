@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 import pyarrow as pa
 
-from pipeline.heads import RowError, head_class
+from pipeline.heads import RowError, job_head
 from pipeline.ledger import EngineGate, batch_key
 from pipeline.schemas import arrow_schema
 from pipeline.sink import SHARD_COLUMN
@@ -24,6 +24,9 @@ STATUS_COLUMNS = [
     pa.field("_engine_settings", pa.string()),
     pa.field("_worker", pa.string()),
 ]
+
+
+PER_WORKER = ("_engine_settings", "_worker")  # stage columns that are the same in every row of a worker
 
 
 def stage_schema(head, id_type: pa.DataType) -> pa.Schema:
@@ -122,8 +125,9 @@ class InferenceWorker:
                  device: str, engine_factory=None, ledger=None, poisoned: frozenset = frozenset()):
         spec = JobSpec.model_validate_json(spec_json)
         self.id_column = spec.input.id_column
-        self.head = head_class(spec.task.head)(spec.task.options, sampling=spec.sampling.merged())
+        self.head = job_head(spec, sampling=spec.sampling.merged())
         self.schema = stage_schema(self.head, id_type)
+        self.row_schema = pa.schema([f for f in self.schema if f.name not in PER_WORKER])
         if engine_factory is None:
             from pipeline.engine import VllmEngine as engine_factory
         self.reconstructed = _reconstructed()
@@ -185,8 +189,7 @@ class InferenceWorker:
 
     def _finish(self, out: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
         self.last_answer = time.time()
-        out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time(),
-                   _engine_settings=self.engine_settings, _worker=self.worker_id)
+        out.update(id=row[self.id_column], path=row[SHARD_COLUMN], _started=started, _finished=time.time())
         return out
 
     async def _suspect(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +241,15 @@ class InferenceWorker:
             raise
         out += [self._finish({"error_type": "invalid_input", "error_message": bad[i]}, rows[i], time.time())
                 for i in bad]
-        yield pa.Table.from_pylist(out, schema=self.schema)
+        yield self._table(out)
+
+    def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """The stage's rows as Arrow; the columns that are this worker's own (the same for every
+        row) are repeated in Arrow, not converted row by row (a third of the conversion's cost)."""
+        table = pa.Table.from_pylist(rows, schema=self.row_schema)
+        for name, value in (("_engine_settings", self.engine_settings), ("_worker", self.worker_id)):
+            table = table.append_column(self.schema.field(name), pa.repeat(pa.scalar(value, pa.string()), len(table)))
+        return table.select(self.schema.names)
 
     async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not rows:

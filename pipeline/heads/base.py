@@ -82,6 +82,9 @@ class Engine(Protocol):
     async def score(self, prompt_token_ids: list[int], continuations: list[list[int]]) -> Scores:
         """Log-probability of each continuation (all its tokens) after the prompt."""
 
+    # Embedding engines (a head with engine_task "embed": vLLM's pooling runner) have
+    # pooling_task "embed" and `async def embed(prompt_token_ids) -> list[float]`: the
+    # L2-normalised final hidden state of the prompt's last token (hidden_size floats).
     # Classification checkpoints (the pooling runner) also have: id2label: dict[int, str],
     # pooling_task ("classify" or "token_classify"), `async def classify(prompt_token_ids)
     # -> list[float]`, `async def classify_tokens(prompt_token_ids) -> list[list[float]]` and
@@ -98,6 +101,12 @@ class Head:
 
     name: ClassVar[str]
     Options: ClassVar[type[HeadOptions]] = HeadOptions
+    # What the head needs of the engine, declared (the engine knows no head by name): None
+    # runs the checkpoint as it is (a generative Qwen3, or a classification checkpoint's own
+    # pooling runner); "embed" asks for vLLM's pooling runner with last-token, normalised
+    # embeddings (engine.embed). pipeline.engine.engine_args merges it, at plan time too, so
+    # `validate` refuses a checkpoint that cannot serve it.
+    engine_task: ClassVar[str | None] = None
 
     def __init__(self, options: dict[str, Any] | None = None, *, sampling: dict[str, Any] | None = None):
         self.options = self.Options.model_validate(options or {})
@@ -129,9 +138,19 @@ class Head:
 
         return arrow_schema(f"results_{self.name}", id_type=id_type)
 
+    def use_model(self, config: Any) -> None:
+        """Learn what the head needs of the checkpoint's config (pipeline.engine.hf_config:
+        hidden_size, architectures, ...) before result_schema or run; called wherever a job's
+        head is built (plan, workers, results schema) for heads that override it. Raise
+        ValueError, naming the option, if the head cannot run on this checkpoint."""
+
     def input_columns(self) -> list[str]:
         """Columns this head reads (besides the id) when a shard has them."""
         raise NotImplementedError
+
+    def required_all(self) -> list[str]:
+        """Columns every shard must have (checked at plan time); none unless a head says."""
+        return []
 
     def required_any(self) -> list[str]:
         """Columns of which every shard must have at least one."""
