@@ -245,7 +245,7 @@ class InferenceWorker:
 
     def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
         """The stage's rows as Arrow; the columns that are this worker's own (the same for every
-        row) are repeated in Arrow, not converted row by row (a third of the conversion's cost)."""
+        row) are repeated in Arrow, not converted from every row's dict."""
         table = pa.Table.from_pylist(rows, schema=self.row_schema)
         for name, value in (("_engine_settings", self.engine_settings), ("_worker", self.worker_id)):
             table = table.append_column(self.schema.field(name), pa.repeat(pa.scalar(value, pa.string()), len(table)))
