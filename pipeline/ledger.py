@@ -68,14 +68,14 @@ class RowLedger:
     def is_condemned(self, key: str) -> bool:
         return key in self.condemned
 
-    def begin(self, key: str) -> int:
-        """Record a batch starting; returns how many earlier attempts died."""
+    def begin(self, key: str, ended: list[str] = ()) -> int:
+        """Record a batch starting, and the caller's batches that ended since its last call;
+        returns how many earlier attempts of this batch died."""
+        for done in ended:
+            self.batches.pop(done, None)
         tries = self.batches.get(key, 0)
         self.batches[key] = tries + 1
         return tries
-
-    def end(self, key: str) -> None:
-        self.batches.pop(key, None)
 
     def begin_alone(self, key: str, row: dict | None = None) -> int:
         """Record a row starting alone on an engine; returns how many engines died running it

@@ -146,6 +146,7 @@ class InferenceWorker:
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
+        self.ended: list[str] = []  # batches done since the ledger was last told (pipeline.ledger)
         self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
         self.gate = EngineGate()
         self.last_answer = 0.0  # when a row last finished on this engine (hung-engine check)
@@ -264,15 +265,17 @@ class InferenceWorker:
         else:
             async with self.gate.shared():
                 out = done + await self._timed(rows)
-        if self.ledger:
-            self.ledger.end.remote(key)  # no need to wait: calls from one actor arrive in order
+        self.ended.append(key)
         return out
 
     async def _begin(self, key: str) -> int:
-        """Tell the ledger a batch starts; how many earlier attempts of it died. Awaited: a
-        batch must be on record before its rows can kill the engine, or its retry would not
-        know it is one (and a poison row would cost an extra restart)."""
-        return await self.ledger.begin.remote(key)
+        """Tell the ledger a batch starts, and which batches ended since the last call (one
+        call a batch, not two); how many earlier attempts of it died. Awaited: a batch must be
+        on record before its rows can kill the engine, or its retry would not know it is one
+        (and a poison row would cost an extra restart). Ends not yet told when the engine dies
+        only make those batches' rows run alone if they are retried."""
+        ended, self.ended = self.ended, []
+        return await self.ledger.begin.remote(key, ended)
 
     def _skip_poisoned(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(rows to run, error rows for those condemned in an earlier run)."""
