@@ -178,6 +178,21 @@ class FakeEngine:
             logprobs = [self.scores.get(t, self.default_score) for t in texts]
         return Scores(logprobs, sum(len(prompt) + len(c) for c in continuations))
 
+    embed_size = 8  # floats in an embed() vector (a model's hidden size)
+
+    async def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """A unit vector of embed_size floats drawn from the prompt's text (the same prompt
+        always gets the same vector), as the pooling runner's normalised last-token state."""
+        import hashlib
+
+        if self.record:
+            self.log.append("embed")
+            self.prompts.append(len(prompt_token_ids))
+        digest = hashlib.sha256(self._text(prompt_token_ids).encode()).digest()
+        raw = [digest[i % len(digest)] - 127.5 + i / self.embed_size for i in range(self.embed_size)]
+        norm = sum(x * x for x in raw) ** 0.5
+        return [x / norm for x in raw]
+
 
 def fake_engine_factory(**kwargs):
     """An engine_factory for run_job that builds FakeEngine with these options (recording
