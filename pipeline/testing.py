@@ -136,7 +136,11 @@ class FakeEngine:
             self.prompts.append(len(prompt_token_ids))
         if self.delay:
             await asyncio.sleep(self.delay)
-        text = self._text(prompt_token_ids)
+        # the prompt's text only when a fault or an answer needs it (the benchmarks' fake engine
+        # does no more per row than a Ray Data UDF would)
+        needs_text = (self.die_on or self.poison_on or self.dead_on or self.hang_on or self.fail_on
+                      or callable(self.answer))
+        text = self._text(prompt_token_ids) if needs_text else ""
         if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
