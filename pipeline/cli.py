@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kind", choices=("causal", "embed", "rerank"), default="causal",
+    s.add_argument("--kind", choices=("causal", "embed", "rerank", "qa"), default="causal",
                    help="causal: Qwen3ForCausalLM (default); embed: Qwen3-Embedding's layout (Qwen3Model "
-                        "weights under a Qwen3ForCausalLM config); rerank: Qwen3-Reranker's (a causal LM)")
+                        "weights under a Qwen3ForCausalLM config); rerank: Qwen3-Reranker's (a causal LM); "
+                        "qa: Qwen3ForQuestionAnswering (extractive question answering)")
     s = sub.add_parser("status", help="the last run's outcome, shards committed and pending, errors, tokens, "
                                       "the lock, and what a rerun would do (reads no input)")
     s.add_argument("output", help="the job's output.path")

@@ -228,7 +228,7 @@ class SamplingSpec(SamplingValues):
 
 
 class TaskSpec(_Section):
-    head: Literal["chat", "summarize", "classify", "extract", "embed", "rerank"] = Field(
+    head: Literal["chat", "summarize", "classify", "extract", "embed", "rerank", "qa"] = Field(
         description="Which task head turns each row into a result."
     )
     options: dict[str, Any] = Field(

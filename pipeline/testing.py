@@ -198,6 +198,43 @@ class FakeEngine:
         return [x / norm for x in raw]
 
 
+class FakeQaEngine(FakeEngine):
+    """FakeEngine with a question-answering head: qa_logits gives start and end logits from
+    qa(tokens) -> (start, end), tokens the texts of the input's tokens (default: all zeros);
+    token_offsets as VllmEngine's (with a tokenizer) or whitespace words with their spans.
+    Records every qa_logits input in qa_inputs."""
+
+    def __init__(self, *args, qa: Callable[[list[str]], tuple[list[float], list[float]]] | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.qa, self.qa_inputs = qa, []
+        self.pooling_task = "question_answering"
+
+    def token_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        self._note("token_offsets", len(text))
+        if self.tokenizer is not None:
+            from pipeline.engine import plain_text_offsets
+
+            return plain_text_offsets(self.tokenizer, text)
+        import re
+
+        words = list(re.finditer(r"\S+", text))
+        return self._encode(" ".join(m.group() for m in words)), [m.span() for m in words]
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        if self.tokenizer is not None:
+            return [self.tokenizer.decode([i]) for i in ids]
+        return [self.words[i] for i in ids]
+
+    async def qa_logits(self, token_ids: list[int]) -> tuple[list[float], list[float]]:
+        if self.record:
+            self.log.append("qa_logits")
+            self.qa_inputs.append(list(token_ids))
+        if self.qa is None:
+            return [0.0] * len(token_ids), [0.0] * len(token_ids)
+        start, end = self.qa(self._token_texts(token_ids))
+        return list(start), list(end)
+
+
 def fake_engine_factory(**kwargs):
     """An engine_factory for run_job that builds FakeEngine with these options (recording
     off unless record=True: an actor answers many rows)."""

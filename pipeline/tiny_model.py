@@ -121,8 +121,10 @@ def build_qwen3_tokenizer():
 # Kinds of tiny checkpoint (make-tiny-model --kind), each laid out as the real one ships:
 # causal: Qwen3ForCausalLM (chat, summarize, classify, extract); embed: Qwen3-Embedding's
 # layout, the bare Qwen3Model weights (no lm_head, no "model." prefix) under a config that
-# names Qwen3ForCausalLM; rerank: Qwen3-Reranker's, a plain Qwen3ForCausalLM.
-KINDS = {"causal": "Qwen3ForCausalLM", "embed": "Qwen3Model", "rerank": "Qwen3ForCausalLM"}
+# names Qwen3ForCausalLM; rerank: Qwen3-Reranker's, a plain Qwen3ForCausalLM; qa: an extractive
+# question-answering checkpoint, Qwen3ForQuestionAnswering (qa_outputs: 2 logits a token).
+KINDS = {"causal": "Qwen3ForCausalLM", "embed": "Qwen3Model", "rerank": "Qwen3ForCausalLM",
+         "qa": "Qwen3ForQuestionAnswering"}
 
 
 def make_tiny_model(

@@ -33,6 +33,10 @@ def head_class(name: str) -> type[Head]:
         from pipeline.heads.rerank import RerankHead
 
         return RerankHead
+    if name == "qa":
+        from pipeline.heads.qa import QaHead
+
+        return QaHead
     raise ValueError(f"unknown head {name!r}")
 
 

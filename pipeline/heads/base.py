@@ -90,6 +90,9 @@ class Engine(Protocol):
     # -> list[float]`, `async def classify_tokens(prompt_token_ids) -> list[list[float]]` and
     # `def token_offsets(text) -> (ids, [(start, end), ...])`: the ids of tokenize_text(text)
     # with each token's character span in text as given (before any normalization).
+    # Question-answering checkpoints (*ForQuestionAnswering, run by transformers in the actor)
+    # have pooling_task "question_answering", token_offsets, and `async def qa_logits(token_ids)
+    # -> (start_logits, end_logits)`: one float per token of the input (question + context).
 
 
 class HeadOptions(BaseModel):
