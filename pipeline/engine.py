@@ -397,7 +397,7 @@ class VllmEngine:
         self._qa_queue.append((list(token_ids), fut))
         if not self._qa_busy:
             self._qa_busy = True
-            asyncio.ensure_future(self._qa_drain())
+            self._qa_task = asyncio.ensure_future(self._qa_drain())  # held: the loop keeps weak references
         return await fut
 
     async def _qa_drain(self) -> None:
