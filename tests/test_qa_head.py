@@ -180,3 +180,40 @@ def test_generate_answers_from_the_context_and_says_whether_it_is_quoted():
     assert context in messages[1]["content"] and "Where is it?" in messages[1]["content"]
     assert engine.calls[0]["temperature"] == 0.0 and engine.calls[0]["max_tokens"] == 64
     assert first["completion_tokens"] > 0 and first["prompt_tokens"] > 0
+
+
+def test_the_engine_batches_windows_in_flight(monkeypatch):
+    """VllmEngine.qa_logits on a stand-in model: concurrent calls share right-padded forwards
+    of at most QA_BATCH_TOKENS padded tokens, each gets its own logits back unpadded, and a
+    failing forward fails only its batch's rows."""
+    import torch
+
+    from pipeline import engine as E
+
+    calls = []
+
+    def model(input_ids, attention_mask):
+        calls.append(tuple(input_ids.shape))
+        assert attention_mask.sum().item() == (input_ids > 0).sum().item()
+        if (input_ids == 99).any():
+            raise RuntimeError("boom")
+        x = input_ids.float()
+        return types.SimpleNamespace(start_logits=x, end_logits=-x)
+
+    eng = E.VllmEngine.__new__(E.VllmEngine)
+    eng._qa_model, eng._qa_device, eng._qa_queue, eng._qa_busy = model, "cpu", [], False
+    monkeypatch.setattr(E, "QA_BATCH_TOKENS", 10)
+
+    async def go(inputs):
+        return await asyncio.gather(*(eng.qa_logits(ids) for ids in inputs), return_exceptions=True)
+
+    outs = asyncio.run(go([[1, 2, 3], [1, 2, 3, 4, 5], [7, 8]]))
+    assert calls == [(2, 5), (1, 2)]  # 2 x 5 padded tokens fit 10; a third row would make 15
+    assert outs == [([1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]), ([1.0, 2.0, 3.0, 4.0, 5.0], [-1.0, -2.0, -3.0, -4.0, -5.0]),
+                    ([7.0, 8.0], [-7.0, -8.0])]
+    calls.clear()
+    outs = asyncio.run(go([[1, 2, 3, 4, 5, 6], [99], [4, 5]]))
+    assert calls == [(1, 6), (2, 2)]
+    assert outs[0] == ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0])
+    assert all(isinstance(o, RowError) and o.error_type == "engine_error" for o in outs[1:])
+    assert not eng._qa_busy and not eng._qa_queue

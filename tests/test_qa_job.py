@@ -152,3 +152,17 @@ def test_plan_time_checks(qa_model, tiny_model, tmp_path):
         plan_job(job(tmp_path, model={"source": str(qa_model)}, task={"options": {"mode": "generate"}}))
     with pytest.raises(SpecError, match="one device per replica"):
         plan_job(job(tmp_path, model={"source": str(qa_model), "tensor_parallel_size": 2}))
+
+
+def test_make_tiny_model_kind_qa(tmp_path):
+    import json
+
+    from pipeline.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--kind", "qa"]) == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForQuestionAnswering"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("qa_outputs.weight").shape == (2, config["hidden_size"])
