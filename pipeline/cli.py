@@ -158,6 +158,15 @@ def cmd_validate(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from pipeline.tiny_model import make_tiny_model
 
+    if getattr(args, "quantize", None):
+        from pipeline.quantize import make_quantized_tiny_model
+
+        if args.kind != "causal":
+            console.print("--quantize writes a quantized causal tiny model; drop --kind")
+            return 2
+        path = make_quantized_tiny_model(args.dir, args.quantize, seed=args.seed)
+        console.print(f"Tiny Qwen3 ({args.quantize}-quantized: random weights, real tokenizer) written to {path}")
+        return 0
     path = make_tiny_model(args.dir, seed=args.seed, kind=args.kind)
     console.print(f"Tiny Qwen3 ({args.kind}: random weights, real tokenizer) written to {path}")
     return 0
@@ -207,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="causal: Qwen3ForCausalLM (default); embed: Qwen3-Embedding's layout (Qwen3Model "
                         "weights under a Qwen3ForCausalLM config); rerank: Qwen3-Reranker's (a causal LM); "
                         "qa: Qwen3ForQuestionAnswering (extractive question answering)")
+    s.add_argument("--quantize", choices=("w8a8", "gptq"), default=None,
+                   help="write it quantized (the causal kind): w8a8: compressed-tensors int8 weights and "
+                        "activations; gptq: GPTQ 4-bit, group 32, bfloat16 (both run on the CPU build of vLLM)")
     s = sub.add_parser("status", help="the last run's outcome, shards committed and pending, errors, tokens, "
                                       "the lock, and what a rerun would do (reads no input)")
     s.add_argument("output", help="the job's output.path")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.heads.base import Completion, RowError, Scores
+from pipeline.quantize import bitsandbytes_args
 from pipeline.spec import ModelSpec
 
 # On the CPU build vLLM's KV cache takes this share of host memory unless engine_kwargs say
@@ -74,8 +75,10 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None) -> di
         # thinking_token_budget works). Neither changes unconstrained requests.
         args["reasoning_parser"] = "qwen3"
         args["structured_outputs_config"] = dict(STRUCTURED_OUTPUTS)
+    check_quantization(model, device)
     if model.quantization:
         args["quantization"] = model.quantization
+        args.update(bitsandbytes_args(model.quantization))
     if device == "cpu":
         args["gpu_memory_utilization"] = CPU_KV_CACHE_SHARE
     if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
@@ -85,6 +88,21 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None) -> di
         args["distributed_executor_backend"] = "ray" if cross_node else "mp"
     args.update(model.engine_kwargs)
     return args
+
+
+def check_quantization(model: ModelSpec, device: str) -> None:
+    """SpecError unless the device (cpu, cuda; auto at plan time: either) runs the job's
+    quantization: model.quantization, else the one the checkpoint's config declares."""
+    from pipeline.quantize import checkpoint_quantization, quantization_problem
+    from pipeline.spec import SpecError
+
+    method, where = model.quantization, "model.quantization"
+    if not method:
+        method = checkpoint_quantization(hf_config(model.source, model.trust_remote_code))
+        where = f"model.source {model.source} is quantized: its quant_method"
+    problem = quantization_problem(method, device, dtype=model.dtype, where=where)
+    if problem:
+        raise SpecError(problem)
 
 
 MAX_YARN_FACTOR = 4.0

@@ -227,7 +227,8 @@ def _check_engine(spec: JobSpec) -> None:
                         f"({first}); give a Hugging Face id such as Qwen/Qwen3-8B or a local "
                         f"checkpoint directory") from None
     # raises SpecError for contradictory model keys, or a checkpoint the head's engine task cannot use
-    engine_args(spec.model, device="cpu", task=head_class(spec.task.head).engine_task)
+    # the spec's device (auto: quantization either device runs), before one is chosen
+    engine_args(spec.model, device=spec.resources.device, task=head_class(spec.task.head).engine_task)
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:

@@ -141,7 +141,10 @@ class ModelSpec(_Section):
     )
     dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16, float32.")
     quantization: str | None = Field(
-        None, description="vLLM quantization method (awq, gptq, fp8, ...); default: none."
+        None, description="vLLM quantization method; default: none (a quantized checkpoint's own "
+        "method is read by vLLM). Checked against resources.device (pipeline/quantize.py): the CPU "
+        "build runs compressed-tensors (int8 W8A8), gptq and awq (4-bit, bfloat16/float16); GPUs also "
+        "fp8, *_marlin, bitsandbytes (the model card's 4-bit NF4), ..."
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the checkpoint. Off unless you trust it."
