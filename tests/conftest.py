@@ -73,6 +73,23 @@ def chat_job(tmp_path, tiny_model):
     return functools.partial(spec_maker(model=tiny_model), tmp_path)
 
 
+def local_ray():
+    """One local Ray for a module's in-process runs (run_job joins a Ray that is up, which
+    saves starting one per run); for a module fixture to `yield from`. A Ray already up is
+    left as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

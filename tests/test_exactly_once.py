@@ -27,7 +27,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from conftest import run_cli, write_shards
+from conftest import local_ray, run_cli, write_shards
 from jobs import ids_out, spec_maker
 from pipeline.output import KINDS, OutputStore
 from pipeline.output_lock import LOCK, OutputBusyError
@@ -47,18 +47,8 @@ def _model(tiny_model, s3_server):
     runs: run_job joins a Ray that is up and leaves it running, which saves starting one per
     run. Started after the S3 variables are set, so that its workers reach the S3 server.
     Drivers run as subprocesses start their own, as users' runs do."""
-    import ray
-
     MODEL["source"] = str(tiny_model)
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield from local_ray()
 
 
 make_spec = spec_maker(model=MODEL, output={"rows_per_file": 2}, sampling={"max_tokens": 3},

@@ -18,7 +18,7 @@ import time
 import pytest
 from rich.console import Console
 
-from conftest import read_dir, write_shards
+from conftest import local_ray, read_dir, write_shards
 from jobs import ids_out, spec_maker
 from pipeline.dataflow import ledger_name
 from pipeline.output import OutputStore
@@ -34,18 +34,8 @@ spec_for = spec_maker(output={"rows_per_file": 5}, sampling={"max_tokens": 4},
 
 @pytest.fixture(scope="module", autouse=True)
 def _ray():
-    """One local Ray for the module's runs (run_job joins a Ray that is up)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    """One local Ray for the module's runs."""
+    yield from local_ray()
 
 
 def committed(out) -> set[str]:
