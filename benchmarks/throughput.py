@@ -211,7 +211,7 @@ def _structured_engine(engine: dict) -> dict:
     xgrammar with compact JSON and Qwen3's reasoning parser, so all systems decode alike."""
     from vllm.config import StructuredOutputsConfig
 
-    from pipeline.engine import STRUCTURED_OUTPUTS
+    from pipeline.engine_args import STRUCTURED_OUTPUTS
 
     return {**engine, "reasoning_parser": "qwen3",
             "structured_outputs_config": StructuredOutputsConfig(**STRUCTURED_OUTPUTS)}

@@ -217,7 +217,7 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
 def _check_engine(spec: JobSpec) -> None:
     """The checkpoint's config must load (weights are not touched), and the engine arguments
     the workers will build must be valid."""
-    from pipeline.engine import engine_args, hf_config
+    from pipeline.engine_args import engine_args, hf_config
 
     try:
         hf_config(spec.model.source, spec.model.trust_remote_code)

@@ -262,7 +262,7 @@ def _stopped_by_worker(e: BaseException) -> str | None:
 def _execute(run: Run) -> None:
     """Start Ray, run the flow, commit each shard as its rows are all written."""
     from pipeline import session
-    from pipeline.engine import engine_args
+    from pipeline.engine_args import engine_args
     from pipeline.placement import ReplicaPlacer, replica_shape
 
     spec, plan = run.spec, run.plan

@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.engine import OUTPUT_MARK, RUN_MARK, reap_dead_runs, reap_on_every_node, reap_orphans
+from pipeline.processes import OUTPUT_MARK, RUN_MARK, reap_dead_runs, reap_on_every_node, reap_orphans
 from pipeline.spec import JobSpec
 
 
@@ -69,7 +69,7 @@ def ray_session(spec: JobSpec, run_id: str):
 
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     # A local Ray's services and workers inherit the marks: if this driver is killed, the next
-    # run on the same output finds what it left (pipeline.engine.reap_dead_runs).
+    # run on the same output finds what it left (pipeline.processes.reap_dead_runs).
     saved = {k: os.environ.get(k) for k in (RUN_MARK, OUTPUT_MARK)}
     os.environ.update({RUN_MARK: run_id, OUTPUT_MARK: spec.output.path})
     try:
@@ -91,9 +91,9 @@ def _reap_dead_runs_on_node(output: str, run_id: str, spare: tuple[str, ...]) ->
     """reap_dead_runs on the node this task runs on: (the node's id, how many it killed)."""
     import ray
 
-    from pipeline import engine
+    from pipeline import processes
 
-    return ray.get_runtime_context().get_node_id(), engine.reap_dead_runs(output, run_id, spare=spare)
+    return ray.get_runtime_context().get_node_id(), processes.reap_dead_runs(output, run_id, spare=spare)
 
 
 def reap_dead_runs_on_every_node(output: str, run_id: str, *, spare: tuple[str, ...] = (),

@@ -89,7 +89,7 @@ class FakeEngine:
             self.rendered.append((messages, enable_thinking))
         self._note("render_chat", sum(len(m["content"]) for m in messages))
         if self.tokenizer is not None:
-            from pipeline.engine import render_chat
+            from pipeline.prompt_tokens import render_chat
 
             return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
         return self._encode(" ".join(f"<|im_start|> {m['role']} {m['content']} {END_OF_TURN}" for m in messages))
@@ -103,7 +103,7 @@ class FakeEngine:
         strings stay text, as VllmEngine.tokenize_text); without, whitespace words as tokenize."""
         self._note("tokenize_text", len(text))
         if self.tokenizer is not None:
-            from pipeline.engine import plain_text_tokens
+            from pipeline.prompt_tokens import plain_text_tokens
 
             return plain_text_tokens(self.tokenizer, text)
         return self._encode(text)
@@ -212,7 +212,7 @@ class FakeQaEngine(FakeEngine):
     def token_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         self._note("token_offsets", len(text))
         if self.tokenizer is not None:
-            from pipeline.engine import plain_text_offsets
+            from pipeline.prompt_tokens import plain_text_offsets
 
             return plain_text_offsets(self.tokenizer, text)
         import re

@@ -113,7 +113,7 @@ def vllm_processes(*, session: int | None = None, run_id: str | None = None,
                    ours: bool = True) -> list[psutil.Process]:
     """vLLM engine-core and worker processes started by this test session; only those of
     one process session (a CLI run) or of one run (its RUN_MARK) when given."""
-    from pipeline.engine import RUN_MARK
+    from pipeline.processes import RUN_MARK
 
     found = []
     for p in psutil.process_iter(["name", "cmdline"]):

@@ -191,7 +191,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     """A real vLLM engine (no Ray) on the float32 tiny Qwen3, and the loop it runs on."""
-    from pipeline.engine import VllmEngine, engine_args
+    from pipeline.engine import VllmEngine
+    from pipeline.engine_args import engine_args
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()

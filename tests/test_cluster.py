@@ -22,7 +22,7 @@ import yaml
 
 from conftest import REPO, read_dir, run_cli, vllm_processes, write_shards
 from jobs import ids_out, job_spec, merged
-from pipeline.engine import RUN_MARK
+from pipeline.processes import RUN_MARK
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SLOT = "engine_slot"  # a custom resource: one per node, one per replica -> one replica a node

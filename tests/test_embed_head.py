@@ -100,7 +100,7 @@ def test_options_are_checked():
 
 
 def test_engine_args_ask_for_the_pooling_runner(tmp_path):
-    from pipeline.engine import engine_args
+    from pipeline.engine_args import engine_args
     from pipeline.spec import ModelSpec, SpecError
 
     def model(arch):

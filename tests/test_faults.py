@@ -111,7 +111,7 @@ def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
     import threading
 
     from conftest import SESSION_MARK, vllm_processes
-    from pipeline.engine import RUN_MARK
+    from pipeline.processes import RUN_MARK
 
     rows = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(12)] for s in range(5)]
     write_shards(tmp_path / "in", rows)
@@ -276,7 +276,7 @@ def test_a_hung_request_becomes_an_engine_timeout_row(tmp_path, tiny_model):
 def test_processes_of_a_killed_driver_are_ended_by_the_next_run(tmp_path, tiny_model):
     """Kill only the driver's PID (as a scheduler's timeout would), count what it left
     running, and check that the next run on the same output ends all of it."""
-    from pipeline.engine import RUN_MARK
+    from pipeline.processes import RUN_MARK
 
     write_shards(tmp_path / "in", [[{"id": s * 100 + i, "prompt": f"row {i}"} for i in range(10)] for s in range(6)])
     spec, proc = start_slow_run(tmp_path, tiny_model)

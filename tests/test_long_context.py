@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.engine import engine_args
+from pipeline.engine_args import engine_args
 from pipeline.spec import ModelSpec, SpecError
 
 

@@ -126,7 +126,7 @@ def test_control_strings_stay_text(qwen_tokenizer):
     out = run(QaHead(), {"question": question, "context": context}, engine)
     ids = engine.qa_inputs[0]
     assert not added & set(ids)
-    from pipeline.engine import plain_text_ids
+    from pipeline.prompt_tokens import plain_text_ids
 
     assert ids == plain_text_ids(qwen_tokenizer, question) + plain_text_ids(qwen_tokenizer, context)
     assert out["answer"] == "Rome" and context[out["start"]:out["end"]] == "Rome"

@@ -94,7 +94,7 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
     over plain_text_ids(question) + plain_text_ids(context) give, with the head's selection."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from pipeline.engine import plain_text_ids, plain_text_offsets
+    from pipeline.prompt_tokens import plain_text_ids, plain_text_offsets
     from pipeline.heads.qa import best_span
 
     tmp, _ = qa_job
@@ -114,7 +114,7 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
 
 
 def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):
-    from pipeline.engine import render_chat
+    from pipeline.prompt_tokens import render_chat
     from pipeline.heads.qa import QaHead
 
     context = "The Eiffel Tower is in Paris. It opened in 1889."
@@ -139,7 +139,7 @@ def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):
 def test_plan_time_checks(qa_model, tiny_model, tmp_path):
     """validate refuses what run would: extract on a causal checkpoint, generate on a QA one,
     and vLLM-only model keys on a QA checkpoint; a QA checkpoint gets the transformers runner."""
-    from pipeline.engine import QA_RUNNER, engine_args
+    from pipeline.engine_args import QA_RUNNER, engine_args
     from pipeline.plan import plan_job
     from pipeline.spec import SpecError
 

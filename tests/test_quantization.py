@@ -43,7 +43,8 @@ def engine_logprobs(source, dtype, prompt_ids):
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    from pipeline.engine import VllmEngine, engine_args
+    from pipeline.engine import VllmEngine
+    from pipeline.engine_args import engine_args
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.engine import engine_args
+from pipeline.engine_args import engine_args
 from pipeline.spec import ModelSpec, SpecError, load_spec
 
 pytestmark = pytest.mark.unit

@@ -20,7 +20,7 @@ import pytest
 from conftest import write_shards
 from jobs import ids_out, spec_maker
 from pipeline import session
-from pipeline.engine import OUTPUT_MARK, RUN_MARK
+from pipeline.processes import OUTPUT_MARK, RUN_MARK
 from pipeline.output_lock import LOCK
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.testing import fake_engine_factory

@@ -45,7 +45,7 @@ def job_head(spec, *, sampling: dict | None = None) -> Head:
     heads that override it, so other jobs never read the model's config here)."""
     head = head_class(spec.task.head)(spec.task.options, sampling=sampling)
     if type(head).use_model is not Head.use_model:
-        from pipeline.engine import hf_config  # plain JSON (or transformers' AutoConfig): no vLLM
+        from pipeline.engine_args import hf_config  # plain JSON (or transformers' AutoConfig): no vLLM
 
         head.use_model(hf_config(spec.model.source, spec.model.trust_remote_code))
     return head

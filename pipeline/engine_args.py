@@ -1,0 +1,183 @@
+"""vLLM engine arguments from a job's model section: plain data, no vLLM import, so the plan
+(`validate`, `--dry-run`) refuses what a run would, before any engine starts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+from pipeline.quantize import bitsandbytes_args
+from pipeline.spec import ModelSpec
+
+# On the CPU build vLLM's KV cache takes this share of host memory unless engine_kwargs say
+# otherwise; vLLM's GPU default (0.92) does not fit next to the OS and Ray.
+CPU_KV_CACHE_SHARE = 0.25
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+
+
+# What a head may ask of the engine (Head.engine_task) -> vLLM arguments. "embed": the pooling
+# runner over a *ForCausalLM or *Model checkpoint (Qwen3-Embedding ships Qwen3Model weights
+# under a Qwen3ForCausalLM config), pooling the last token's final hidden state, L2-normalised
+# (use_activation: vLLM's embedding activation is the normalisation).
+ENGINE_TASKS = {
+    "embed": {"runner": "pooling", "convert": "embed",
+              "pooler_config": {"seq_pooling_type": "LAST", "use_activation": True}},
+}
+
+
+def engine_args(model: ModelSpec, *, device: str, task: str | None = None) -> dict[str, Any]:
+    """vLLM engine arguments for a model section (engine_kwargs win); task: what the job's
+    head needs of the engine (Head.engine_task), None for the checkpoint as it is."""
+    args: dict[str, Any] = {
+        "model": model.source,
+        "tensor_parallel_size": model.tensor_parallel_size,
+        "pipeline_parallel_size": model.pipeline_parallel_size,
+        "dtype": model.dtype,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if model.max_model_len:
+        args["max_model_len"] = model.max_model_len
+    if model.long_context:
+        args.update(long_context_args(model))
+    if task is not None:
+        args.update(engine_task_args(model, task))
+    elif question_answering(model):
+        return qa_engine_args(model, args, device=device)
+    elif pooling_task(model) is not None:
+        args["runner"] = "pooling"
+    else:
+        # Structured outputs (the sampling key structured_json): xgrammar, compact JSON (no
+        # free whitespace, which random or weak models can emit forever); Qwen3's reasoning
+        # parser so that in thinking mode the constraint starts after </think> (and
+        # thinking_token_budget works). Neither changes unconstrained requests.
+        args["reasoning_parser"] = "qwen3"
+        args["structured_outputs_config"] = dict(STRUCTURED_OUTPUTS)
+    check_quantization(model, device)
+    if model.quantization:
+        args["quantization"] = model.quantization
+        args.update(bitsandbytes_args(model.quantization))
+    if device == "cpu":
+        args["gpu_memory_utilization"] = CPU_KV_CACHE_SHARE
+    if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
+        # Matches pipeline.placement: one node per replica, ranks as this actor's children;
+        # GPU pipeline stages may span nodes, one Ray worker per GPU bundle.
+        cross_node = device == "cuda" and model.pipeline_parallel_size > 1
+        args["distributed_executor_backend"] = "ray" if cross_node else "mp"
+    args.update(model.engine_kwargs)
+    return args
+
+
+def check_quantization(model: ModelSpec, device: str) -> None:
+    """SpecError unless the device (cpu, cuda; auto at plan time: either) runs the job's
+    quantization: model.quantization, else the one the checkpoint's config declares."""
+    from pipeline.quantize import checkpoint_quantization, quantization_problem
+    from pipeline.spec import SpecError
+
+    method, where = model.quantization, "model.quantization"
+    if not method:
+        method = checkpoint_quantization(hf_config(model.source, model.trust_remote_code))
+        where = f"model.source {model.source} is quantized: its quant_method"
+    problem = quantization_problem(method, device, dtype=model.dtype, where=where)
+    if problem:
+        raise SpecError(problem)
+
+
+MAX_YARN_FACTOR = 4.0
+POOLING_TASKS = {"ForSequenceClassification": "classify", "ForTokenClassification": "token_classify"}
+
+
+@functools.cache  # the driver asks for it several times per run (checks, pooling, YaRN)
+def hf_config(source: str, trust_remote_code: bool = False):
+    """The checkpoint's config. A local config.json is read as JSON (importing transformers
+    costs seconds on the driver); hub ids go through AutoConfig."""
+    from types import SimpleNamespace
+
+    local = os.path.join(source, "config.json")
+    if os.path.isfile(local):
+        with open(local) as f:
+            data = json.load(f)
+        data.setdefault("architectures", [])
+        data.setdefault("id2label", {})
+        return SimpleNamespace(**data)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def pooling_task(model: ModelSpec) -> str | None:
+    """vLLM's pooling task for a classification checkpoint, None for a generative model."""
+    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    for suffix, task in POOLING_TASKS.items():
+        if any(a.endswith(suffix) for a in archs):
+            return task
+    return None
+
+
+QA_RUNNER = "transformers-qa"  # engine_args' runner for *ForQuestionAnswering: not a vLLM runner
+
+
+def question_answering(model: ModelSpec) -> bool:
+    """A *ForQuestionAnswering checkpoint (start/end logits per token)? vLLM has no runner for
+    it: VllmEngine runs it in transformers inside the actor (README, the qa head)."""
+    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    return any(a.endswith("ForQuestionAnswering") for a in archs)
+
+
+def qa_engine_args(model: ModelSpec, args: dict[str, Any], *, device: str) -> dict[str, Any]:
+    """Engine arguments of a *ForQuestionAnswering checkpoint (transformers in the actor), or a
+    SpecError for model keys only vLLM could honour."""
+    from pipeline.spec import SpecError
+
+    if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
+        raise SpecError(f"model.source {model.source} is a question-answering checkpoint, run by transformers "
+                        f"on one device per replica; drop model.tensor_parallel_size/pipeline_parallel_size")
+    if model.quantization:
+        raise SpecError(f"model.quantization: vLLM's quantization does not apply to question-answering "
+                        "checkpoints (run by transformers); drop it")
+    return {**args, "runner": QA_RUNNER}
+
+
+def engine_task_args(model: ModelSpec, task: str) -> dict[str, Any]:
+    """The vLLM arguments of an engine task (ENGINE_TASKS), or a SpecError when the
+    checkpoint cannot serve it (a classification checkpoint has its own head)."""
+    from pipeline.spec import SpecError
+
+    if task not in ENGINE_TASKS:
+        raise ValueError(f"unknown engine task {task!r}; known: {', '.join(ENGINE_TASKS)}")
+    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    if not any(a.endswith(("ForCausalLM", "Model")) for a in archs):
+        raise SpecError(f"model.source {model.source} is a {', '.join(archs) or 'checkpoint without architectures'}; "
+                        f"task.head needs vLLM's pooling runner ({task}) over a language model's hidden states "
+                        f"(a *ForCausalLM or *Model checkpoint, as Qwen3-Embedding ships)")
+    return json.loads(json.dumps(ENGINE_TASKS[task]))  # a copy: engine args stay plain data
+
+
+def long_context_args(model: ModelSpec) -> dict[str, Any]:
+    """max_model_len and, past the native context, YaRN rope scaling via vLLM's hf_overrides.
+
+    vLLM expects a YaRN model's max_position_embeddings to be already scaled (as
+    transformers does), so both the rope parameters and that length are overridden.
+    """
+    from pipeline.spec import SpecError
+
+    config = hf_config(model.source, model.trust_remote_code)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None):
+        rope["rope_theta"] = config.rope_theta  # configs written before transformers 5
+    native = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    wanted = model.long_context
+    if model.max_model_len and model.max_model_len > wanted:
+        raise SpecError(f"model.max_model_len {model.max_model_len} is above model.long_context "
+                        f"{wanted}; drop one of them")
+    out: dict[str, Any] = {"max_model_len": model.max_model_len or wanted}
+    if wanted <= native:
+        return out
+    factor = wanted / native
+    if factor > MAX_YARN_FACTOR:
+        raise SpecError(f"model.long_context {wanted} needs YaRN factor {factor:.2f}; Qwen3 supports "
+                        f"at most {MAX_YARN_FACTOR} ({int(native * MAX_YARN_FACTOR):,} tokens)")
+    rope.update(rope_type="yarn", factor=factor, original_max_position_embeddings=native)
+    out["hf_overrides"] = {"rope_parameters": rope, "max_position_embeddings": int(native * factor)}
+    return out

@@ -1,0 +1,82 @@
+"""Processes of a run that outlive it (vLLM's engine core and workers; Ray's services and
+workers when the driver is killed): marked by environment variables, found and ended on
+every node."""
+
+from __future__ import annotations
+
+import os
+
+# Environment variables that mark every process of a run (the driver's Ray services and
+# workers, vLLM's processes), so leftovers can be found: the run, and the output it writes.
+RUN_MARK = "QWEN_BATCH_RUN_ID"
+OUTPUT_MARK = "QWEN_BATCH_OUTPUT"
+
+
+def _kill(procs: list) -> int:
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return len(procs)
+
+
+def kill_children() -> None:
+    """Kill what is left of this process's children (vLLM's engine core and workers)."""
+    import psutil
+
+    _kill(psutil.Process().children(recursive=True))
+
+
+def reap_orphans(run_id: str) -> int:
+    """Kill processes of this run (marked by RUN_MARK) still alive after Ray shut down.
+
+    A killed engine actor leaves vLLM's engine core and workers running, reparented to init,
+    each burning a core. Returns how many were killed.
+    """
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(RUN_MARK) == run_id:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return _kill(found)
+
+
+def reap_dead_runs(output: str, run_id: str, *, spare: tuple[str, ...] = ()) -> int:
+    """Kill processes left by earlier runs on the same output (their driver was killed: Ray's
+    agents and vLLM processes outlive it). The caller holds the output's lock; spare names a
+    run whose driver is alive but lost the lock (paused): it stops itself, with its message,
+    when it wakes. Returns how many were killed."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if (p.pid != os.getpid() and env.get(OUTPUT_MARK) == output
+                    and env.get(RUN_MARK) not in (None, run_id, *spare)):
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return _kill(found)
+
+
+def reap_on_every_node(run_id: str) -> int:
+    """reap_orphans(run_id) on every node of the connected Ray cluster; how many were killed."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    reap = ray.remote(num_cpus=0, max_retries=0)(reap_orphans)
+    refs = [reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(run_id)
+            for n in ray.nodes() if n.get("Alive")]
+    try:
+        return sum(ray.get(refs, timeout=60))
+    except Exception:  # a node went away: nothing of ours is left running there
+        return 0
