@@ -75,7 +75,7 @@ def test_over_long_text_is_prompt_too_long(tokenizer):  # counted by the real to
 
 
 def test_entities_follow_bio_labels_and_character_offsets():
-    from pipeline.heads.classify import entities
+    from pipeline.heads.checkpoint_classify import entities
 
     text = "Ada Lovelace met Charles in London"
     offsets = [(0, 3), (3, 12), (12, 16), (16, 24), (24, 27), (27, 34)]
@@ -86,3 +86,22 @@ def test_entities_follow_bio_labels_and_character_offsets():
         {"label": "LOC", "start": 28, "end": 34, "text": "London"},
     ]
     assert entities(text, ["O"] * 6, offsets) == []
+
+
+def test_classify_runs_the_checkpoints_own_head_on_a_classification_checkpoint(tmp_path):
+    """task.head classify on a *ForSequenceClassification / *ForTokenClassification checkpoint
+    is that checkpoint's own head (pooling engine); on a causal Qwen3, label scoring."""
+    import json
+
+    from jobs import job_spec
+    from pipeline.heads import job_head
+    from pipeline.heads.checkpoint_classify import SequenceClassifyHead, TokenClassifyHead
+
+    kinds = {"Qwen3ForSequenceClassification": SequenceClassifyHead,
+             "Qwen3ForTokenClassification": TokenClassifyHead, "Qwen3ForCausalLM": ClassifyHead}
+    for arch, expected in kinds.items():
+        model = tmp_path / arch
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "qwen3"}))
+        spec = job_spec(tmp_path, model=str(model), head="classify", task={"options": {"labels": ["a", "b"]}})
+        assert type(job_head(spec)) is expected, arch

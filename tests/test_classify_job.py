@@ -126,7 +126,7 @@ def test_sequence_classification_checkpoint_matches_transformers(tmp_path, token
 def test_token_classification_checkpoint_matches_transformers(tmp_path, tokenizer):
     from transformers import AutoModelForTokenClassification
 
-    from pipeline.heads.classify import entities
+    from pipeline.heads.checkpoint_classify import entities
     from pipeline.tiny_model import make_tiny_model
 
     names = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}

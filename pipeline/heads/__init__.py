@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline.heads.base import ERROR_TYPES, Completion, Engine, Head, RowError
+from pipeline.heads.base import ERROR_TYPES, Completion, Engine, GenerativeEngine, Head, PoolingEngine, RowError
 
-__all__ = ["ERROR_TYPES", "Completion", "Engine", "Head", "RowError", "head_class", "job_head", "results_schema"]
+__all__ = ["ERROR_TYPES", "Completion", "Engine", "GenerativeEngine", "Head", "PoolingEngine", "RowError",
+           "head_class", "job_head", "results_schema"]
 
 
 def head_class(name: str) -> type[Head]:
@@ -41,13 +42,19 @@ def head_class(name: str) -> type[Head]:
 
 
 def job_head(spec, *, sampling: dict | None = None) -> Head:
-    """The job's head with its options, told about the checkpoint (Head.use_model: only for
-    heads that override it, so other jobs never read the model's config here)."""
-    head = head_class(spec.task.head)(spec.task.options, sampling=sampling)
-    if type(head).use_model is not Head.use_model:
+    """The job's head with its options, for the job's checkpoint (Head.for_model, Head.use_model:
+    the model's config is read only for heads that override one of them)."""
+    cls = head_class(spec.task.head)
+    reads_model = cls.for_model.__func__ is not Head.for_model.__func__ or cls.use_model is not Head.use_model
+    config = None
+    if reads_model:
         from pipeline.engine_args import hf_config  # plain JSON (or transformers' AutoConfig): no vLLM
 
-        head.use_model(hf_config(spec.model.source, spec.model.trust_remote_code))
+        config = hf_config(spec.model.source, spec.model.trust_remote_code)
+        cls = cls.for_model(config)
+    head = cls(spec.task.options, sampling=sampling)
+    if config is not None and type(head).use_model is not Head.use_model:
+        head.use_model(config)
     return head
 
 

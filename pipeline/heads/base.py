@@ -55,10 +55,21 @@ class Scores:
     prompt_tokens: int  # tokens the engine read, over all continuations
 
 
-class Engine(Protocol):
-    """The engine as a head sees it."""
+class TextEngine(Protocol):
+    """What every engine handle has: its context and plain-text tokenization."""
 
     max_model_len: int
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of untrusted text (a row's, a document's) as plain text, by the vocabulary
+        alone: every control string in it (<|im_start|>, <|im_end|>, <|endoftext|>, <think>,
+        <tool_call>, <|fim_*|>, ... all of the tokenizer's added tokens) stays text, as inside
+        a rendered chat message. The count of a text's tokens in render_chat's prompt."""
+
+
+class GenerativeEngine(TextEngine, Protocol):
+    """A generative Qwen3 (vLLM's generate runner), as chat, summarize, classify (label
+    scoring), extract, rerank and qa's generate mode see it."""
 
     def render_chat(self, messages: list[dict[str, str]], *, enable_thinking: bool) -> list[int]:
         """Token ids of the chat-templated prompt, ready for generation."""
@@ -66,12 +77,6 @@ class Engine(Protocol):
     def tokenize(self, text: str) -> list[int]:
         """Token ids of text the pipeline itself writes (no special tokens added): control
         strings in it become control tokens, e.g. label + "<|im_end|>". Never for row text."""
-
-    def tokenize_text(self, text: str) -> list[int]:
-        """Token ids of untrusted text (a row's, a document's) as plain text, by the vocabulary
-        alone: every control string in it (<|im_start|>, <|im_end|>, <|endoftext|>, <think>,
-        <tool_call>, <|fim_*|>, ... all of the tokenizer's added tokens) stays text, as inside
-        a rendered chat message. The count of a text's tokens in render_chat's prompt."""
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of token ids."""
@@ -82,17 +87,33 @@ class Engine(Protocol):
     async def score(self, prompt_token_ids: list[int], continuations: list[list[int]]) -> Scores:
         """Log-probability of each continuation (all its tokens) after the prompt."""
 
-    # Embedding engines (a head with engine_task "embed": vLLM's pooling runner) have
-    # pooling_task "embed" and `async def embed(prompt_token_ids) -> list[float]`: the
-    # L2-normalised final hidden state of the prompt's last token (hidden_size floats).
-    # Classification checkpoints (the pooling runner) also have: id2label: dict[int, str],
-    # pooling_task ("classify" or "token_classify"), `async def classify(prompt_token_ids)
-    # -> list[float]`, `async def classify_tokens(prompt_token_ids) -> list[list[float]]` and
-    # `def token_offsets(text) -> (ids, [(start, end), ...])`: the ids of tokenize_text(text)
-    # with each token's character span in text as given (before any normalization).
-    # Question-answering checkpoints (*ForQuestionAnswering, run by transformers in the actor)
-    # have pooling_task "question_answering", token_offsets, and `async def qa_logits(token_ids)
-    # -> (start_logits, end_logits)`: one float per token of the input (question + context).
+
+class PoolingEngine(TextEngine, Protocol):
+    """A checkpoint read, not generated from: vLLM's pooling runner (embeddings, a
+    classification checkpoint) or a question-answering model run by transformers. pooling_task
+    says which; each has the methods of its task."""
+
+    pooling_task: str  # "embed", "classify", "token_classify" or "question_answering"
+    id2label: dict[int, str] | None  # the classes of a classification checkpoint
+
+    def token_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of tokenize_text(text), with each token's character span in text as given
+        (before any normalization)."""
+
+    async def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """"embed": the L2-normalised final hidden state of the prompt's last token."""
+
+    async def classify(self, prompt_token_ids: list[int]) -> list[float]:
+        """"classify": the probability of each class (id2label's order)."""
+
+    async def classify_tokens(self, prompt_token_ids: list[int]) -> list[list[float]]:
+        """"token_classify": per token, the probability of each class."""
+
+    async def qa_logits(self, token_ids: list[int]) -> tuple[list[float], list[float]]:
+        """"question_answering": start and end logits, one of each per input token."""
+
+
+Engine = GenerativeEngine  # the handle most heads get; pooling heads annotate PoolingEngine
 
 
 class HeadOptions(BaseModel):
@@ -140,6 +161,12 @@ class Head:
         from pipeline.schemas import arrow_schema
 
         return arrow_schema(f"results_{self.name}", id_type=id_type)
+
+    @classmethod
+    def for_model(cls, config: Any) -> type[Head]:
+        """The head that runs this job on this checkpoint (pipeline.engine_args.hf_config's
+        config): itself, unless a head has variants per kind of checkpoint (classify)."""
+        return cls
 
     def use_model(self, config: Any) -> None:
         """Learn what the head needs of the checkpoint's config (pipeline.engine_args.hf_config:

@@ -11,11 +11,8 @@ labels' token trie, one engine step each, sharing the prompt's prefill through t
 cache; `scoring: per_label` is the older way (prompt log-probabilities of prompt + label, a
 full prefill per label). Both give the same numbers; the second costs K prefills a row.
 
-On a *ForSequenceClassification checkpoint the engine's pooling runner gives the class
-probabilities directly (and a *ForTokenClassification checkpoint a label per token). There
-the row's text is the whole prompt, tokenized as plain text (engine.tokenize_text /
-token_offsets): a control string in it (<|im_end|>, <think>, <|fim_prefix|>, ...) stays text,
-as in a chat-templated prompt.
+On a *ForSequenceClassification or *ForTokenClassification checkpoint `task.head: classify`
+runs the heads of pipeline.heads.checkpoint_classify instead (ClassifyHead.for_model picks).
 """
 
 from __future__ import annotations
@@ -91,9 +88,24 @@ def label_probs(labels: list[str], probs: list[float]) -> list[dict]:
 
 
 class ClassifyHead(Head):
+    """Labels scored on a generative Qwen3 (GenerativeEngine)."""
+
     name = "classify"
     Options = ClassifyOptions
     options: ClassifyOptions
+
+    @classmethod
+    def for_model(cls, config: Any) -> type[Head]:
+        """A classification checkpoint's own head runs the job (its pooling runner gives the
+        classes); a generative Qwen3 scores the labels."""
+        from pipeline.heads.checkpoint_classify import SequenceClassifyHead, TokenClassifyHead
+
+        archs = getattr(config, "architectures", None) or []
+        if any(a.endswith("ForTokenClassification") for a in archs):
+            return TokenClassifyHead
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            return SequenceClassifyHead
+        return cls
 
     def input_columns(self) -> list[str]:
         return [self.options.text_column]
@@ -124,10 +136,6 @@ class ClassifyHead(Head):
 
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         text = require_text(row, self.options.text_column)
-        if getattr(engine, "pooling_task", None) == "token_classify":
-            return await self._run_tokens(text, engine)
-        if getattr(engine, "id2label", None):
-            return await self._run_checkpoint(text, engine)
         if not self.labels:
             raise RowError("invalid_input", "task.options.labels is empty; list the labels to choose from")
         if self.options.multi_label:
@@ -175,56 +183,3 @@ class ClassifyHead(Head):
             "prompt_tokens_computed": None if None in done else sum(done),
             "completion_tokens": 0,
         }
-
-    async def _run_checkpoint(self, text: str, engine: Engine) -> dict[str, Any]:
-        prompt = engine.tokenize_text(text)  # untrusted: control strings stay text
-        if len(prompt) > engine.max_model_len:
-            raise RowError("prompt_too_long", f"the text has {len(prompt)} tokens but model.max_model_len "
-                                              f"is {engine.max_model_len}; shorten it or raise max_model_len")
-        probs = await engine.classify(prompt)
-        names = [engine.id2label[i] for i in range(len(probs))]
-        best = max(range(len(probs)), key=probs.__getitem__)
-        return {
-            "label": names[best],
-            "labels": None,
-            "confidence": probs[best],
-            "label_probs": label_probs(names, probs),
-            "prompt_tokens": len(prompt),
-            "completion_tokens": 0,
-        }
-
-    async def _run_tokens(self, text: str, engine: Engine) -> dict[str, Any]:
-        ids, offsets = engine.token_offsets(text)  # as tokenize_text, spans in text as given
-        if len(ids) > engine.max_model_len:
-            raise RowError("prompt_too_long", f"the text has {len(ids)} tokens but model.max_model_len "
-                                              f"is {engine.max_model_len}; shorten it or raise max_model_len")
-        per_token = await engine.classify_tokens(ids)
-        labels = [engine.id2label[max(range(len(p)), key=p.__getitem__)] for p in per_token]
-        return {
-            "label": None, "labels": None, "confidence": None, "label_probs": None,
-            "token_labels": labels,
-            "entities": entities(text, labels, offsets),
-            "prompt_tokens": len(ids),
-            "completion_tokens": 0,
-        }
-
-
-def entities(text: str, labels: list[str], offsets: list[tuple[int, int]]) -> list[dict]:
-    """Spans of consecutive tokens with the same entity label; BIO prefixes (B-, I-) are read,
-    and O (or "outside") tokens end a span."""
-    spans: list[dict] = []
-    for label, (start, end) in zip(labels, offsets):
-        kind = label[2:] if label[:2] in ("B-", "I-") else label
-        if kind in ("O", "outside") or end <= start:
-            continue
-        prev = spans[-1] if spans else None
-        if prev and prev["label"] == kind and not label.startswith("B-") and text[prev["end"]:start].strip() == "":
-            prev["end"] = end
-        else:
-            spans.append({"label": kind, "start": start, "end": end})
-    for sp in spans:
-        # Byte-level tokens carry their leading space: trim it from the span.
-        while sp["start"] < sp["end"] and text[sp["start"]].isspace():
-            sp["start"] += 1
-        sp["text"] = text[sp["start"]:sp["end"]]
-    return spans

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Head, HeadOptions, PoolingEngine, RowError, refuse_if_cannot_fit, require_text
 
 END_OF_TEXT = "<|endoftext|>"
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"  # the model card's get_detailed_instruct
@@ -91,7 +91,7 @@ class EmbedHead(Head):
     def input_columns(self) -> list[str]:
         return [self.options.text_column]
 
-    def prompt_ids(self, text: str, engine: Engine) -> list[int]:
+    def prompt_ids(self, text: str, engine: PoolingEngine) -> list[int]:
         """The row's prompt: the (instructed) text as plain text, then <|endoftext|>."""
         o = self.options
         shown = QUERY_TEMPLATE.format(instruction=o.instruction, text=text) if o.instruction else text
@@ -100,7 +100,7 @@ class EmbedHead(Head):
         # query's first word, as the card's tokenizer call does).
         return engine.tokenize_text(shown) + engine.tokenize(END_OF_TEXT)
 
-    async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+    async def run(self, row: dict[str, Any], engine: PoolingEngine) -> dict[str, Any]:
         text = require_text(row, self.options.text_column)
         await refuse_if_cannot_fit(engine, [text], turns=0)
         prompt = self.prompt_ids(text, engine)

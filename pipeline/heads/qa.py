@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, PoolingEngine, RowError, refuse_if_cannot_fit, require_text
 
 QA_SUFFIX = "ForQuestionAnswering"
 MASKED = -10000.0  # transformers' pipeline gives non-context tokens this logit before the softmax
@@ -114,14 +114,14 @@ class QaHead(Head):
             raise ValueError(f"mode 'generate' needs a generative checkpoint (*ForCausalLM); this one is "
                              f"{', '.join(archs)}: use mode: extract")
 
-    async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+    async def run(self, row: dict[str, Any], engine: Engine | PoolingEngine) -> dict[str, Any]:
         question = require_text(row, self.options.question_column)
         context = require_text(row, self.options.context_column)
         if self.options.mode == "generate":
             return await self._generate(question, context, engine)
         return await self._extract(question, context, engine)
 
-    async def _extract(self, question: str, context: str, engine: Engine) -> dict[str, Any]:
+    async def _extract(self, question: str, context: str, engine: PoolingEngine) -> dict[str, Any]:
         o = self.options
         if not hasattr(engine, "qa_logits"):
             raise RowError("internal_error", "mode 'extract' runs on a *ForQuestionAnswering checkpoint; "
