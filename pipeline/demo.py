@@ -99,6 +99,19 @@ def write_review_shards(folder: Path) -> list[Path]:
     return paths
 
 
+QUESTIONS = ["What does the reviewer think of it?", "Would they buy it again?", "What went wrong?"]
+
+
+def write_qa_shards(folder: Path) -> list[Path]:
+    """Question + context rows (the reviews) for jobs/demo-qa.yaml, which the demo does not run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "question": QUESTIONS[i % len(QUESTIONS)], "context": REVIEWS[i % len(REVIEWS)]}
+            for i in range(8)]
+    path = folder / "part-00000.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return [path]
+
+
 def run_demo(workdir: str, *, console=None) -> int:
     """Build the tiny model, write sample inputs and run every demo job; the worst exit code."""
     from rich.console import Console
@@ -115,6 +128,7 @@ def run_demo(workdir: str, *, console=None) -> int:
     write_chat_shards(work / "inputs" / "chat")
     write_document_shards(work / "inputs" / "documents")
     write_review_shards(work / "inputs" / "reviews")
+    write_qa_shards(work / "inputs" / "qa")
     worst = 0
     for job, inputs in DEMO_JOBS.items():
         spec = load_spec(JOBS_DIR / job, overrides=[
