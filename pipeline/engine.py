@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.engine_args import POOLING_TASKS, QA_RUNNER, hf_config
 from pipeline.heads.base import Completion, RowError, Scores
-from pipeline.processes import kill_children
+from pipeline.processes import descendants, kill_started_since
 from pipeline.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
 
 # Label scoring: "trie" (one engine step per node of the labels' token trie, reading the
@@ -73,6 +73,7 @@ class VllmEngine:
         # vLLM's CPU build crashes its engine when a seeded request is prefilled in chunks
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
+        self._before = descendants()  # shutdown ends what the engine starts, not the caller's children
         self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
@@ -317,4 +318,5 @@ class VllmEngine:
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             llm.shutdown(timeout=5)
-        kill_children()
+        if hasattr(self, "_before"):
+            kill_started_since(self._before)

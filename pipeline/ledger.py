@@ -59,10 +59,14 @@ class RowLedger:
     def restarted(self) -> str | None:
         """An engine actor came back after dying; a reason to stop if over the budget."""
         self.restarts += 1
-        allowed = self.restart_budget + 2 * self.condemned_here
+        # A row that died running alone is a poison row from that moment (it is condemned when
+        # it is next begun): counting it only then would stop a run whose other poison batch
+        # happened to die first.
+        found = self.condemned_here + sum(1 for key in self.alone if key not in self.condemned)
+        allowed = self.restart_budget + 2 * found
         if self.restarts > allowed:
             return (f"engine actors died {self.restarts} times, above resources.max_engine_restarts "
-                    f"{self.restart_budget} (+2 for each of the {self.condemned_here} poison row(s) found)")
+                    f"{self.restart_budget} (+2 for each of the {found} poison row(s) found)")
         return None
 
     def is_condemned(self, key: str) -> bool:

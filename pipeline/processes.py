@@ -24,11 +24,26 @@ def _kill(procs: list) -> int:
     return len(procs)
 
 
-def kill_children() -> None:
-    """Kill what is left of this process's children (vLLM's engine core and workers)."""
+def descendants() -> list:
+    """This process's children and their children, now (psutil.Process objects)."""
     import psutil
 
-    _kill(psutil.Process().children(recursive=True))
+    return psutil.Process().children(recursive=True)
+
+
+def kill_started_since(before: list) -> int:
+    """Kill this process's descendants that were not among before (descendants() taken
+    earlier): the processes a library call started (vLLM's engine core and workers), and not
+    the caller's own children. Returns how many were killed."""
+    known = {(p.pid, p.create_time()) for p in before}
+    started = []
+    for p in descendants():
+        try:
+            if (p.pid, p.create_time()) not in known:
+                started.append(p)
+        except Exception:  # gone meanwhile
+            continue
+    return _kill(started)
 
 
 def reap_orphans(run_id: str) -> int:
