@@ -15,6 +15,11 @@ from pipeline.spec import ModelSpec
 # otherwise; vLLM's GPU default (0.92) does not fit next to the OS and Ray.
 CPU_KV_CACHE_SHARE = 0.25
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+# The CPU build's KV blocks are 128 tokens unless set, and its attention takes multiples of 32.
+# The prefix cache shares whole blocks only, so for a head whose requests extend one prompt
+# (Head.shares_prefixes) the smallest block lets every request past the first reuse all but
+# the prompt's last <32 tokens (with 128, a prompt under 128 tokens is recomputed each time).
+CPU_SHARED_PREFIX_BLOCK = 32
 
 
 # What a head may ask of the engine (Head.engine_task) -> vLLM arguments. "embed": the pooling
@@ -27,9 +32,11 @@ ENGINE_TASKS = {
 }
 
 
-def engine_args(model: ModelSpec, *, device: str, task: str | None = None) -> dict[str, Any]:
+def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
+                shares_prefixes: bool = False) -> dict[str, Any]:
     """vLLM engine arguments for a model section (engine_kwargs win); task: what the job's
-    head needs of the engine (Head.engine_task), None for the checkpoint as it is."""
+    head needs of the engine (Head.engine_task), None for the checkpoint as it is;
+    shares_prefixes: the head sends many requests that extend one prompt (Head.shares_prefixes)."""
     args: dict[str, Any] = {
         "model": model.source,
         "tensor_parallel_size": model.tensor_parallel_size,
@@ -54,6 +61,8 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None) -> di
         # thinking_token_budget works). Neither changes unconstrained requests.
         args["reasoning_parser"] = "qwen3"
         args["structured_outputs_config"] = dict(STRUCTURED_OUTPUTS)
+        if shares_prefixes and device == "cpu":
+            args["block_size"] = CPU_SHARED_PREFIX_BLOCK
     check_quantization(model, device)
     if model.quantization:
         args["quantization"] = model.quantization

@@ -217,7 +217,7 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
 def _check_engine(spec: JobSpec) -> None:
     """The checkpoint's config must load (weights are not touched), and the engine arguments
     the workers will build must be valid."""
-    from pipeline.engine_args import engine_args, hf_config
+    from pipeline.engine_args import hf_config
 
     try:
         hf_config(spec.model.source, spec.model.trust_remote_code)
@@ -228,7 +228,15 @@ def _check_engine(spec: JobSpec) -> None:
                         f"checkpoint directory") from None
     # raises SpecError for contradictory model keys, or a checkpoint the head's engine task cannot use
     # the spec's device (auto: quantization either device runs), before one is chosen
-    engine_args(spec.model, device=spec.resources.device, task=head_class(spec.task.head).engine_task)
+    job_engine_args(spec, device=spec.resources.device)
+
+
+def job_engine_args(spec: JobSpec, *, device: str) -> dict:
+    """The vLLM arguments of the job's engine: its model section and what its head asks."""
+    from pipeline.engine_args import engine_args
+
+    head = head_class(spec.task.head)
+    return engine_args(spec.model, device=device, task=head.engine_task, shares_prefixes=head.shares_prefixes)
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 from pipeline import dataflow, manifest as manifests
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
-from pipeline.heads import head_class, results_schema
+from pipeline.heads import results_schema
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore
 from pipeline.output_lock import LostLockError, OutputLock
-from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, plan_job, read_output_state  # noqa: F401
+from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, job_engine_args, plan_job, read_output_state  # noqa: F401
 from pipeline.redact import redact_text
 from pipeline.shards import InputError
 from pipeline.sink import ShardCommitter, fault_point
@@ -262,13 +262,12 @@ def _stopped_by_worker(e: BaseException) -> str | None:
 def _execute(run: Run) -> None:
     """Start Ray, run the flow, commit each shard as its rows are all written."""
     from pipeline import session
-    from pipeline.engine_args import engine_args
     from pipeline.placement import ReplicaPlacer, replica_shape
 
     spec, plan = run.spec, run.plan
     with session.ray_session(spec, run.run_id):
         device = session.device(spec)
-        args = engine_args(spec.model, device=device, task=head_class(spec.task.head).engine_task)
+        args = job_engine_args(spec, device=device)
         placer = ReplicaPlacer(replica_shape(spec, device))
         placer.check()
         try:

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Test tiers (markers registered in pyproject.toml): `make test-fast` runs unit + datapath.
 #   unit      no Ray, no engine          datapath  a real local Ray, the fake engine
+#   faults    processes killed or paused (driver, actor, ledger): each its own Ray, seconds of waiting
 #   engine    the real vLLM engine       cluster   a multi-node Ray cluster on this machine
 # A module's tests take its tier unless a test is marked itself; unlisted modules count as
 # engine (never fast by accident).
@@ -33,11 +34,11 @@ MODULE_TIERS = {
     "test_spec": "unit", "test_redact": "unit", "test_chat_head": "unit", "test_classify_head": "unit",
     "test_summarize_head": "unit", "test_extract_head": "unit", "test_embed_head": "unit", "test_rerank_head": "unit", "test_output_lock": "unit", "test_tiny_model": "unit",
     "test_shards": "unit", "test_s3_server": "unit", "test_status": "datapath",
-    "test_pipeline_fake_engine": "datapath", "test_faults": "datapath", "test_bad_input": "datapath",
+    "test_pipeline_fake_engine": "datapath", "test_faults": "faults", "test_ledger_faults": "faults", "test_bad_input": "datapath",
     "test_exactly_once": "datapath", "test_retry": "datapath", "test_s3_jobs": "datapath", "test_cli_messages": "engine",
     "test_cluster": "cluster", "test_cluster_config": "unit",
 }
-TIERS = ("unit", "datapath", "engine", "cluster")
+TIERS = ("unit", "datapath", "faults", "engine", "cluster")
 
 
 def pytest_collection_modifyitems(items):

@@ -105,3 +105,28 @@ def test_classify_runs_the_checkpoints_own_head_on_a_classification_checkpoint(t
         (model / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "qwen3"}))
         spec = job_spec(tmp_path, model=str(model), head="classify", task={"options": {"labels": ["a", "b"]}})
         assert type(job_head(spec)) is expected, arch
+
+
+def test_label_scoring_engine_shares_prompts_in_small_blocks_on_cpu(tmp_path):
+    """The classify head's requests extend one prompt: on the CPU build (128-token blocks unless
+    set) its engine gets 32-token blocks; the user's block_size wins; chat and a classification
+    checkpoint's pooling engine keep vLLM's default; GPUs keep theirs (16)."""
+    import json
+
+    from jobs import job_spec
+    from pipeline.plan import job_engine_args
+
+    for arch in ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"):
+        (tmp_path / arch).mkdir()
+        (tmp_path / arch / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "qwen3"}))
+    labels = {"options": {"labels": ["a", "b"]}}
+
+    def block(arch, head="classify", device="cpu", **model):
+        spec = job_spec(tmp_path, model={"source": str(tmp_path / arch), **model}, head=head, task=labels if head == "classify" else {})
+        return job_engine_args(spec, device=device).get("block_size")
+
+    assert block("Qwen3ForCausalLM") == 32
+    assert block("Qwen3ForCausalLM", engine_kwargs={"block_size": 64}) == 64
+    assert block("Qwen3ForCausalLM", device="cuda") is None
+    assert block("Qwen3ForCausalLM", head="chat") is None
+    assert block("Qwen3ForSequenceClassification") is None

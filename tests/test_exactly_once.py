@@ -189,6 +189,7 @@ def wait(proc: subprocess.Popen, timeout: float = 300) -> int:
 
 # -- 2. a driver killed at every step of a shard's commit ------------------------------------
 
+@pytest.mark.faults
 @pytest.mark.parametrize("step", FAULT_POINTS)
 def test_driver_killed_at_each_commit_step_then_rerun_is_exact(place, step):
     shards = rows_of(3, 4)
@@ -222,6 +223,7 @@ def test_driver_killed_at_each_commit_step_then_rerun_is_exact(place, step):
 
 # -- 3. split brain: a paused driver whose lock was taken over -------------------------------
 
+@pytest.mark.faults
 def test_paused_run_that_lost_its_lock_writes_nothing_more(place):
     shards = rows_of(6, 4)
     inp, out = place.put_shards("in", shards), place.uri("out")

@@ -25,8 +25,6 @@ from pipeline.output import OutputStore
 from pipeline.runner import EXIT_CRASHED, EXIT_OK, run_job
 from pipeline.testing import fake_engine_factory
 
-pytestmark = pytest.mark.datapath
-
 # 5 rows a batch and a file, 5 rows in flight: with the fake engine's delay a run takes seconds.
 spec_for = spec_maker(output={"rows_per_file": 5}, sampling={"max_tokens": 4},
                       resources={"batch_size": 5, "rows_in_flight": 5})

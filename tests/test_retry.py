@@ -89,6 +89,7 @@ sys.exit(report.exit_code)
 """
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("step", ["before-record", "after-record"])
 def test_a_retry_killed_at_a_commit_then_rerun_leaves_every_id_once(failed_run, tiny_model, step):
     import yaml

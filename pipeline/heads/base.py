@@ -131,6 +131,9 @@ class Head:
     # embeddings (engine.embed). pipeline.engine_args.engine_args merges it, at plan time too, so
     # `validate` refuses a checkpoint that cannot serve it.
     engine_task: ClassVar[str | None] = None
+    # True when the head sends many requests that extend one prompt (label scoring): the
+    # engine is then set up to share prompts through its prefix cache in small blocks.
+    shares_prefixes: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None, *, sampling: dict[str, Any] | None = None):
         self.options = self.Options.model_validate(options or {})

@@ -93,6 +93,7 @@ class ClassifyHead(Head):
     name = "classify"
     Options = ClassifyOptions
     options: ClassifyOptions
+    shares_prefixes = True  # every label's score extends the row's prompt
 
     @classmethod
     def for_model(cls, config: Any) -> type[Head]:
