@@ -9,7 +9,7 @@ import pytest
 
 from rich.console import Console
 
-from conftest import read_dir, write_shards
+from conftest import local_ray, read_dir, write_shards
 from jobs import spec_maker
 from pipeline.runner import EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
 from pipeline.shards import InputError
@@ -32,7 +32,10 @@ MODEL = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def _model(tiny_model):
-    MODEL["source"] = str(tiny_model)  # only its config is read: the engine is the fake
+    """The model's config (the engine is the fake), and one Ray for this module's runs
+    (run_job joins a Ray that is up and leaves it running)."""
+    MODEL["source"] = str(tiny_model)
+    yield from local_ray()
 
 
 make_spec = spec_maker(model=MODEL, sampling={"max_tokens": 5}, resources={"batch_size": 16})

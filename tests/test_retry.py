@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import read_dir, write_shards
+from conftest import local_ray, read_dir, write_shards
 from jobs import spec_maker
 from pipeline.output import OutputStore
 from pipeline.plan import RetrySelection
@@ -23,6 +23,12 @@ FAILED = sorted(r["id"] for shard in ROWS for r in shard if r["prompt"].startswi
 
 
 spec_for = spec_maker(output={"rows_per_file": 6}, sampling={"max_tokens": 4}, resources={"batch_size": 4})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray():
+    """One Ray for this module's in-process runs (run_job joins a Ray that is up)."""
+    yield from local_ray()
 
 
 @pytest.fixture

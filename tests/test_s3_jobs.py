@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import run_cli, write_shards
+from conftest import local_ray, run_cli, write_shards
 from jobs import ids_out
 from pipeline.output import OutputStore
 from pipeline.runner import EXIT_OK, run_job
@@ -30,6 +30,13 @@ def spec_data(bucket: str, model: str, **extra) -> dict:
     return {"name": "s3-chat", "input": {"path": f"{bucket}/in"}, "output": {"path": f"{bucket}/out"},
             "model": {"source": model}, "task": {"head": "chat"}, "sampling": {"max_tokens": 4},
             "resources": {"batch_size": 2}, **extra}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray(s3_server):
+    """One Ray for this module's in-process runs (run_job joins a Ray that is up), started
+    after the S3 variables are set, so that its workers reach the S3 server."""
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")

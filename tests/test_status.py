@@ -12,11 +12,17 @@ import time
 import pytest
 from rich.console import Console
 
-from conftest import read_dir, run_cli, write_shards
+from conftest import local_ray, read_dir, run_cli, write_shards
 from pipeline.cli import main
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray():
+    """One Ray for this module's in-process runs (run_job joins a Ray that is up)."""
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")
