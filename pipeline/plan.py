@@ -252,14 +252,30 @@ def _check_output_outside_input(spec: JobSpec) -> None:
                          f"the next run would read its own output. Choose a folder outside the input")
 
 
+def token_counter(source: str, trust_remote_code: bool = False):
+    """text -> its token count (no special tokens added). A local checkpoint's tokenizer.json is
+    read by the tokenizers library itself: importing transformers costs the driver seconds."""
+    import os
+
+    local = os.path.join(source, "tokenizer.json")
+    if os.path.isfile(local):
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(local)
+        return lambda text: len(fast.encode(text, add_special_tokens=False).ids)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def estimate_input_tokens(plan: Plan, *, sample_rows: int = 256) -> tuple[int, int]:
     """(estimated text tokens of the input, rows sampled): the tokenizer's count over a sample
     of rows from up to 16 shards, scaled to all rows. Chat templates add a few tokens a row."""
     import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
 
     spec = plan.spec
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.source, trust_remote_code=spec.model.trust_remote_code)
+    count = token_counter(spec.model.source, spec.model.trust_remote_code)
     text_columns = [c for c in plan.columns if c != spec.input.id_column]
     picked = plan.shards[:: max(1, len(plan.shards) // 16)][:16]
     per_shard = max(1, sample_rows // len(picked))
@@ -269,7 +285,7 @@ def estimate_input_tokens(plan: Plan, *, sample_rows: int = 256) -> tuple[int, i
             batch = next(pq.ParquetFile(f).iter_batches(batch_size=per_shard, columns=text_columns), None)
         for row in (batch.to_pylist() if batch is not None else []):
             texts = [v if isinstance(v, str) else json.dumps(v) for v in row.values() if v is not None]
-            tokens += sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+            tokens += sum(map(count, texts))
             rows += 1
     total_rows = sum(s.rows for s in plan.shards)
     return (round(tokens / rows * total_rows) if rows else 0), rows

@@ -75,3 +75,15 @@ def test_engine_arguments_are_checked_at_plan_time(tmp_path, chat_job):
     spec = chat_job(model={"source": chat_job().model.source, "max_model_len": 4096, "long_context": 2048})
     with pytest.raises(SpecError, match="model.max_model_len 4096 is above model.long_context 2048"):
         plan_job(spec)
+
+
+def test_token_estimate_counts_as_the_tokenizer_does(tiny_model, tokenizer):
+    """The plan counts tokens with the checkpoint's tokenizer.json through the tokenizers library
+    (validate and --dry-run answer in about a second, not the five that importing transformers
+    takes); its counts are transformers' own."""
+    from pipeline.plan import token_counter
+
+    count = token_counter(str(tiny_model))
+    texts = ["plain words", "café naïve 北京 🙂", "<|im_start|>user<|im_end|> <think>x</think>",
+             "  spaces\n\nand\ttabs  ", "a" * 3000, ""]
+    assert [count(t) for t in texts] == [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
