@@ -143,7 +143,7 @@ def qa_engine_args(model: ModelSpec, args: dict[str, Any], *, device: str) -> di
         raise SpecError(f"model.source {model.source} is a question-answering checkpoint, run by transformers "
                         f"on one device per replica; drop model.tensor_parallel_size/pipeline_parallel_size")
     if model.quantization:
-        raise SpecError(f"model.quantization: vLLM's quantization does not apply to question-answering "
+        raise SpecError("model.quantization: vLLM's quantization does not apply to question-answering "
                         "checkpoints (run by transformers); drop it")
     return {**args, "runner": QA_RUNNER}
 
