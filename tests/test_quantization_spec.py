@@ -42,7 +42,7 @@ def test_cpu_refuses_a_gpu_method_and_lists_what_it_runs(tmp_path):
 
 
 def test_cpu_methods_pass_and_reach_the_engine(tmp_path):
-    assert args(tmp_path, "cpu", quantization="compressed-tensors")["quantization"] == "compressed-tensors"
+    assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["quantization"] == "compressed-tensors"
     assert args(tmp_path, "cpu", quantization="gptq", dtype="bfloat16")["quantization"] == "gptq"
     assert args(tmp_path, "cpu", quantization="awq", dtype="float16")["quantization"] == "awq"
     assert "quantization" not in args(tmp_path, "cpu")
@@ -51,6 +51,24 @@ def test_cpu_methods_pass_and_reach_the_engine(tmp_path):
 def test_4bit_on_cpu_needs_half_precision(tmp_path):
     with pytest.raises(SpecError, match="model.dtype bfloat16 or float16"):
         args(tmp_path, "cpu", quantization="gptq", dtype="float32")
+
+
+def test_w8a8_in_float32_is_refused_on_a_cpu_with_amx_and_runs_elsewhere(tmp_path, monkeypatch):
+    """vLLM's int8 kernel on AMX CPUs takes no float32 activations (its engine dies at the first
+    forward); float32 named in the spec or the checkpoint's own dtype under auto."""
+    from pipeline import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_amx", lambda: True)
+    for dtype in ("float32", "auto"):
+        model = ModelSpec(source=checkpoint(tmp_path, name=f"amx-{dtype}"), quantization="compressed-tensors", dtype=dtype)
+        config = json.loads((tmp_path / f"amx-{dtype}" / "config.json").read_text())
+        (tmp_path / f"amx-{dtype}" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+        with pytest.raises(SpecError, match="AMX tiles.*set model.dtype: bfloat16"):
+            engine_args(model, device="cpu")
+    assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["dtype"] == "bfloat16"
+    assert args(tmp_path, "cuda", quantization="compressed-tensors", dtype="float32")["dtype"] == "float32"
+    monkeypatch.setattr(quantize, "cpu_has_amx", lambda: False)
+    assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="float32")["dtype"] == "float32"
 
 
 def test_unknown_method_is_refused_with_both_lists(tmp_path):
