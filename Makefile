@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-# unit + data-path tiers (no real engine): about 2 minutes
+# unit + data-path tiers (no real engine): about 2-3 minutes
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 -m "unit or datapath" tests
 
