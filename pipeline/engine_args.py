@@ -90,17 +90,21 @@ def check_quantization(model: ModelSpec, device: str) -> None:
         where = f"model.source {model.source} is quantized: its quant_method"
     if not method:
         return
-    dtype = model.dtype
-    if dtype == "auto":  # vLLM then runs the checkpoint's own dtype
-        try:
-            config = hf_config(model.source, model.trust_remote_code)
-        except Exception:  # unreachable here (a hub id offline): the engine will say
-            config = None
-        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "auto")
-        dtype = dtype.removeprefix("torch.")
-    problem = quantization_problem(method, device, dtype=dtype, where=where)
+    problem = quantization_problem(method, device, dtype=run_dtype(model), where=where)
     if problem:
         raise SpecError(problem)
+
+
+def run_dtype(model: ModelSpec) -> str:
+    """The dtype vLLM runs: model.dtype, or under auto the checkpoint's own (auto if unknown)."""
+    if model.dtype != "auto":
+        return model.dtype
+    try:
+        config = hf_config(model.source, model.trust_remote_code)
+    except Exception:  # unreadable here (a hub id offline): the engine will say
+        return "auto"
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "auto"
+    return str(dtype).removeprefix("torch.")
 
 
 MAX_YARN_FACTOR = 4.0

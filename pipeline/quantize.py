@@ -95,12 +95,12 @@ def quantization_problem(method: str | None, device: str, *, dtype: str = "auto"
                 f"{cpu_list}; or set resources.device: cuda on a GPU cluster")
     if device == "cuda" and method not in GPU_QUANTIZATION:
         return f"{where} '{method}' is not a GPU method here; on GPUs: {gpu_list}"
-    if device == "cpu" and method in NEEDS_HALF and dtype == "float32":
-        return (f"{where} '{method}' runs on CPU with model.dtype bfloat16 or float16 (its CPU kernel "
-                f"takes no float32 activations); set model.dtype: bfloat16")
-    if device == "cpu" and method in NEEDS_HALF_WITH_AMX and dtype == "float32" and cpu_has_amx():
-        return (f"{where} '{method}' runs on this CPU (it has AMX tiles) with model.dtype bfloat16 or "
-                f"float16: vLLM's int8 kernel for it takes no float32 activations; set model.dtype: bfloat16")
+    if device == "cpu" and dtype == "float32" and (
+            method in NEEDS_HALF or (method in NEEDS_HALF_WITH_AMX and cpu_has_amx())):
+        why = ("its CPU kernel takes no float32 activations" if method in NEEDS_HALF else
+               "this CPU has AMX tiles, where vLLM's int8 kernel for it takes no float32 activations")
+        return (f"{where} '{method}' runs on CPU with model.dtype bfloat16 or float16 ({why}); "
+                f"set model.dtype: bfloat16")
     if method == "bitsandbytes" and device != "cpu" and vllm_has_bitsandbytes() is False:
         return (f"{where} 'bitsandbytes': the installed vLLM no longer has it (removed in recent vLLM); "
                 f"use a 4-bit AWQ or GPTQ checkpoint of the model ({gpu_list}), or a vLLM that has it")

@@ -15,12 +15,12 @@ pytestmark = pytest.mark.unit
 CPU_METHODS = ("compressed-tensors", "gptq", "awq")
 
 
-def checkpoint(tmp_path, quantization_config=None, name="ckpt"):
-    """A checkpoint folder with only a config.json (the plan reads no weights)."""
+def checkpoint(tmp_path, quantization_config=None, name="ckpt", **config):
+    """A checkpoint folder with only a config.json (the plan reads no weights); config: more keys."""
     d = tmp_path / name
     d.mkdir(exist_ok=True)
     config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 128,
-              "max_position_embeddings": 32768}
+              "max_position_embeddings": 32768, **config}
     if quantization_config:
         config["quantization_config"] = quantization_config
     (d / "config.json").write_text(json.dumps(config))
@@ -60,9 +60,8 @@ def test_w8a8_in_float32_is_refused_on_a_cpu_with_amx_and_runs_elsewhere(tmp_pat
 
     monkeypatch.setattr(quantize, "cpu_has_amx", lambda: True)
     for dtype in ("float32", "auto"):
-        model = ModelSpec(source=checkpoint(tmp_path, name=f"amx-{dtype}"), quantization="compressed-tensors", dtype=dtype)
-        config = json.loads((tmp_path / f"amx-{dtype}" / "config.json").read_text())
-        (tmp_path / f"amx-{dtype}" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+        source = checkpoint(tmp_path, name=f"amx-{dtype}", torch_dtype="float32")
+        model = ModelSpec(source=source, quantization="compressed-tensors", dtype=dtype)
         with pytest.raises(SpecError, match="AMX tiles.*set model.dtype: bfloat16"):
             engine_args(model, device="cpu")
     assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["dtype"] == "bfloat16"
