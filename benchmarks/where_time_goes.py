@@ -2,6 +2,7 @@
 the engine actor, vLLM's engine core and model worker), measured and sampled.
 
     python benchmarks/where_time_goes.py --prompts 512 --out profile-out
+    python benchmarks/where_time_goes.py --fake-engine 1000000 --out profile-out  # the data path alone
 
 Writes OUT/profile.txt (py-spy's raw stacks) and OUT/summary.md: CPU seconds per process
 kind (driver, engine actor, vLLM engine core, Ray's own processes; from the OS, polled with
@@ -29,8 +30,10 @@ DRIVER = """
 import sys, json
 from pipeline.runner import run_job
 from pipeline.spec import load_spec
+from pipeline.testing import fake_engine_factory
 spec = load_spec(data=json.loads(sys.argv[1]))
-report = run_job(spec, overwrite=True, progress=False)
+factory = fake_engine_factory() if sys.argv[2:] == ["fake"] else None
+report = run_job(spec, overwrite=True, progress=False, engine_factory=factory)
 print("ROWS", report.totals.rows, "WALL", round(report.wall_seconds, 1))
 """
 
@@ -154,6 +157,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--rate", type=int, default=50, help="samples per second per process")
     p.add_argument("--out", default="profile-out")
+    p.add_argument("--fake-engine", type=int, metavar="ROWS",
+                   help="the data path alone: ROWS short chat rows (benchmarks/datapath.py's) through the "
+                        "instant fake engine instead of --prompts through vLLM")
     args = p.parse_args()
     from throughput import SAMPLING, write_input
 
@@ -166,13 +172,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = str(make_tiny_model(out / "model"))
-    write_input(out / "input", args.prompts)
-    spec = {"input": {"path": str(out / "input")}, "output": {"path": str(out / "output")},
-            "model": {"source": model, "max_model_len": 1024, "engine_kwargs": {"enforce_eager": True}},
-            "task": {"head": "chat"}, "sampling": SAMPLING}
+    if args.fake_engine:
+        from datapath import write_input as write_short_rows
+
+        write_short_rows(out / "input", args.fake_engine, shards=16)
+        spec = {"input": {"path": str(out / "input")}, "output": {"path": str(out / "output")},
+                "model": {"source": model}, "task": {"head": "chat"}, "sampling": {"max_tokens": 8}}
+    else:
+        write_input(out / "input", args.prompts)
+        spec = {"input": {"path": str(out / "input")}, "output": {"path": str(out / "output")},
+                "model": {"source": model, "max_model_len": 1024, "engine_kwargs": {"enforce_eager": True}},
+                "task": {"head": "chat"}, "sampling": SAMPLING}
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "RAY_AUTH_MODE": "disabled"}
     (out / "profiled_driver.py").write_text(DRIVER)  # a file, so its process line is one line
-    driver = subprocess.Popen([sys.executable, str(out / "profiled_driver.py"), json.dumps(spec)], env=env,
+    driver = subprocess.Popen([sys.executable, str(out / "profiled_driver.py"), json.dumps(spec)]
+                              + (["fake"] if args.fake_engine else []), env=env,
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     raw = out / "profile.txt"
     spy = subprocess.Popen([spy_bin, "record", "--pid", str(driver.pid), "--subprocesses", "--rate",

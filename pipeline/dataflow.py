@@ -26,14 +26,12 @@ def keep_rows_to_redo(batch, *, redo: dict, id_column: str):
     return batch.filter(keep) if keep is not None else batch
 
 
-ASYNC_BATCHES = 4  # Ray Data's default concurrency of an async batch UDF within one task
-
-
 def rows_per_block(spec, rows: int) -> int:
-    """Rows per block handed to an engine actor: about 1/8 of each replica's share, between
-    one batch and 16 batches."""
+    """Rows per block handed to an engine actor in one call: about 1/8 of each replica's
+    share, between one batch and 64 batches (a Ray task, a ledger call and an output block
+    each; an actor that dies reruns its blocks in flight)."""
     batch = spec.resources.batch_size
-    return max(batch, min(16 * batch, rows // (8 * spec.resources.replica_range[1])))
+    return max(batch, min(64 * batch, rows // (8 * spec.resources.replica_range[1])))
 
 
 def rows_per_write(spec, rows: int) -> int:
@@ -69,9 +67,9 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
             "redo": {path_key(s.path): plan.redo[s.name] for s in todo if s.name in plan.redo},
             "id_column": spec.input.id_column})
     # Blocks of several batches: every replica gets work and rows stream through instead of
-    # waiting for whole files, while each Ray task carries enough rows to pay for itself.
-    # Ray Data runs up to ASYNC_BATCHES batches of one block at once in an engine actor.
-    batch = spec.resources.batch_size
+    # waiting for whole files, while each Ray task (one worker call, one ledger record, one
+    # output block) carries enough rows to pay for itself. The worker runs a block's batches
+    # with at most rows_in_flight rows on its engine; one more block waits at each actor.
     block = rows_per_block(spec, sum(plan.rows_to_run(s) for s in todo))
     ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=block)
     low, high = spec.resources.replica_range
@@ -86,12 +84,12 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
                                "engine_args": engine_args, "device": device, "engine_factory": engine_factory,
                                "ledger": ledger, "poisoned": frozenset(read_poisoned(spec.output.path))},
-        batch_size=batch,
+        batch_size=block,
         batch_format="pyarrow",
         zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(
             min_size=low, max_size=high,
-            max_tasks_in_flight_per_actor=max(2, -(-spec.resources.rows_in_flight // min(block, ASYNC_BATCHES * batch)))),
+            max_tasks_in_flight_per_actor=1 + max(1, -(-spec.resources.rows_in_flight // block))),
         ray_remote_args_fn=placer.remote_args_fn,
         **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
         max_restarts=-1, max_task_retries=-1,

@@ -1,16 +1,22 @@
 """Which rows were in flight when an engine died, so a row that kills every engine it meets
 (a poison row) ends as one error row instead of stopping the run.
 
-A batch runs with all its rows in flight at once. When its actor dies, Ray restarts the actor
-and runs the batch again; the ledger tells the retry that it is a retry, and the retry runs
-its rows one at a time with the engine to itself, noting each row before it starts. A row
-that was running alone when an engine died is condemned: the next retry writes it as an
-`engine_died` error row and runs the others.
+An engine actor takes a block of rows (several batches) in one call and tells the ledger once
+that the block starts: one ledger call per block, not per batch, so the record costs nothing
+a row would notice. When its actor dies, Ray restarts the actor and runs the block again; the
+ledger tells the retry that it is a retry, and the search for the row narrows in steps, each
+step paid by a death only if the poison row is really there:
+- a retried block of several batches notes each batch before it starts (its rows still run
+  together); a batch that was in flight when an engine died again is a suspect;
+- a suspect batch (or a retried block of one batch) runs its rows one at a time with the engine
+  to itself, noting each row before it starts. A row that was running alone when an engine died
+  is condemned: the next retry writes it as an `engine_died` error row and runs the others.
 
 Condemned rows are remembered in the output folder (OUTPUT/_poison/KEY.json), so a rerun after
 a crash does not spend engine restarts on them again, and a ledger actor that Ray restarts
-reads them back. The restart budget counts per condemned row, not per actor: each poison row
-may cost its two restarts on top of resources.max_engine_restarts.
+reads them back. The restart budget counts per poison row, not per actor: each poison row
+may cost its three restarts (two when its block is one batch) on top of
+resources.max_engine_restarts.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 
 POISON = "_poison"
+PER_POISON_ROW = 3  # restarts a poison row may cost: its block, its batch, itself alone
 
 
 def batch_key(shard: str, ids: list[Any]) -> str:
@@ -49,7 +56,8 @@ class RowLedger:
 
     def __init__(self, output: str | None = None, restart_budget: int = 3) -> None:
         self.output = output
-        self.batches: dict[str, int] = {}  # batch key -> times begun and not ended
+        self.batches: dict[str, int] = {}  # block or batch key -> times begun and not ended
+        self.retrying: set[str] = set()  # retried blocks not yet ended: each died with a suspect in it
         self.alone: dict[str, int] = {}  # row key -> times begun alone and not ended
         self.condemned: set[str] = read_poisoned(output) if output else set()
         self.restart_budget = restart_budget
@@ -60,25 +68,29 @@ class RowLedger:
         """An engine actor came back after dying; a reason to stop if over the budget."""
         self.restarts += 1
         # A row that died running alone is a poison row from that moment (it is condemned when
-        # it is next begun): counting it only then would stop a run whose other poison batch
-        # happened to die first.
-        found = self.condemned_here + sum(1 for key in self.alone if key not in self.condemned)
-        allowed = self.restart_budget + 2 * found
+        # it is next begun), and a retried block that died again holds one: counting them only
+        # when condemned would stop a run whose other poison batch happened to die first.
+        found = (self.condemned_here + sum(1 for key in self.alone if key not in self.condemned)
+                 + len(self.retrying))
+        allowed = self.restart_budget + PER_POISON_ROW * found
         if self.restarts > allowed:
             return (f"engine actors died {self.restarts} times, above resources.max_engine_restarts "
-                    f"{self.restart_budget} (+2 for each of the {found} poison row(s) found)")
+                    f"{self.restart_budget} (+{PER_POISON_ROW} for each of the {found} poison row(s) found)")
         return None
 
     def is_condemned(self, key: str) -> bool:
         return key in self.condemned
 
-    def begin(self, key: str, ended: list[str] = ()) -> int:
-        """Record a batch starting, and the caller's batches that ended since its last call;
-        returns how many earlier attempts of this batch died."""
+    def begin(self, key: str, ended: list[str] = (), *, block: bool = True) -> int:
+        """Record a block (or, in a retried block, a batch) starting, and the caller's keys that
+        ended since its last call; returns how many earlier attempts of it died."""
         for done in ended:
             self.batches.pop(done, None)
+            self.retrying.discard(done)
         tries = self.batches.get(key, 0)
         self.batches[key] = tries + 1
+        if block and tries:
+            self.retrying.add(key)
         return tries
 
     def begin_alone(self, key: str, row: dict | None = None) -> int:

@@ -78,6 +78,7 @@ class FakeEngine:
         self.methods: list[str] = []
         self.log: list[str] = []
         self.tokenized = 0
+        self._needs_text = bool(fail_on or die_on or dead_on or poison_on or hang_on or callable(answer))
 
     def _note(self, name: str, chars: int = 0) -> None:
         if self.record:
@@ -136,23 +137,14 @@ class FakeEngine:
             self.prompts.append(len(prompt_token_ids))
         if self.delay:
             await asyncio.sleep(self.delay)
-        # the prompt's text only when a fault or an answer needs it (the benchmarks' fake engine
-        # does no more per row than a Ray Data UDF would)
-        needs_text = (self.die_on or self.poison_on or self.dead_on or self.hang_on or self.fail_on
-                      or callable(self.answer))
-        text = self._text(prompt_token_ids) if needs_text else ""
-        if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(1)
-        if self.poison_on and self.poison_on in text:
-            os._exit(1)
-        if self.dead_on and self.dead_on in text and self.marker and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            raise EngineDeadError("the fake engine core died")
-        if self.stalled or (self.hang_on and self.hang_on in text):
+        # the prompt's text and the fault checks only when a fault or an answer needs them (the
+        # benchmarks' fake engine does no more per row than a Ray Data UDF would)
+        text = ""
+        if self._needs_text:
+            text = self._text(prompt_token_ids)
+            await self._faults(text)
+        elif self.stalled:
             await asyncio.Event().wait()
-        if any(f in text for f in self.fail_on):
-            raise RowError("engine_error", "the fake engine was told to fail this prompt")
         if self.answer is None:
             n = sampling.get("max_tokens", 16)
             n = min(n, self.answer_tokens) if self.answer_tokens else n
@@ -167,6 +159,21 @@ class FakeEngine:
         self.answered += 1
         out = self._encode(answer) + self._encode(END_OF_TURN)
         return Completion(answer, out, self.finish or "stop", len(prompt_token_ids), len(out))
+
+    async def _faults(self, text: str) -> None:
+        """The faults this prompt's text asks for, if any."""
+        if self.die_on and self.die_on in text and self.marker and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        if self.poison_on and self.poison_on in text:
+            os._exit(1)
+        if self.dead_on and self.dead_on in text and self.marker and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise EngineDeadError("the fake engine core died")
+        if self.stalled or (self.hang_on and self.hang_on in text):
+            await asyncio.Event().wait()
+        if any(f in text for f in self.fail_on):
+            raise RowError("engine_error", "the fake engine was told to fail this prompt")
 
     def _filler(self, n: int) -> list[int]:
         return [0] * n if self.tokenizer is None else self._encode(" ok" * n)[:n]

@@ -119,7 +119,7 @@ def _delegate(coro, value):
 
 
 class InferenceWorker:
-    """Holds one engine for the actor's life; each call runs a head on a batch of rows."""
+    """Holds one engine for the actor's life; each call runs a head on a block of rows."""
 
     def __init__(self, *, spec_json: str, id_type: pa.DataType, engine_args: dict[str, Any],
                  device: str, engine_factory=None, ledger=None, poisoned: frozenset = frozenset()):
@@ -146,27 +146,43 @@ class InferenceWorker:
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
-        self.ended: list[str] = []  # batches done since the ledger was last told (pipeline.ledger)
+        self.ended: list[str] = []  # blocks and batches done since the ledger was last told (pipeline.ledger)
         self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
+        self.batch_size = spec.resources.batch_size
+        self.in_flight = asyncio.Semaphore(max(1, spec.resources.rows_in_flight // self.batch_size))
         self.gate = EngineGate()
         self.last_answer = 0.0  # when a row last finished on this engine (hung-engine check)
         self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.ledger)
 
-    async def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One row through the head (the caller holds the engine gate and keeps the time)."""
+    def _start(self, row: dict[str, Any]) -> tuple[bool, Any]:
+        """One row through the head, eagerly (start_eagerly): (True, its output row) when it
+        needed no engine round trip, else (False, a task that ends with it)."""
         started = time.time()
         try:
-            out = await self.head.run(row, self.engine)
-        except RowError as e:
-            out = {"error_type": e.error_type, "error_message": e.message}
+            finished, value = start_eagerly(self.head.run(row, self.engine))
         except Exception as e:
-            if is_engine_dead(e):
-                # Not this row's fault, and this engine will not answer again: end the actor
-                # so that Ray restarts it (a fresh engine) and retries its unfinished rows.
-                self._shutdown_engine()
-                os._exit(70)
-            out = {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
+            return True, self._finish(self._failed(e), row, started)
+        if finished:
+            return True, self._finish(value, row, started)
+        return False, asyncio.ensure_future(self._end(value, row, started))
+
+    async def _end(self, task: asyncio.Future, row: dict[str, Any], started: float) -> dict[str, Any]:
+        try:
+            out = await task
+        except Exception as e:
+            out = self._failed(e)
         return self._finish(out, row, started)
+
+    def _failed(self, e: Exception) -> dict[str, Any]:
+        """The error columns of a row whose head raised."""
+        if isinstance(e, RowError):
+            return {"error_type": e.error_type, "error_message": e.message}
+        if is_engine_dead(e):
+            # Not this row's fault, and this engine will not answer again: end the actor
+            # so that Ray restarts it (a fresh engine) and retries its unfinished rows.
+            self._shutdown_engine()
+            os._exit(70)
+        return {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
 
     async def _timed(self, rows: list[dict[str, Any]], *, alone: bool = False) -> list[dict[str, Any]]:
         """Rows at once; those not answered within the row timeout become engine_timeout rows
@@ -175,7 +191,7 @@ class InferenceWorker:
         restarts it with a fresh engine and runs the batch again, its rows one at a time (a
         row that hangs alone then becomes the engine_timeout row)."""
         started = time.time()
-        runs = [start_eagerly(self._one(r)) for r in rows]
+        runs = [self._start(r) for r in rows]
         tasks = [task for finished, task in runs if not finished]
         done, pending = await asyncio.wait(tasks, timeout=self.timeout) if tasks else ((), ())
         if pending and not alone and self.last_answer < started:
@@ -232,10 +248,10 @@ class InferenceWorker:
             rows.append(row)
         return rows, problems
 
-    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
-        rows, bad = self._rows(batch)
+    async def __call__(self, block: pa.Table) -> AsyncIterator[pa.Table]:
+        rows, bad = self._rows(block)
         try:
-            out = await self._run([r for i, r in enumerate(rows) if i not in bad])
+            out = await self._run_block([r for i, r in enumerate(rows) if i not in bad])
         except Exception as e:
             if self.ledger is not None and _ledger_gone(e):  # the engine is in this process: only the ledger is an actor
                 raise RunStopped(LEDGER_GONE) from None
@@ -252,28 +268,58 @@ class InferenceWorker:
             table = table.append_column(self.schema.field(name), pa.repeat(pa.scalar(value, pa.string()), len(table)))
         return table.select(self.schema.names)
 
-    async def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _key(self, rows: list[dict[str, Any]]) -> str:
+        return batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows])
+
+    async def _run_block(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A block's rows in batches of resources.batch_size, at most rows_in_flight rows on the
+        engine at once (over all the blocks this actor holds). One ledger record for the block;
+        a retried block narrows down the row that killed the engine (pipeline.ledger)."""
         if not rows:
             return []
-        key = batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows])
+        key = self._key(rows)
         if self.poisoned:  # rows that killed engines in an earlier run on this output
             rows, done = self._skip_poisoned(rows)
         else:
             done = []
-        if self.ledger and await self._begin(key):  # an engine died on this batch
-            out = done + [await self._suspect(r) for r in rows]
-        else:
-            async with self.gate.shared():
-                out = done + await self._timed(rows)
+        batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        tries = await self._begin(key) if self.ledger else 0
+        if not tries:  # the common case
+            run = self._shared
+        elif len(batches) == 1:  # the block was one batch: it is the suspect
+            run = self._alone
+        else:  # which batch was it? note each, and a death names it
+            run = self._noted
+        parts = await asyncio.gather(*(run(b) for b in batches))
+        if self.ledger:
+            self.ended.append(key)
+        return done + [r for part in parts for r in part]
+
+    async def _shared(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch with its rows on the engine together (and with other batches')."""
+        async with self.in_flight, self.gate.shared():
+            return await self._timed(rows)
+
+    async def _alone(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A suspect batch: its rows one at a time, each with the engine to itself."""
+        return [await self._suspect(r) for r in rows]
+
+    async def _noted(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch of a retried block: on record before it starts, alone if it was in flight
+        when an engine died again."""
+        key = self._key(rows)
+        ended, self.ended = self.ended, []
+        tries = await self.ledger.begin.remote(key, ended, block=False)
+        out = await (self._alone(rows) if tries else self._shared(rows))
         self.ended.append(key)
         return out
 
     async def _begin(self, key: str) -> int:
-        """Tell the ledger a batch starts, and which batches ended since the last call (one
-        call a batch, not two); how many earlier attempts of it died. Awaited: a batch must be
-        on record before its rows can kill the engine, or its retry would not know it is one
-        (and a poison row would cost an extra restart). Ends not yet told when the engine dies
-        only make those batches' rows run alone if they are retried."""
+        """Tell the ledger a block starts, and which keys ended since the last call (one call a
+        block, not two); how many earlier attempts of it died. Awaited: a block must be on
+        record before its rows can kill the engine, or its retry would not know it is one (and
+        a poison row would cost an extra restart). Ends not yet told when the engine dies only
+        make those blocks' rows be searched again if they are retried."""
         ended, self.ended = self.ended, []
         return await self.ledger.begin.remote(key, ended)
 

@@ -193,6 +193,44 @@ def test_two_poison_rows_on_one_replica_fit_the_default_budget_and_are_remembere
     assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
 
 
+def test_poison_row_in_a_block_of_several_batches_is_found_in_steps(tmp_path, tiny_model):
+    """An engine actor takes blocks of several batches (one ledger record a block): a poison
+    row there is found in three steps (its block, its batch, itself alone), and the three
+    deaths are its own allowance: max_engine_restarts 1 (the first death, before anything
+    is found, is the run's) finishes the run with one error row."""
+    rows = [[{"id": s * 100 + i, "prompt": "POISON pill" if (s, i) == (1, 37) else f"row {i}"}
+             for i in range(80)] for s in range(2)]
+    write_shards(tmp_path / "in", rows)
+    spec = spec_for(tmp_path, model=tiny_model, resources={"batch_size": 5, "max_engine_restarts": 1})
+    from pipeline.dataflow import rows_per_block
+
+    assert rows_per_block(spec, 160) == 20  # four batches a block
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory(poison_on="POISON"))
+    assert report.exit_code == 0, report.message
+    errors = read_dir(tmp_path / "out" / "errors").to_pylist()
+    assert [(e["id"], e["error_type"]) for e in errors] == [(137, "engine_died")]
+    assert sorted(read_dir(tmp_path / "out" / "results").column("id").to_pylist()) == sorted(
+        r["id"] for shard in rows for r in shard if r["id"] != 137)
+
+
+def test_ledger_counts_a_retried_block_that_dies_again_as_a_poison_row():
+    """The budget: a block's first death is the run's; once retried, further deaths are the
+    poison row's (up to three), and what ends is no longer counted."""
+    from pipeline.ledger import PER_POISON_ROW, RowLedger
+
+    ledger = RowLedger(restart_budget=0)
+    assert ledger.begin("block") == 0
+    assert ledger.restarted() is not None  # a death with nothing found: over a budget of 0
+    ledger = RowLedger(restart_budget=0)
+    ledger.begin("block")
+    assert ledger.begin("block") == 1  # the retry
+    assert ledger.begin("batch", block=False) == 0
+    for _ in range(PER_POISON_ROW):  # block, batch, and the row alone
+        assert ledger.restarted() is None
+    assert ledger.begin("other", ended=["block", "batch"]) == 0
+    assert ledger.restarted() is not None  # the retried block ended: its allowance went with it
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """An 80 KiB tmpfs: room for the lock, the manifest and about two shards' files."""

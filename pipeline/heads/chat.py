@@ -47,10 +47,10 @@ def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[s
     """Per-row sampling overrides from a JSON string or a struct, checked against the bounds
     vLLM enforces (SamplingValues) and, for max_tokens, against the job's ceiling: any value
     the engine would refuse becomes this row's invalid_input, naming the key."""
-    from pipeline.spec import SamplingValues  # plain pydantic, no engine
-
     if value is None:
         return {}
+    from pipeline.spec import SamplingValues  # plain pydantic, no engine
+
     if isinstance(value, str):
         if len(value) > MAX_SAMPLING_CHARS:
             raise RowError("invalid_input", f"sampling has {len(value):,} characters; overrides are "
@@ -120,13 +120,20 @@ class ChatHead(Head):
             {"role": "user", "content": prompt}
         ]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the job's sampling, made once: rows without overrides use it as it is
+        self.job_sampling = {"max_tokens": self.options.max_tokens, **QWEN3_SAMPLING[self.options.enable_thinking],
+                             **self.sampling}
+
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
         messages = self.messages(row)
-        sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[o.enable_thinking]}
-        sampling.update(self.sampling)
-        sampling.update(row_sampling(row.get(o.sampling_column),
-                                     max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"]))
+        sampling = self.job_sampling
+        overrides = row_sampling(row.get(o.sampling_column),
+                                 max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"])
+        if overrides:
+            sampling = {**sampling, **overrides}
         await refuse_if_cannot_fit(engine, [m["content"] for m in messages], turns=len(messages))
         try:
             prompt = engine.render_chat(messages, enable_thinking=o.enable_thinking)
