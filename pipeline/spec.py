@@ -41,7 +41,7 @@ class OutputSpec(_Section):
     rows_per_file: int | None = Field(
         None, ge=1, description="Rows gathered into one write (one results file per shard it "
         "touches). Larger: fewer files; smaller: shards commit sooner, and a crash loses less "
-        "finished work. Default: 1/16 of the rows to run, between resources.batch_size and 10,000.",
+        "finished work. Default: 1/16 of the rows to run, between resources.batch_size and 40,000.",
     )
 
 
