@@ -270,7 +270,8 @@ class ResourcesSpec(_Section):
     max_engine_restarts: int = Field(
         3, ge=0, description="Times an engine actor that died (killed, out of memory, engine "
         "crash) is restarted and its unfinished rows retried. A row that kills the engine on "
-        "its own uses two restarts and then ends as an engine_died error row. Past the bound the "
+        "its own uses up to three restarts (counted on top of this bound) and then ends as an "
+        "engine_died error row. Past the bound the "
         "run stops, keeps the committed shards, and a rerun resumes."
     )
     row_timeout_s: float | None = Field(

@@ -188,8 +188,9 @@ class InferenceWorker:
         """Rows at once; those not answered within the row timeout become engine_timeout rows
         (one deadline for the batch: its rows start together). If no row at all finished on
         this engine meanwhile, the engine is hung, not the rows: the actor ends so that Ray
-        restarts it with a fresh engine and runs the batch again, its rows one at a time (a
-        row that hangs alone then becomes the engine_timeout row)."""
+        restarts it with a fresh engine and runs the block again, narrowed down to its rows one
+        at a time as for a poison row (a row that hangs alone then becomes the engine_timeout
+        row)."""
         started = time.time()
         runs = [self._start(r) for r in rows]
         tasks = [task for finished, task in runs if not finished]
