@@ -298,7 +298,11 @@ class InferenceWorker:
 
     async def _shared(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A batch with its rows on the engine together (and with other batches')."""
-        async with self.in_flight, self.gate.shared():
+        async with self.in_flight:
+            return await self._together(rows)
+
+    async def _together(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        async with self.gate.shared():
             return await self._timed(rows)
 
     async def _alone(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -309,9 +313,10 @@ class InferenceWorker:
         """A batch of a retried block: on record before it starts, alone if it was in flight
         when an engine died again."""
         key = self._key(rows)
-        ended, self.ended = self.ended, []
-        tries = await self.ledger.begin.remote(key, ended, block=False)
-        out = await (self._alone(rows) if tries else self._shared(rows))
+        async with self.in_flight:  # on record once it is about to run, not while it waits
+            ended, self.ended = self.ended, []
+            tries = await self.ledger.begin.remote(key, ended, block=False)
+            out = await (self._alone(rows) if tries else self._together(rows))
         self.ended.append(key)
         return out
 
