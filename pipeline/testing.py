@@ -139,12 +139,9 @@ class FakeEngine:
             await asyncio.sleep(self.delay)
         # the prompt's text and the fault checks only when a fault or an answer needs them (the
         # benchmarks' fake engine does no more per row than a Ray Data UDF would)
-        text = ""
-        if self._needs_text:
-            text = self._text(prompt_token_ids)
+        text = self._text(prompt_token_ids) if self._needs_text else ""
+        if self._needs_text or self.stalled:
             await self._faults(text)
-        elif self.stalled:
-            await asyncio.Event().wait()
         if self.answer is None:
             n = sampling.get("max_tokens", 16)
             n = min(n, self.answer_tokens) if self.answer_tokens else n

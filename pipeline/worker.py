@@ -212,7 +212,7 @@ class InferenceWorker:
 
     async def _suspect(self, row: dict[str, Any]) -> dict[str, Any]:
         """Run a row of a batch whose engine died: alone, so a second death names this row."""
-        key = batch_key(row[SHARD_COLUMN], [row[self.id_column]])
+        key = self._key([row])
         # The gate first: a row is on record as running alone only while it has the engine to
         # itself (noted while it waited, it would be blamed for the row that held the engine).
         async with self.gate.exclusive():
@@ -270,6 +270,7 @@ class InferenceWorker:
         return table.select(self.schema.names)
 
     def _key(self, rows: list[dict[str, Any]]) -> str:
+        """The ledger's key of these rows (a block, a batch or one row)."""
         return batch_key(rows[0][SHARD_COLUMN], [r[self.id_column] for r in rows])
 
     async def _run_block(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -333,7 +334,7 @@ class InferenceWorker:
         """(rows to run, error rows for those condemned in an earlier run)."""
         run, done = [], []
         for r in rows:
-            if batch_key(r[SHARD_COLUMN], [r[self.id_column]]) in self.poisoned:
+            if self._key([r]) in self.poisoned:
                 done.append(self._condemned(r, 1))
             else:
                 run.append(r)
