@@ -211,13 +211,17 @@ class VllmEngine:
         method "trie" (default): one single-step request per node of the continuations' token
         trie (the prompt, then the prompt plus each shared prefix that has children), asking
         vLLM for the log-probabilities of exactly that node's children (`logprob_token_ids`,
-        over the full vocabulary, as prompt log-probabilities are). The requests read the
+        normalized over the full vocabulary, as prompt log-probabilities are; on an engine
+        started with TRIE_SCORING by one logsumexp pass, pipeline.token_logprobs). The requests read the
         prefix cache, so the prompt is computed once and every further node recomputes only
         its last, partly filled KV block. "per_label": one request per continuation with
         prompt log-probabilities (vLLM then skips reading the prefix cache: each one computes
         the whole prompt again).
         """
         if method == "per_label":
+            if self.args.get("logprobs_mode") == "processed_logits":
+                raise ValueError("this engine was started for scoring 'trie' (its prompt log-probabilities "
+                                 "are raw logits); start one without pipeline.engine_args.TRIE_SCORING for 'per_label'")
             return await self._score_per_label(prompt_token_ids, continuations)
         if method != "trie":
             raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")

@@ -20,6 +20,12 @@ STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # (Head.shares_prefixes) the smallest block lets every request past the first reuse all but
 # the prompt's last <32 tokens (with 128, a prompt under 128 tokens is recomputed each time).
 CPU_SHARED_PREFIX_BLOCK = 32
+# An engine that scores labels by engine.score's "trie" method: the log-probabilities of the
+# few tokens each request names come from pipeline.token_logprobs (one logsumexp pass a row)
+# instead of vLLM's log-softmax over the whole vocabulary; in this mode vLLM's other
+# log-probabilities (prompt log-probabilities, top-k) would be raw logits, so only then.
+TRIE_SCORING = {"logits_processors": ["pipeline.token_logprobs:TokenLogprobs"],
+                "logprobs_mode": "processed_logits"}
 
 
 # What a head may ask of the engine (Head.engine_task) -> vLLM arguments. "embed": the pooling
@@ -33,10 +39,11 @@ ENGINE_TASKS = {
 
 
 def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
-                shares_prefixes: bool = False) -> dict[str, Any]:
+                shares_prefixes: bool = False, score_method: str | None = None) -> dict[str, Any]:
     """vLLM engine arguments for a model section (engine_kwargs win); task: what the job's
     head needs of the engine (Head.engine_task), None for the checkpoint as it is;
-    shares_prefixes: the head sends many requests that extend one prompt (Head.shares_prefixes)."""
+    shares_prefixes: the head sends many requests that extend one prompt (Head.shares_prefixes);
+    score_method: how its rows call engine.score (Head.score_method)."""
     args: dict[str, Any] = {
         "model": model.source,
         "tensor_parallel_size": model.tensor_parallel_size,
@@ -63,6 +70,8 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
         args["structured_outputs_config"] = dict(STRUCTURED_OUTPUTS)
         if shares_prefixes and device == "cpu":
             args["block_size"] = CPU_SHARED_PREFIX_BLOCK
+        if score_method == "trie":
+            args.update(json.loads(json.dumps(TRIE_SCORING)))
     check_quantization(model, device)
     if model.quantization:
         args["quantization"] = model.quantization

@@ -236,7 +236,8 @@ def job_engine_args(spec: JobSpec, *, device: str) -> dict:
     from pipeline.engine_args import engine_args
 
     head = head_class(spec.task.head)
-    return engine_args(spec.model, device=device, task=head.engine_task, shares_prefixes=head.shares_prefixes)
+    return engine_args(spec.model, device=device, task=head.engine_task, shares_prefixes=head.shares_prefixes,
+                       score_method=head.score_method(spec.task.options))
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:

@@ -130,3 +130,27 @@ def test_label_scoring_engine_shares_prompts_in_small_blocks_on_cpu(tmp_path):
     assert block("Qwen3ForCausalLM", device="cuda") is None
     assert block("Qwen3ForCausalLM", head="chat") is None
     assert block("Qwen3ForSequenceClassification") is None
+
+
+def test_trie_scoring_engine_normalizes_only_the_asked_for_tokens(tmp_path):
+    """Label scoring by the trie (classify's default, rerank) gets the engine that computes the
+    asked-for tokens' log-probabilities itself; per_label (prompt log-probabilities) and chat
+    keep vLLM's own log-softmax."""
+    import json
+
+    from jobs import job_spec
+    from pipeline.engine_args import TRIE_SCORING
+    from pipeline.plan import job_engine_args
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+
+    def args(head, **options):
+        spec = job_spec(tmp_path, model={"source": str(tmp_path / "m")}, head=head,
+                        task={"options": options} if options else {})
+        return job_engine_args(spec, device="cpu")
+
+    for trie in (args("classify", labels=["a", "b"]), args("rerank", query="q")):
+        assert {k: trie[k] for k in TRIE_SCORING} == TRIE_SCORING
+    for other in (args("classify", labels=["a", "b"], scoring="per_label"), args("chat")):
+        assert not set(TRIE_SCORING) & set(other)

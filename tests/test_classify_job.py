@@ -192,16 +192,18 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    """A real vLLM engine (no Ray) on the float32 tiny Qwen3, and the loop it runs on."""
+@pytest.fixture(scope="module", params=["trie", "per_label"])
+def engine(request, tiny_model):
+    """A real vLLM engine (no Ray) on the float32 tiny Qwen3 set up for one scoring method
+    (as a job's engine is), and the loop it runs on."""
     from pipeline.engine import VllmEngine
     from pipeline.engine_args import engine_args
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()
     args = engine_args(ModelSpec(source=str(tiny_model), max_model_len=1024, dtype="float32",
-                                 engine_kwargs={"enforce_eager": True, "block_size": BLOCK}), device="cpu")
+                                 engine_kwargs={"enforce_eager": True, "block_size": BLOCK}), device="cpu",
+                       score_method=request.param)
 
     async def start():  # AsyncLLM binds to the loop it is made on
         return VllmEngine(args, device="cpu")
@@ -259,12 +261,13 @@ def expected_probs(head, text, oracle, tokenizer):
     return probs
 
 
-@pytest.mark.parametrize("method", ["trie", "per_label"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_label_scoring_matches_transformers(engine, oracle, tokenizer, case, method):
+@pytest.mark.parametrize("engine", ["trie", "per_label"], indirect=True)
+def test_label_scoring_matches_transformers(engine, oracle, tokenizer, case):
     from pipeline.heads.classify import ClassifyHead
 
     eng, loop = engine
+    method = "per_label" if eng.args.get("logprobs_mode") is None else "trie"
     head = ClassifyHead({**CASES[case], "scoring": method})
 
     async def label_all():
@@ -286,20 +289,31 @@ def test_shared_first_tokens_are_shared(tokenizer):
     assert len(set(firsts)) < len(firsts)
 
 
+@pytest.mark.parametrize("engine", ["trie", "per_label"], indirect=True)
 def test_trie_computes_the_prompt_once(engine, tokenizer):
     """One prefill a row plus the label tokens: every node of the label trie after the root
-    recomputes at most its last KV block (the prefix cache holds whole blocks)."""
+    recomputes at most its last KV block (the prefix cache holds whole blocks); per_label
+    computes the whole prompt once per label."""
     from pipeline.heads.classify import ClassifyHead
 
     eng, loop = engine
+    trie_engine = eng.args.get("logprobs_mode") is not None
     labels = ["very positive", "very negative", "somewhat positive", "neutral", "not sure"]
     conts = [tokenizer.encode(label + "<|im_end|>", add_special_tokens=False) for label in labels]
     nodes = {tuple(c[:i]) for c in conts for i in range(len(c))}
     text = "A long review. " * 40  # a fresh prompt, nothing of it cached yet
     prompt = eng.render_chat(ClassifyHead({"labels": labels})._turns(text), enable_thinking=False)
-    trie = loop.run_until_complete(ClassifyHead({"labels": labels}).run({"text": text}, eng))
-    per_label = loop.run_until_complete(
-        ClassifyHead({"labels": labels, "scoring": "per_label"}).run({"text": text + " "}, eng))
-    assert trie["prompt_tokens_computed"] <= len(prompt) + (len(nodes) - 1) * BLOCK
-    assert per_label["prompt_tokens_computed"] >= len(labels) * len(prompt)
-    assert trie["prompt_tokens_computed"] * 2 < per_label["prompt_tokens_computed"]
+    head = ClassifyHead({"labels": labels, "scoring": "trie" if trie_engine else "per_label"})
+    computed = loop.run_until_complete(head.run({"text": text}, eng))["prompt_tokens_computed"]
+    if trie_engine:
+        assert computed <= len(prompt) + (len(nodes) - 1) * BLOCK
+        assert computed * 2 < len(labels) * len(prompt)  # less than half of per_label's least
+    else:
+        assert computed >= len(labels) * len(prompt)
+
+
+@pytest.mark.parametrize("engine", ["trie"], indirect=True)
+def test_per_label_on_a_trie_scoring_engine_says_what_to_do(engine):
+    eng, loop = engine
+    with pytest.raises(ValueError, match="per_label"):
+        loop.run_until_complete(eng.score([1, 2, 3], [[4]], method="per_label"))

@@ -135,6 +135,12 @@ class Head:
     # engine is then set up to share prompts through its prefix cache in small blocks.
     shares_prefixes: ClassVar[bool] = False
 
+    @classmethod
+    def score_method(cls, options: dict[str, Any] | None) -> str | None:
+        """The engine.score method this head's rows use with these options (None: it scores
+        nothing). An engine for "trie" computes only the asked-for tokens' log-probabilities."""
+        return None
+
     def __init__(self, options: dict[str, Any] | None = None, *, sampling: dict[str, Any] | None = None):
         self.options = self.Options.model_validate(options or {})
         self.sampling = dict(sampling or {})

@@ -96,6 +96,10 @@ class ClassifyHead(Head):
     shares_prefixes = True  # every label's score extends the row's prompt
 
     @classmethod
+    def score_method(cls, options: dict[str, Any] | None) -> str | None:
+        return cls.Options.model_validate(options or {}).scoring
+
+    @classmethod
     def for_model(cls, config: Any) -> type[Head]:
         """A classification checkpoint's own head runs the job (its pooling runner gives the
         classes); a generative Qwen3 scores the labels."""

@@ -52,6 +52,10 @@ class RerankHead(Head):
     Options = RerankOptions
     options: RerankOptions
 
+    @classmethod
+    def score_method(cls, options: dict[str, Any] | None) -> str | None:
+        return "trie"  # engine.score's default: one step, the two tokens' log-probabilities
+
     def input_columns(self) -> list[str]:
         o = self.options
         return [o.document_column] if o.query is not None else [o.query_column, o.document_column]
