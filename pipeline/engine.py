@@ -10,7 +10,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.engine_args import POOLING_TASKS, QA_RUNNER, hf_config
+from pipeline import label_trie
+from pipeline.engine_args import POOLING_TASKS, QA_RUNNER, TRIE_SCORING, hf_config
 from pipeline.heads.base import Completion, RowError, Scores
 from pipeline.processes import descendants, kill_started_since
 from pipeline.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
@@ -77,6 +78,8 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
+        # label scoring walks the labels' branches only where pipeline.token_logprobs runs
+        self.walks = TRIE_SCORING["logits_processors"][0] in (args.get("logits_processors") or ())
         self.tokenizer = AutoTokenizer.from_pretrained(
             args["model"], trust_remote_code=args.get("trust_remote_code", False)
         )
@@ -208,15 +211,17 @@ class VllmEngine:
                     method: str = "trie") -> "EngineScores":
         """Log-probability of each continuation (all its tokens) after the prompt.
 
-        method "trie" (default): one single-step request per node of the continuations' token
-        trie (the prompt, then the prompt plus each shared prefix that has children), asking
-        vLLM for the log-probabilities of exactly that node's children (`logprob_token_ids`,
-        normalized over the full vocabulary, as prompt log-probabilities are; on an engine
-        started with TRIE_SCORING by one logsumexp pass, pipeline.token_logprobs). The requests read the
-        prefix cache, so the prompt is computed once and every further node recomputes only
-        its last, partly filled KV block. "per_label": one request per continuation with
-        prompt log-probabilities (vLLM then skips reading the prefix cache: each one computes
-        the whole prompt again).
+        method "trie" (default): every node of the continuations' token trie (the prompt, then
+        the prompt plus each prefix that has children) gives the log-probabilities of exactly
+        its children (`logprob_token_ids`, normalized over the full vocabulary), each node read
+        once. On an engine started with TRIE_SCORING (pipeline.token_logprobs: one logsumexp
+        pass a row instead of vLLM's log-softmax) one request per label at most walks its
+        branch from where it leaves earlier ones, a decode step a node (label_trie.walks);
+        otherwise one single-step request per node. The requests read the prefix cache, so
+        the prompt is computed once and each further request recomputes only its last,
+        partly filled KV block. "per_label": one request per continuation with prompt
+        log-probabilities (vLLM then skips reading the prefix cache: each one computes the
+        whole prompt again).
         """
         if method == "per_label":
             if self.args.get("logprobs_mode") == "processed_logits":
@@ -225,40 +230,38 @@ class VllmEngine:
             return await self._score_per_label(prompt_token_ids, continuations)
         if method != "trie":
             raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")
-        children: dict[tuple[int, ...], set[int]] = {}
-        for cont in continuations:
-            for i, token in enumerate(cont):
-                children.setdefault(tuple(cont[:i]), set()).add(token)
+        kids = label_trie.children(continuations)
+        # Walks need pipeline.token_logprobs in the engine; without it, one request per node.
+        plan = label_trie.walks if self.walks else label_trie.node_reads
         # The root first: requests queued in one engine step read the blocks its predecessors
-        # in that step write, so every other node finds the prompt cached.
-        asks = [(prefix, sorted(tokens)[i:i + MAX_LOGPROB_IDS])
-                for prefix, tokens in sorted(children.items(), key=lambda kv: len(kv[0]))
-                for i in range(0, len(tokens), MAX_LOGPROB_IDS)]
+        # in that step write, so every other request finds the prompt cached.
+        reads = plan(continuations, MAX_LOGPROB_IDS)
         prompt = list(prompt_token_ids)
-        answers = await asyncio.gather(*(self._next_logprobs(prompt + list(prefix), want)
-                                         for prefix, want in asks))
-        edge: dict[tuple[tuple[int, ...], int], float] = {}
-        for (prefix, want), (logprobs, _) in zip(asks, answers):
-            for token in want:
-                edge[prefix, token] = logprobs[token].logprob
+        answers = await asyncio.gather(*(self._read(prompt, r) for r in reads))
+        edge = label_trie.edges(reads, [steps for steps, _ in answers], kids)
         scores = [sum(edge[tuple(c[:i]), t] for i, t in enumerate(c)) for c in continuations]
-        read = sum(len(prompt) + len(prefix) for prefix, _ in asks)
+        # positions each request reads: its prompt, then one per step taken
+        read = sum(len(prompt) + len(r.start) + len(r.steps) - 1 for r in reads)
         return EngineScores(scores, read, computed_tokens=read - sum(cached for _, cached in answers))
 
-    async def _next_logprobs(self, ids: list[int], want: list[int]):
-        """Full-vocabulary log-probabilities of the tokens `want` right after `ids` (one
-        engine step), and how many of `ids` came from the prefix cache."""
+    async def _read(self, prompt: list[int], read: "label_trie.Read"):
+        """One request of label scoring: the log-probabilities of `read.want` at each of its
+        steps (normalized over the full vocabulary), and how many prompt tokens came from
+        the prefix cache."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=want, detokenize=False,
+        walk = {label_trie.WALK: {"tokens": list(read.tokens), "spare": read.spare}} if read.tokens else None
+        params = SamplingParams(max_tokens=len(read.steps), temperature=0.0, ignore_eos=True,
+                                logprob_token_ids=list(read.want), detokenize=False, extra_args=walk,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt + list(read.start)), params,
                                             request_id=uuid.uuid4().hex):
             final = out
-        return final.outputs[0].logprobs[0], final.num_cached_tokens or 0
+        steps = [{t: lp.logprob for t, lp in step.items()} for step in final.outputs[0].logprobs]
+        return steps, final.num_cached_tokens or 0
 
     async def _score_per_label(self, prompt_token_ids: list[int], continuations: list[list[int]]):
         from vllm import SamplingParams
