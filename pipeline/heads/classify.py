@@ -6,9 +6,9 @@ are those scores normalized over the label set, so they sum to 1, and the label 
 likeliest one: by construction it is always in the set, whatever the text says. Multi-label
 asks one yes/no question per label.
 
-`scoring: trie` (the default) has the engine read the log-probabilities at the nodes of the
-labels' token trie, one engine step each, sharing the prompt's prefill through the prefix
-cache; `scoring: per_label` is the older way (prompt log-probabilities of prompt + label, a
+`scoring: trie` (the default) has the engine read the log-probabilities at each node of the
+labels' token trie once (one request per label at most, walking its branch), sharing the
+prompt's prefill through the prefix cache; `scoring: per_label` is the older way (prompt log-probabilities of prompt + label, a
 full prefill per label). Both give the same numbers; the second costs K prefills a row.
 
 On a *ForSequenceClassification or *ForTokenClassification checkpoint `task.head: classify`
@@ -57,8 +57,9 @@ class ClassifyOptions(HeadOptions):
     system_prompt: str | None = Field(None, description="Optional system prompt.")
     scoring: Literal["trie", "per_label"] = Field(
         "trie", description="How labels are scored (same probabilities): 'trie' computes the prompt "
-        "once and one engine step per branching point of the labels' tokens; 'per_label' runs one "
-        "full prompt with prompt log-probabilities per label (K prefills a row).")
+        "once and reads each node of the labels' token trie once (one request per label at most, "
+        "a decode step a node); 'per_label' runs one full prompt with prompt log-probabilities per "
+        "label (K prefills a row).")
 
     @field_validator("labels")
     @classmethod
