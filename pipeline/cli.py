@@ -27,7 +27,8 @@ def log_dir() -> Path:
 @contextmanager
 def quiet_stderr(name: str):
     """Send everything written to file descriptor 2 (Ray's and vLLM's Python logging, Python
-    warnings, Ray's C++ core worker, which writes to the descriptor directly) to a log file;
+    warnings, Ray's C++ core worker, which writes to the descriptor directly) and to Python's
+    sys.stdout (where Ray's driver prints the raylet's warnings) to a log file;
     our console keeps writing to the terminal through a copy of the original descriptor. At
     the end the descriptor is restored and the log's path printed once (an empty log is
     removed). Yields the log path, or None when nothing is redirected: with
@@ -59,9 +60,11 @@ def quiet_stderr(name: str):
     show = warnings.showwarning
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
         warnings.formatwarning(message, category, filename, lineno, line))
+    stdout, sys.stdout = sys.stdout, log
     try:
         yield path
     finally:
+        sys.stdout = stdout
         warnings.showwarning = show
         log.close()
         try:

@@ -298,7 +298,8 @@ def _stream(run: Run, ds, committer: ShardCommitter) -> None:
     spec, todo = run.spec, run.plan.work
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("rows  {task.fields[errors]} errors  {task.fields[tok]} out tok/s"),
-                   TimeElapsedColumn(), console=run.console, disable=not run.progress)
+                   TimeElapsedColumn(), console=run.console, disable=not run.progress,
+                   redirect_stdout=False, redirect_stderr=False)  # Ray's lines stay in the run's log
     with bar:
         task = bar.add_task(f"{spec.task.head} on {len(todo)} shards", total=sum(run.plan.rows_to_run(s) for s in todo),
                             errors=0, tok="-")

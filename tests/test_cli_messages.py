@@ -109,6 +109,23 @@ def test_quiet_stderr_sends_fd_2_and_warnings_to_the_log(tmp_path, monkeypatch, 
     assert capfd.readouterr().err == "after\n"
 
 
+def test_quiet_stderr_sends_the_raylets_warnings_to_the_log(tmp_path, monkeypatch, capfd):
+    """Ray's driver prints the raylet's warnings (too many workers started, ...) with print()
+    to sys.stdout, whatever log_to_driver says: they belong in the run's log, not the console."""
+    from ray._private.worker import print_to_stdstream
+
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.delenv("QWEN_BATCH_WORKER_LOGS", raising=False)
+    with cli.quiet_stderr("job") as path:
+        print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet",
+                            "is_err": False}, ignore_prefix=False)
+    out = capfd.readouterr()
+    assert out.out == "" and out.err == f"Ray and vLLM messages of this run: {path}\n"
+    assert "8 PYTHON worker processes" in path.read_text()
+    print("after")  # sys.stdout is back
+    assert capfd.readouterr().out == "after\n"
+
+
 def test_quiet_stderr_removes_an_empty_log_and_honours_worker_logs(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
     with cli.quiet_stderr("job") as path:
