@@ -9,7 +9,8 @@ asks one yes/no question per label.
 `scoring: trie` (the default) has the engine read the log-probabilities at each node of the
 labels' token trie once (one request per label at most, walking its branch), sharing the
 prompt's prefill through the prefix cache; `scoring: per_label` is the older way (prompt
-log-probabilities of prompt + label, a full prefill per label). Both give the same numbers; the second costs K prefills a row.
+log-probabilities of prompt + label, a full prefill per label). Both give the same numbers;
+the second costs K prefills a row.
 
 On a *ForSequenceClassification or *ForTokenClassification checkpoint `task.head: classify`
 runs the heads of pipeline.heads.checkpoint_classify instead (ClassifyHead.for_model picks).
