@@ -7,11 +7,12 @@ import asyncio
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline import label_trie
-from pipeline.engine_args import POOLING_TASKS, QA_RUNNER, TRIE_SCORING, hf_config
+from pipeline.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING, hf_config
 from pipeline.heads.base import Completion, RowError, Scores
 from pipeline.processes import descendants, kill_started_since
 from pipeline.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
@@ -45,6 +46,29 @@ def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) ->
     return json.dumps(out, sort_keys=True, default=str)
 
 
+@contextmanager
+def in_process_worker_allowed(args: dict[str, Any]):
+    """While vLLM makes an engine whose model runs in the engine-core process
+    (engine_args.IN_PROCESS_WORKER), which inherits this environment when it starts:
+    VLLM_ENABLE_V1_MULTIPROCESSING=0, without which the CPU build starts a worker process
+    anyway; OMP_NUM_THREADS the cores this process may use (Ray sets 1 in its actors; vLLM's
+    worker process sized its threads to the machine); and a spawned, not forked, engine-core
+    process (vLLM forks outside Ray), since OpenMP hangs in a child forked after the parent
+    ran parallel torch code, and a forked child keeps the parent's thread count."""
+    if args.get("distributed_executor_backend") != IN_PROCESS_WORKER:
+        yield
+        return
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
+           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
+
+
 def vllm_engine_args(args: dict[str, Any]):
     """engine_args' plain data as vLLM's AsyncEngineArgs (nested configs become their classes)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -75,7 +99,8 @@ class VllmEngine:
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
         self._before = descendants()  # shutdown ends what the engine starts, not the caller's children
-        self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
+        with in_process_worker_allowed(args):
+            self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
         # label scoring walks the labels' branches only where pipeline.token_logprobs runs
@@ -230,12 +255,10 @@ class VllmEngine:
             return await self._score_per_label(prompt_token_ids, continuations)
         if method != "trie":
             raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")
-        kids = label_trie.children(continuations)
         # Walks need pipeline.token_logprobs in the engine; without it, one request per node.
-        plan = label_trie.walks if self.walks else label_trie.node_reads
         # The root first: requests queued in one engine step read the blocks its predecessors
         # in that step write, so every other request finds the prompt cached.
-        reads = plan(continuations, MAX_LOGPROB_IDS)
+        kids, reads = label_trie.plan(tuple(map(tuple, continuations)), walk=self.walks, cap=MAX_LOGPROB_IDS)
         prompt = list(prompt_token_ids)
         answers = await asyncio.gather(*(self._read(prompt, r) for r in reads))
         edge = label_trie.edges(reads, [steps for steps, _ in answers], kids)

@@ -26,6 +26,13 @@ CPU_SHARED_PREFIX_BLOCK = 32
 # log-probabilities (prompt log-probabilities, top-k) would be raw logits, so only then.
 TRIE_SCORING = {"logits_processors": ["pipeline.token_logprobs:TokenLogprobs"],
                 "logprobs_mode": "processed_logits"}
+# vLLM's CPU build runs the model in a worker process of its own even for one device: its
+# scheduler process then spin-waits on the worker (shared-memory queue, sched_yield) and is
+# reserved a core, so on a 2-core machine the scheduler burned ~80% of a core and the model
+# ran on one thread. With one device the model runs in the engine-core process instead, as
+# vLLM does on one GPU ("uni"); the CPU build allows it only when
+# VLLM_ENABLE_V1_MULTIPROCESSING is 0 where the engine is made (pipeline.engine sets it).
+IN_PROCESS_WORKER = "uni"
 
 
 # What a head may ask of the engine (Head.engine_task) -> vLLM arguments. "embed": the pooling
@@ -83,6 +90,8 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
         # GPU pipeline stages may span nodes, one Ray worker per GPU bundle.
         cross_node = device == "cuda" and model.pipeline_parallel_size > 1
         args["distributed_executor_backend"] = "ray" if cross_node else "mp"
+    elif device == "cpu":
+        args["distributed_executor_backend"] = IN_PROCESS_WORKER
     args.update(model.engine_kwargs)
     return args
 

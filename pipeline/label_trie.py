@@ -7,6 +7,7 @@ log-probability of the next token. Every node is read once, for all its children
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import count
 
@@ -67,13 +68,22 @@ def walks(continuations: list[list[int]], cap: int) -> list[Read]:
     return out
 
 
+@functools.lru_cache(maxsize=256)  # a job's rows share one label set (multi-label: one per label)
+def plan(continuations: tuple[tuple[int, ...], ...], *, walk: bool, cap: int):
+    """(children, reads) for engine.score: walks (one request per label at most), or without
+    walk one request per node."""
+    conts = [list(c) for c in continuations]
+    return children(conts), tuple((walks if walk else node_reads)(conts, cap))
+
+
 def edges(reads: list[Read], logprobs: list[list[dict[int, float]]],
           kids: dict[tuple[int, ...], set[int]]) -> dict[tuple[tuple[int, ...], int], float]:
     """(node, next token) -> log-probability, from each request's per-step log-probabilities."""
     out: dict[tuple[tuple[int, ...], int], float] = {}
     for read, per_step in zip(reads, logprobs):
+        want = set(read.want)
         for j, node in enumerate(read.steps):
             taken = read.tokens[j] if read.tokens else None
-            for token in kids[node] & set(read.want):
+            for token in kids[node] & want:
                 out[node, token] = per_step[j][read.spare if token == taken else token]
     return out

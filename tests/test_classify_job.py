@@ -4,6 +4,7 @@ tiny Qwen3ForSequenceClassification checkpoint (vLLM's pooling runner)."""
 
 import asyncio
 import itertools
+import os
 
 import pyarrow as pa
 import pytest
@@ -12,6 +13,7 @@ import torch
 from conftest import read_dir, write_shards
 from jobs import spec_maker
 from test_plain_text import control_rows, plain_oracle
+from pipeline.processes import descendants
 from pipeline.runner import run_job
 
 LABELS = ["positive", "negative", "neutral"]
@@ -220,6 +222,18 @@ def engine(request, tiny_model):
 
     loop.run_until_complete(stop())
     loop.close()
+
+
+def test_one_cpu_device_runs_the_model_in_the_engine_core_process(engine):
+    """No separate worker process whose scheduler spin-waits on it: the engine started one
+    process, vLLM's engine core, which runs the model; the environment that asked for it is
+    this process's own again."""
+    eng, _ = engine
+    known = {(p.pid, p.create_time()) for p in eng._before}
+    started = [p for p in descendants() if (p.pid, p.create_time()) not in known]
+    vllm = [p for p in started if p.cmdline()[0].startswith("VLLM::")]  # VLLM::<role>; not Python's helpers
+    assert [p.cmdline()[0].split()[0] for p in vllm] == ["VLLM::EngineCore"], [p.cmdline() for p in started]
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0"
 
 
 @pytest.fixture(scope="module")

@@ -249,6 +249,25 @@ def _spec(**model):
                     resources={"replica_resources": {"accelerator_type:H100": 0.001}})
 
 
+def test_where_each_engine_runs_its_model(tmp_path):
+    """One CPU device: the model runs in vLLM's engine-core process (no worker process that its
+    scheduler spin-waits on); tensor- or pipeline-parallel ranks: worker processes; GPU pipeline
+    stages, which may span nodes: Ray; one GPU: vLLM's default (in-process as well)."""
+    from pipeline.engine_args import engine_args
+    from pipeline.spec import ModelSpec
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+
+    def backend(device, **model):
+        return engine_args(ModelSpec(source=str(tmp_path), **model), device=device).get("distributed_executor_backend")
+
+    assert backend("cpu") == "uni"
+    assert backend("cpu", tensor_parallel_size=2) == "mp"
+    assert backend("cuda") is None
+    assert backend("cuda", tensor_parallel_size=2) == "mp"
+    assert backend("cuda", pipeline_parallel_size=2) == "ray"
+
+
 def test_replica_shapes_and_what_the_cluster_can_hold():
     from pipeline.placement import replica_shape, unplaceable
 

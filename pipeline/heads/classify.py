@@ -135,6 +135,17 @@ class ClassifyHead(Head):
                       {"role": "assistant", "content": answer}]
         return turns + [{"role": "user", "content": o.instruction.replace("{labels}", listing).replace("{text}", text)}]
 
+    def _answers(self, engine: Engine, answers: list[str]) -> list[list[int]]:
+        """The answers' token ids, each ending in end-of-turn; tokenized once per engine."""
+        cached_for, cache = getattr(self, "_answer_ids", (None, {}))
+        if cached_for is not engine:
+            cache = {}
+            self._answer_ids = (engine, cache)
+        key = tuple(answers)
+        if key not in cache:
+            cache[key] = [engine.tokenize(a + END_OF_TURN) for a in answers]
+        return cache[key]
+
     def _check_fits(self, prompt: list[int], engine: Engine, longest: int) -> None:
         if len(prompt) + longest > engine.max_model_len:
             raise RowError("prompt_too_long",
@@ -148,7 +159,7 @@ class ClassifyHead(Head):
         if self.options.multi_label:
             return await self._run_multi(text, engine)
         prompt = engine.render_chat(self._turns(text), enable_thinking=False)
-        answers = [engine.tokenize(label + END_OF_TURN) for label in self.labels]
+        answers = self._answers(engine, self.labels)
         self._check_fits(prompt, engine, max(map(len, answers)))
         scored = await engine.score(prompt, answers, method=self.options.scoring)
         probs = softmax(scored.logprobs)
@@ -165,7 +176,7 @@ class ClassifyHead(Head):
 
     async def _run_multi(self, text: str, engine: Engine) -> dict[str, Any]:
         o = self.options
-        yes, no = engine.tokenize("yes" + END_OF_TURN), engine.tokenize("no" + END_OF_TURN)
+        yes, no = self._answers(engine, ["yes", "no"])
 
         async def one(label: str):
             question = (o.multi_label_instruction.replace("{label}", label)
