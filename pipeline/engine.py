@@ -7,14 +7,13 @@ import asyncio
 import json
 import os
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline import label_trie
 from pipeline.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING, hf_config
 from pipeline.heads.base import Completion, RowError, Scores
-from pipeline.processes import descendants, kill_started_since
+from pipeline.processes import descendants, environment, kill_started_since
 from pipeline.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
 
 # Label scoring: "trie" (one engine step per node of the labels' token trie, reading the
@@ -46,27 +45,19 @@ def throughput_settings(args: dict[str, Any], vllm_config: Any | None = None) ->
     return json.dumps(out, sort_keys=True, default=str)
 
 
-@contextmanager
-def in_process_worker_allowed(args: dict[str, Any]):
-    """While vLLM makes an engine whose model runs in the engine-core process
-    (engine_args.IN_PROCESS_WORKER), which inherits this environment when it starts:
+def in_process_worker_env(args: dict[str, Any]) -> dict[str, str]:
+    """What the environment needs while vLLM makes an engine whose model runs in the
+    engine-core process (engine_args.IN_PROCESS_WORKER), which inherits it when it starts:
     VLLM_ENABLE_V1_MULTIPROCESSING=0, without which the CPU build starts a worker process
     anyway; OMP_NUM_THREADS the cores this process may use (Ray sets 1 in its actors; vLLM's
     worker process sized its threads to the machine); and a spawned, not forked, engine-core
     process (vLLM forks outside Ray), since OpenMP hangs in a child forked after the parent
-    ran parallel torch code, and a forked child keeps the parent's thread count."""
+    ran parallel torch code, and a forked child keeps the parent's thread count. {} for
+    other engines."""
     if args.get("distributed_executor_backend") != IN_PROCESS_WORKER:
-        yield
-        return
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
-           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
+        return {}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0))),
+            "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 def vllm_engine_args(args: dict[str, Any]):
@@ -99,7 +90,7 @@ class VllmEngine:
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
         self._before = descendants()  # shutdown ends what the engine starts, not the caller's children
-        with in_process_worker_allowed(args):
+        with environment(in_process_worker_env(args)):
             self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)

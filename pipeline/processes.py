@@ -5,11 +5,24 @@ every node."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 # Environment variables that mark every process of a run (the driver's Ray services and
 # workers, vLLM's processes), so leftovers can be found: the run, and the output it writes.
 RUN_MARK = "QWEN_BATCH_RUN_ID"
 OUTPUT_MARK = "QWEN_BATCH_OUTPUT"
+
+
+@contextmanager
+def environment(env: dict[str, str]):
+    """os.environ with env set for the block (processes started in it inherit it), then as before."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 
 def _kill(procs: list) -> int:

@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.processes import OUTPUT_MARK, RUN_MARK, reap_dead_runs, reap_on_every_node, reap_orphans
+from pipeline.processes import OUTPUT_MARK, RUN_MARK, environment, reap_dead_runs, reap_on_every_node, reap_orphans
 from pipeline.spec import JobSpec
 
 
@@ -70,13 +70,8 @@ def ray_session(spec: JobSpec, run_id: str):
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     # A local Ray's services and workers inherit the marks: if this driver is killed, the next
     # run on the same output finds what it left (pipeline.processes.reap_dead_runs).
-    saved = {k: os.environ.get(k) for k in (RUN_MARK, OUTPUT_MARK)}
-    os.environ.update({RUN_MARK: run_id, OUTPUT_MARK: spec.output.path})
-    try:
+    with environment({RUN_MARK: run_id, OUTPUT_MARK: spec.output.path}):
         connected = connect(spec, devices)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
     try:
         yield connected
     finally:
