@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import socket
 import threading
 import time
 
 import pyarrow.fs as pafs
 
+from pipeline.processes import identity_alive, process_identity
 from pipeline.shards import InputError
 
 LOCK = "_lock.json"
@@ -60,16 +60,6 @@ def check_holder(fs: pafs.FileSystem, root: str, run_id: str) -> None:
             f"same command once that run has finished to complete whatever is left.")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process, but alive
-        return True
-    return True
-
-
 class OutputLock:
     """Hold OUTPUT/_lock.json for a run; refreshed in the background until released."""
 
@@ -79,10 +69,12 @@ class OutputLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.previous: dict | None = None  # the stale lock this run took over, if any
+        self._identity = process_identity()
 
     def _record(self) -> bytes:
-        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                           "heartbeat_at": time.time()}).encode()
+        # host, boot, pid namespace, pid and start time: a pid is judged only where it means
+        # the same process (not in another container that shares the host name).
+        return json.dumps({"run_id": self.run_id, **self._identity, "heartbeat_at": time.time()}).encode()
 
     def holder(self) -> dict | None:
         """The lock's current content, None when nobody holds it, {} when unreadable."""
@@ -92,9 +84,7 @@ class OutputLock:
         """The run id of the lock taken over when its process still lives on this host
         (paused, not dead): fenced, it stops by itself once it wakes up."""
         p = self.previous or {}
-        if p.get("host") == socket.gethostname() and p.get("pid") and _alive(int(p["pid"])):
-            return p.get("run_id")
-        return None
+        return p.get("run_id") if identity_alive(p) else None
 
     def verify(self) -> None:
         """The fencing check: raise LostLockError if another run took the lock over."""
@@ -108,7 +98,7 @@ class OutputLock:
             age = time.time() - (mtime.timestamp() if mtime else 0)
             return (f"the lock file is unreadable and {age / 60:.0f} min old" if age > STALE_AFTER_S
                     else None)
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+        if identity_alive(holder) is False:
             return f"run {holder['run_id']} (pid {holder.get('pid')} on this host) is no longer running"
         age = time.time() - float(holder.get("heartbeat_at", 0))
         if age > STALE_AFTER_S:

@@ -7,7 +7,8 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.processes import OUTPUT_MARK, RUN_MARK, environment, reap_dead_runs, reap_on_every_node, reap_orphans
+from pipeline.processes import (DRIVER_MARK, OUTPUT_MARK, RUN_MARK, driver_mark, environment, output_id, reap_dead_runs,
+                                reap_on_every_node, reap_orphans)
 from pipeline.spec import JobSpec
 
 
@@ -54,12 +55,17 @@ def actor_env(spec: JobSpec, device: str, run_id: str) -> dict[str, str]:
     """Environment of the engine actors: the run mark (to find leftovers), quiet vLLM, and on
     the CPU build one core per tensor-parallel rank."""
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
-    env = {RUN_MARK: run_id, OUTPUT_MARK: spec.output.path, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+    env = {**run_marks(spec, run_id), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cores = os.cpu_count() or 1
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(devices))
     return env
+
+
+def run_marks(spec: JobSpec, run_id: str) -> dict[str, str]:
+    """The environment marks of a run's processes (pipeline.processes): run, output, driver."""
+    return {RUN_MARK: run_id, OUTPUT_MARK: output_id(spec.output.path), DRIVER_MARK: driver_mark()}
 
 
 @contextmanager
@@ -70,7 +76,7 @@ def ray_session(spec: JobSpec, run_id: str):
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     # A local Ray's services and workers inherit the marks: if this driver is killed, the next
     # run on the same output finds what it left (pipeline.processes.reap_dead_runs).
-    with environment({RUN_MARK: run_id, OUTPUT_MARK: spec.output.path}):
+    with environment(run_marks(spec, run_id)):
         connected = connect(spec, devices)
     try:
         yield connected
@@ -82,26 +88,26 @@ def ray_session(spec: JobSpec, run_id: str):
             reap_orphans(run_id)
 
 
-def _reap_dead_runs_on_node(output: str, run_id: str, spare: tuple[str, ...]) -> tuple[str, int]:
+def _reap_dead_runs_on_node(output: str, run_id: str, dead: tuple[str, ...]) -> tuple[str, int]:
     """reap_dead_runs on the node this task runs on: (the node's id, how many it killed)."""
     import ray
 
     from pipeline import processes
 
-    return ray.get_runtime_context().get_node_id(), processes.reap_dead_runs(output, run_id, spare=spare)
+    return ray.get_runtime_context().get_node_id(), processes.reap_dead_runs(output, run_id, dead=dead)
 
 
-def reap_dead_runs_on_every_node(output: str, run_id: str, *, spare: tuple[str, ...] = (),
+def reap_dead_runs_on_every_node(output: str, run_id: str, *, dead: tuple[str, ...] = (),
                                  timeout: float = 60) -> dict[str, int]:
-    """reap_dead_runs on every alive node of the connected Ray cluster (a zero-CPU task pinned
-    to each): node id -> processes killed there. A node that goes away meanwhile is left out
-    (nothing of the dead run is left running there)."""
+    """reap_dead_runs (output: an output_id) on every alive node of the connected Ray cluster
+    (a zero-CPU task pinned to each): node id -> processes killed there. A node that goes
+    away meanwhile is left out (nothing of the dead run is left running there)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     reap = ray.remote(num_cpus=0, max_retries=0)(_reap_dead_runs_on_node)
     refs = [reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(output, run_id, tuple(spare)) for n in ray.nodes() if n.get("Alive")]
+            .remote(output, run_id, tuple(dead)) for n in ray.nodes() if n.get("Alive")]
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     killed: dict[str, int] = {}
     for ref in done:
@@ -113,20 +119,19 @@ def reap_dead_runs_on_every_node(output: str, run_id: str, *, spare: tuple[str, 
     return killed
 
 
-def reap_dead_runs_everywhere(spec: JobSpec, run_id: str, *, spare: tuple[str, ...] = (),
-                              suspect: bool = True) -> int:
+def reap_dead_runs_everywhere(spec: JobSpec, run_id: str, *, dead: tuple[str, ...] = ()) -> int:
     """End what earlier runs on this output left running when their driver was killed (Ray's
-    agents and workers, vLLM's processes, marked with OUTPUT_MARK/RUN_MARK): on this machine,
-    and, when an earlier run may have died (suspect: its lock was taken over, or its manifest
-    still says running), on every node of the cluster. That is the Ray this process is
-    connected to, or else spec.ray.address / RAY_ADDRESS, joined for the moment (a private
-    Ray ran on this machine only). spare: runs whose driver is alive but lost the lock (they
-    stop themselves when they wake). Returns how many processes were killed."""
+    agents and workers, vLLM's processes, marked by pipeline.processes): on this machine,
+    those whose driver is gone; and when an earlier run is known dead (dead: its stale lock
+    was taken over, or its manifest still says running with no lock), on every node of the
+    cluster. That is the Ray this process is connected to, or else spec.ray.address /
+    RAY_ADDRESS, joined for the moment (a private Ray ran on this machine only). Returns how
+    many processes were killed."""
     import ray
 
-    output = spec.output.path
-    killed = reap_dead_runs(output, run_id, spare=spare)
-    if not suspect:
+    output = output_id(spec.output.path)
+    killed = reap_dead_runs(output, run_id, dead=dead)
+    if not dead:
         return killed
     joined = False
     try:
@@ -136,7 +141,7 @@ def reap_dead_runs_everywhere(spec: JobSpec, run_id: str, *, spare: tuple[str, .
                 return killed
             ray.init(address=address, log_to_driver=False, logging_level="WARNING")
             joined = True
-        return killed + sum(reap_dead_runs_on_every_node(output, run_id, spare=spare).values())
+        return killed + sum(reap_dead_runs_on_every_node(output, run_id, dead=dead).values())
     except Exception as e:  # the cluster cannot be reached: the run itself will say so
         logging.getLogger(__name__).warning("could not end an earlier run's processes on the cluster: %s", e)
         return killed

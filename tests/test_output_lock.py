@@ -10,16 +10,11 @@ import pytest
 
 from pipeline import output_lock
 from pipeline.output_lock import LOCK, OutputBusyError, OutputLock
+from pipeline.processes import process_identity
 
 
 def lock(tmp_path, run_id):
     return OutputLock(pafs.LocalFileSystem(), str(tmp_path), run_id)
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def test_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
@@ -35,18 +30,52 @@ def test_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
     second.release()
 
 
+def dead_identity() -> dict:
+    """The identity of a process of this machine that has ended."""
+    proc = subprocess.Popen(["sleep", "30"])
+    ident = process_identity(proc.pid)
+    proc.kill()
+    proc.wait()
+    return ident
+
+
 @pytest.mark.parametrize("holder, reason", [
-    ({"host": socket.gethostname(), "pid": "DEAD", "heartbeat_at": "NOW"}, "is no longer running"),
+    ({"DEAD": True, "heartbeat_at": "NOW"}, "is no longer running"),
     ({"host": "another-machine", "pid": 1, "heartbeat_at": "HOUR_AGO"}, "has not been seen for 60 min"),
 ])
 def test_stale_lock_is_taken_over_with_a_note(tmp_path, holder, reason):
-    values = {"DEAD": dead_pid(), "NOW": time.time(), "HOUR_AGO": time.time() - 3600}
-    holder = {"run_id": "crashed", **{k: values.get(v, v) for k, v in holder.items()}}
+    values = {"NOW": time.time(), "HOUR_AGO": time.time() - 3600}
+    holder = {"run_id": "crashed", **(dead_identity() if holder.pop("DEAD", False) else {}),
+              **{k: values.get(v, v) for k, v in holder.items()}}
     (tmp_path / LOCK).write_text(json.dumps(holder))
     mine = lock(tmp_path, "run-new")
     assert reason in mine.acquire()
     assert json.loads((tmp_path / LOCK).read_text())["run_id"] == "run-new"
     mine.release()
+
+
+def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):
+    """The holder's pid now belongs to another process (started later): the run is dead."""
+    reused = subprocess.Popen(["sleep", "30"])
+    try:
+        holder = {**process_identity(reused.pid), "started": process_identity(reused.pid)["started"] - 100}
+        (tmp_path / LOCK).write_text(json.dumps({"run_id": "crashed", **holder, "heartbeat_at": time.time()}))
+        mine = lock(tmp_path, "run-new")
+        assert "is no longer running" in mine.acquire()
+        mine.release()
+    finally:
+        reused.kill()
+        reused.wait()
+
+
+def test_a_live_run_in_a_container_with_the_same_host_name_keeps_its_lock(tmp_path):
+    """Host networking: same host name, another pid namespace, where our pid table says nothing
+    of its pid (here: a dead one). Its fresh heartbeat is what counts."""
+    holder = {**dead_identity(), "pidns": "4026531999"}
+    assert holder["host"] == socket.gethostname()
+    (tmp_path / LOCK).write_text(json.dumps({"run_id": "neighbour", **holder, "heartbeat_at": time.time() - 60}))
+    with pytest.raises(OutputBusyError, match="neighbour"):
+        lock(tmp_path, "run-new").acquire()
 
 
 def test_live_lock_from_another_machine_is_respected(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 
@@ -20,7 +19,7 @@ import pytest
 from conftest import write_shards
 from jobs import ids_out, spec_maker
 from pipeline import session
-from pipeline.processes import OUTPUT_MARK, RUN_MARK
+from pipeline.processes import DRIVER_MARK, OUTPUT_MARK, RUN_MARK, output_id, process_identity
 from pipeline.output_lock import LOCK
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.testing import fake_engine_factory
@@ -49,7 +48,7 @@ def two_nodes():
         cluster.shutdown()
 
 
-def spawn_marked_on(node_id: str, output: str, run_id: str) -> int:
+def spawn_marked_on(node_id: str, output: str, run_id: str, driver: str) -> int:
     """A sleeping process started by a task pinned to node_id, carrying a run's marks (as the
     engine processes of that run would); its pid."""
     import ray
@@ -66,7 +65,7 @@ def spawn_marked_on(node_id: str, output: str, run_id: str) -> int:
         return proc.pid, ray.get_runtime_context().get_node_id()
 
     pid, node = ray.get(spawn.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-                        .remote({OUTPUT_MARK: output, RUN_MARK: run_id}))
+                        .remote({OUTPUT_MARK: output_id(output), RUN_MARK: run_id, DRIVER_MARK: driver}))
     assert node == node_id
     return pid
 
@@ -86,14 +85,19 @@ def test_dead_runs_processes_on_another_node_are_ended_by_the_next_run(two_nodes
     write_shards(tmp_path / "in", [[{"id": i, "prompt": f"row {i}"} for i in range(8)]])
     out = tmp_path / "out"
     out.mkdir()
-    # The lock of a run that is paused, not dead (its process lives on this host), not seen
-    # for 10 minutes: the next run takes it over and spares that run's processes.
+    # The lock of a run whose driver ran on another machine, not seen for 10 minutes: the next
+    # run takes it over and ends that run's processes on every node; a paused run whose
+    # driver lives (another run's leftovers on this output) and another output's are spared.
     paused_driver = subprocess.Popen(["sleep", "600"])
-    (out / LOCK).write_text(json.dumps({"run_id": "paused-run", "host": socket.gethostname(),
-                                        "pid": paused_driver.pid, "heartbeat_at": time.time() - 600}))
-    dead = spawn_marked_on(second, str(out), "dead-run")  # left by a killed driver
-    paused = spawn_marked_on(second, str(out), "paused-run")  # the paused run's engine
-    other = spawn_marked_on(second, str(tmp_path / "elsewhere"), "dead-run")  # another output
+    ident = process_identity(paused_driver.pid)
+    alive_mark = f"{ident['boot']}:{ident['pidns']}:{ident['pid']}:{ident['started']}"
+    elsewhere = "another-boot:1:4242:1.0"
+    (out / LOCK).write_text(json.dumps({"run_id": "dead-run", "host": "another-machine", "boot": "another-boot",
+                                        "pidns": "1", "pid": 4242, "started": 1.0,
+                                        "heartbeat_at": time.time() - 600}))
+    dead = spawn_marked_on(second, str(out), "dead-run", elsewhere)  # left by the killed driver
+    paused = spawn_marked_on(second, str(out), "paused-run", alive_mark)  # a run whose driver lives
+    other = spawn_marked_on(second, str(tmp_path / "elsewhere"), "dead-run", elsewhere)  # another output
     swept_here = []
     monkeypatch.setattr(session, "reap_dead_runs", lambda *a, **k: swept_here.append(a) or 0)
     try:
@@ -109,7 +113,7 @@ def test_dead_runs_processes_on_another_node_are_ended_by_the_next_run(two_nodes
         assert sorted(ids_out(out)) == list(range(8))
 
         # one task per alive node, each on its node
-        killed = session.reap_dead_runs_on_every_node(str(out), "x", spare=("paused-run", report.run_id))
+        killed = session.reap_dead_runs_on_every_node(output_id(str(out)), "x", dead=("dead-run",))
         assert set(killed) == {n["NodeID"] for n in ray.nodes() if n["Alive"]} and len(killed) == 2
         assert alive(paused) and alive(other)
     finally:

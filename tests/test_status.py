@@ -14,6 +14,7 @@ from rich.console import Console
 
 from conftest import local_ray, read_dir, run_cli, write_shards
 from pipeline.cli import main
+from pipeline.processes import process_identity
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
@@ -110,8 +111,7 @@ def test_status_of_a_damaged_output(done, capsys, tmp_path):
     assert "A rerun would: run 1 pending shard(s), 10 rows" in text
 
     # A live run holds the lock (this process, refreshed now): a rerun is refused.
-    lock = {"run_id": "20990101T000000-abcdef", "host": socket.gethostname(), "pid": os.getpid(),
-            "heartbeat_at": time.time() - 30}
+    lock = {"run_id": "20990101T000000-abcdef", **process_identity(), "heartbeat_at": time.time() - 30}
     (out / "_lock.json").write_text(json.dumps(lock))
     s = status(out, capsys, "--json")
     assert s["lock"]["run_id"] == lock["run_id"] and s["lock"]["pid"] == os.getpid()
@@ -124,7 +124,7 @@ def test_status_of_a_damaged_output(done, capsys, tmp_path):
     # Its process is gone: stale, and the last run (manifest still 'running') never finished.
     manifest = json.loads((out / "_manifest.json").read_text())
     (out / "_manifest.json").write_text(json.dumps({**manifest, "status": "running", "exit_code": None}))
-    (out / "_lock.json").write_text(json.dumps({**lock, "pid": 2**22 + 12345, "run_id": manifest["run_id"]}))
+    (out / "_lock.json").write_text(json.dumps({**lock, "started": lock["started"] - 100, "run_id": manifest["run_id"]}))
     s = status(out, capsys, "--json")
     assert "no longer running" in s["lock"]["stale"]
     assert s["last_run"]["outcome"] == "interrupted" and s["last_run"]["exit_code"] is None
