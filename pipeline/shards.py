@@ -9,6 +9,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -44,6 +45,7 @@ class IdDigest:
 
 
 NO_IDS = IdDigest(0, 0)
+MAX_INT_ID = 2**63 - 1  # integer ids are hashed and compared as int64
 
 
 def id_digest(ids: pa.Array | pa.ChunkedArray) -> IdDigest:
@@ -269,6 +271,11 @@ def _check_ids(fs: pafs.FileSystem, shards: list[Shard], id_column: str) -> list
         if col.null_count:
             problems.append(f"{s.path}: {col.null_count} row(s) with a null id; give every row an id")
             col = col.drop_null()
+        if pa.types.is_uint64(col.type) and len(col) and (top := pc.max(col).as_py()) > MAX_INT_ID:
+            problems.append(f"{s.path}: id column '{id_column}' holds unsigned 64-bit ids up to {top}, above "
+                            f"the largest integer id qwen-batch takes ({MAX_INT_ID}, 2^63-1); write the ids "
+                            f"as strings (or as int64)")
+            continue
         s.ids = id_digest(col)
         values = col.cast(pa.int64() if pa.types.is_integer(col.type) else pa.large_string())
         hashes.append(pd.util.hash_array(values.to_numpy(zero_copy_only=False), categorize=False))

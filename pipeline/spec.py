@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -376,6 +377,58 @@ def explain_validation_error(model: type[BaseModel], err: ValidationError, sourc
     return "\n".join(lines)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"line {line}: the key '{key}' is given twice in the same mapping (first on "
+                         f"line {first}); YAML would silently keep the last one: remove one of them")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def _not_plain(value: Any, where: str = "") -> str | None:
+    """Why a loaded YAML value is not plain JSON data (a date, bytes, a set), naming its key, or None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{where}.{k}" if where else str(k)
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return _not_plain(k, key) or f"{key}: YAML reads this key as a {type(k).__name__}; quote it"
+            if problem := _not_plain(v, key):
+                return problem
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if problem := _not_plain(v, f"{where}[{i}]"):
+                return problem
+    elif isinstance(value, (datetime.date, datetime.datetime)):
+        what = "date and time" if isinstance(value, datetime.datetime) else "date"
+        return (f"{where or '(top level)'}: YAML reads {value.isoformat()} as a {what}, not text; quote it "
+                f"to give text, e.g. {where.rsplit('.', 1)[-1] or 'key'}: \"{value.isoformat()}\"")
+    elif not isinstance(value, (str, int, float, bool, type(None))):
+        return (f"{where or '(top level)'}: YAML reads this as {type(value).__name__}; write plain text "
+                f"(quoted), a number, true/false, a list or a mapping")
+    return None
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     cur = data
@@ -400,17 +453,27 @@ def load_spec(path: str | Path | None = None, *, data: dict | None = None,
         except OSError as e:
             raise SpecError(f"{source}: cannot read the job spec ({e.strerror}).") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = _yaml(text) or {}
+        except _DuplicateKey as e:
+            raise SpecError(f"{source}: {e}") from None
         except yaml.YAMLError as e:
             raise SpecError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the job spec must be a mapping of sections (input, output, ...).")
+    if problem := _not_plain(data):
+        raise SpecError(f"{source}: {problem}.")
     data = json.loads(json.dumps(data))  # deep copy, plain types
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SpecError(f"--set {item!r}: write it as KEY=VALUE, e.g. --set sampling.max_tokens=64")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = _yaml(raw)
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+        if problem := _not_plain(value, key.strip()):
+            raise SpecError(f"--set {item!r}: {problem}.")
+        _set_dotted(data, key.strip(), value)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:

@@ -177,3 +177,22 @@ def test_crontab_example_retries_on_3_and_mails_on_1_and_2(tmp_path, codes, trie
         assert not (tmp_path / "mailed").exists()
     else:
         assert (tmp_path / "mailed").read_text().strip().endswith(mailed)
+
+
+def test_uint64_ids_above_int64_are_an_input_error_naming_the_file(spec_file, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    ids = pa.array([1, 2**63 + 5, 2**64 - 1], pa.uint64())
+    pq.write_table(pa.table({"id": ids, "prompt": ["a", "b", "c"]}), tmp_path / "in" / "part-0.parquet")
+    pq.write_table(pa.table({"id": pa.array([7, 8], pa.uint64()), "prompt": ["d", "e"]}),
+                   tmp_path / "in" / "part-1.parquet")
+    spec = spec_file(tmp_path / "in")
+    for argv in (["validate", spec], ["run", "--dry-run", spec]):
+        code = cli.main(argv)
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 2, err
+        assert f"{tmp_path / 'in' / 'part-0.parquet'}: id column 'id' holds unsigned 64-bit ids up to " \
+               f"{2**64 - 1}" in err and "write the ids as strings" in err
+        assert "part-1.parquet" not in err  # small uint64 ids are fine

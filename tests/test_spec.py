@@ -177,3 +177,49 @@ def test_row_max_tokens_reaches_the_head_but_not_the_engine():
     head = ChatHead({}, sampling=s.sampling.merged())
     assert head.row_max_tokens == 512 and "row_max_tokens" not in head.sampling
     assert head.sampling["max_tokens"] == 32
+
+
+# Spec mistakes YAML hides (issue #27, item 10): `qwen-batch validate` says what and how to fix, exit 2.
+
+def _validate(tmp_path, text, capsys, *extra):
+    from pipeline import cli
+
+    f = tmp_path / "job.yaml"
+    f.write_text(text)
+    code = cli.main(["validate", str(f), *extra])
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+JOB_YAML = """\
+input: {path: in/}
+output: {path: out/}
+model: {source: Qwen/Qwen3-8B}
+task: {head: chat}
+"""
+
+
+def test_a_date_as_name_is_refused_with_the_fix(tmp_path, capsys):
+    code, err = _validate(tmp_path, "name: 2026-12-06\n" + JOB_YAML, capsys)
+    assert code == 2, err
+    assert "name: YAML reads 2026-12-06 as a date" in err and 'name: "2026-12-06"' in err
+    code, err = _validate(tmp_path, JOB_YAML, capsys, "--set", "name=2026-12-06")
+    assert code == 2 and "YAML reads 2026-12-06 as a date" in err
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_lines(tmp_path, capsys):
+    code, err = _validate(tmp_path, JOB_YAML + "sampling:\n  max_tokens: 64\n  temperature: 0.2\n  max_tokens: 8\n",
+                          capsys)
+    assert code == 2, err
+    assert "line 8: the key 'max_tokens' is given twice" in err and "first on line 6" in err
+    # a YAML merge key is not a duplicate: the explicit key overrides the merged one
+    f = tmp_path / "merge.yaml"
+    f.write_text(JOB_YAML + "sampling: {<<: {max_tokens: 8}, max_tokens: 9}\n")
+    assert load_spec(f).sampling.max_tokens == 9
+
+
+@pytest.mark.parametrize("option", ["instruction", "map_instruction", "reduce_instruction"])
+def test_a_summarize_instruction_without_text_is_refused(tmp_path, capsys, option):
+    job = JOB_YAML.replace("task: {head: chat}", f"task: {{head: summarize, options: {{{option}: 'Summarize it.'}}}}")
+    code, err = _validate(tmp_path, job, capsys)
+    assert code == 2, err
+    assert f"task.options for head 'summarize'" in err and option in err and "has no {text}" in err

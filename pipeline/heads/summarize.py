@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.heads.base import Completion, Engine, Head, HeadOptions, RowError, require_text
 from pipeline.heads.chat import split_reasoning
@@ -52,6 +52,14 @@ class SummarizeOptions(HeadOptions):
         "invalid_input error row before it is tokenized (a document is tokenized on the engine's "
         "event loop, about 0.7 s per million characters on one core, and costs about one engine "
         "call per chunk).")
+
+    @field_validator("instruction", "map_instruction", "reduce_instruction")
+    @classmethod
+    def _has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("it has no {text}, so the document would never reach the model; "
+                             "put {text} where the document goes")
+        return v
 
 
 @dataclass
