@@ -62,7 +62,10 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     # (and an engine that cannot start fails the run now, not after the others finished).
     ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)
     todo = plan.work
-    ds = ray.data.read_parquet([s.path for s in todo], filesystem=plan.input_fs, include_paths=True)
+    # Exactly the plan's files, as they are: Ray's defaults would skip a file without the
+    # .parquet extension (Hive and Spark write part-00000) and add columns for key=value folders.
+    ds = ray.data.read_parquet([s.path for s in todo], filesystem=plan.input_fs, include_paths=True,
+                               file_extensions=None, partitioning=None)
     if plan.redo:  # --retry-errors: of committed shards, only the rows to redo
         ds = ds.map_batches(keep_rows_to_redo, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
             "redo": {path_key(s.path): plan.redo[s.name] for s in todo if s.name in plan.redo},

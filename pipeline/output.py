@@ -21,6 +21,8 @@ from __future__ import annotations
 import errno
 import json
 import posixpath
+import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +36,13 @@ KINDS = ("results", "errors", "metrics")
 COMMITS = "_commits"
 MANIFEST = "_manifest.json"
 RESERVE = "_reserve"  # room kept on a local disk so the final manifest fits when it is full
+# The name of every data file our writers produce (part_name): RUN_ID-UID.parquet.
+DATA_FILE = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{6}-[0-9a-f]{12}\.parquet$")
+
+
+def new_run_id() -> str:
+    """A run's id: its start time and six random hex digits (part of its data files' names)."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 def _json(manifest: dict) -> bytes:
@@ -137,18 +146,41 @@ class OutputStore:
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def files(self) -> list[str]:
-        """Every data file under results/, errors/ and metrics/, relative to the output."""
+        """Every file under results/, errors/ and metrics/, relative to the output (ours or not)."""
         out = []
         for kind in KINDS:
             sel = pafs.FileSelector(self.abs(kind), recursive=True, allow_not_found=True)
             out += [posixpath.relpath(i.path, self.root) for i in self.fs.get_file_info(sel) if i.is_file]
         return out
 
-    def garbage(self, records: dict[str, dict] | None = None) -> list[str]:
-        """Data files no commit record names: left by killed or superseded attempts."""
+    def _shard_folders(self, records: dict[str, dict], shard_names) -> set[str]:
+        """Shard names our writers may have written under: committed, planned, or in the manifest."""
+        manifest = self.read_manifest() or {}
+        listed = [e.get("name") for e in manifest.get("shards", [])] + list(manifest.get("orphaned") or [])
+        return set(records) | set(shard_names) | {n for n in listed if n}
+
+    @staticmethod
+    def _is_ours(rel: str, folders: set[str]) -> bool:
+        kind, _, rest = rel.partition("/")
+        folder, _, base = rest.rpartition("/")
+        return kind in KINDS and folder in folders and bool(DATA_FILE.match(base))
+
+    def garbage(self, records: dict[str, dict] | None = None, shard_names=()) -> list[str]:
+        """Data files of ours that no commit record names: left by killed or superseded
+        attempts. Ours: a name our writers produce, in a shard's folder (shard_names: the
+        plan's shards, besides the committed ones and the manifest's); nothing else is touched."""
         records = self.records() if records is None else records
         named = {f for r in records.values() for kind in KINDS for f in r["files"][kind]}
-        return [f for f in self.files() if f not in named]
+        folders = self._shard_folders(records, shard_names)
+        return [f for f in self.files() if f not in named and self._is_ours(f, folders)]
+
+    def foreign(self, records: dict[str, dict] | None = None, shard_names=()) -> list[str]:
+        """Files under results/, errors/ and metrics/ that qwen-batch did not write (kept, never
+        deleted; `status` lists them)."""
+        records = self.records() if records is None else records
+        named = {f for r in records.values() for kind in KINDS for f in r["files"][kind]}
+        folders = self._shard_folders(records, shard_names)
+        return [f for f in self.files() if f not in named and not self._is_ours(f, folders)]
 
     def delete(self, rels: list[str]) -> None:
         def rm(rel):
@@ -160,14 +192,15 @@ class OutputStore:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(rm, rels))
 
-    def clear(self) -> None:
+    def clear(self, shard_names=()) -> None:
         """Remove every committed shard, commit records first (a crash half-way then leaves
-        files no record names, which the next run deletes, never records without files)."""
+        files no record names, which the next run deletes, never records without files).
+        Files qwen-batch did not write stay."""
         from pipeline.ledger import POISON
 
+        folders = self._shard_folders(self.records(), shard_names)
         self.fs.delete_dir_contents(self.abs(COMMITS), missing_dir_ok=True)
-        for kind in KINDS:
-            self.fs.delete_dir_contents(self.abs(kind), missing_dir_ok=True)
+        self.delete([f for f in self.files() if self._is_ours(f, folders)])
         self.fs.delete_dir_contents(self.abs(POISON), missing_dir_ok=True)  # a new start for every row
 
     def legacy_files(self) -> list[str]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from pipeline import dataflow, manifest as manifests
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
 from pipeline.heads import results_schema
 from pipeline.metrics import RunTotals, summary_table
-from pipeline.output import OutputStore
+from pipeline.output import OutputStore, new_run_id
 from pipeline.output_lock import LostLockError, OutputLock
 from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, job_engine_args, plan_job, read_output_state  # noqa: F401
 from pipeline.redact import redact_text
@@ -71,7 +70,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
                          skipped_shards=len(plan.shards), message="nothing to do")
     if retry is None and not plan.todo and _finished(plan):
         return _nothing_to_do(plan, console, started)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     lock = OutputLock(store.fs, store.root, run_id)
     try:
         store.fs.create_dir(store.root, recursive=True)
@@ -147,23 +146,32 @@ def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
     try:
         read_output_state(run.plan, overwrite=overwrite, resume_anyway=resume_anyway)
         run.lock.verify()
-        paused = run.lock.previous_alive_here()
-        # On every node of the cluster when an earlier run may have died: its lock was taken
-        # over, or its manifest still says running (a lock deleted by hand).
-        suspect = run.lock.previous is not None or (run.plan.last_run or {}).get("status") == "running"
-        reaped = reap_dead_runs_everywhere(spec, run.run_id, spare=(paused,) if paused else (), suspect=suspect)
+        reaped = reap_dead_runs_everywhere(spec, run.run_id, dead=_dead_runs(run))
         if reaped:
             run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
                               f"(its driver was killed).", highlight=False)
+        names = [sh.name for sh in run.plan.shards]
         if overwrite:
-            store.clear()
-        store.delete(store.garbage())  # files of killed attempts: no record names them
+            store.clear(names)
+        store.delete(store.garbage(shard_names=names))  # files of killed attempts: no record names them
         manifest = manifests.start(spec, run.plan, run.run_id, started=run.started)
         store.reserve_for(manifest, run.run_id)
         store.write_manifest(manifest)
     except OSError as e:
         raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
     return manifest
+
+
+def _dead_runs(run: Run) -> tuple[str, ...]:
+    """Earlier runs on this output known to be dead: the one whose stale lock this run took
+    over (unless its driver still lives on this machine: paused, it stops itself when it
+    wakes), or the one the manifest says is running when there was no lock (deleted by hand,
+    as the busy message advises only for a dead run)."""
+    previous = run.lock.previous
+    if previous is not None:
+        return () if run.lock.previous_alive_here() else (previous.get("run_id") or "",)
+    last = run.plan.last_run or {}
+    return (last["run_id"],) if last.get("status") == "running" and last.get("run_id") else ()
 
 
 def _conclude(run: Run, manifest: dict, *, stopped: str | None, invalid: bool) -> RunReport:
@@ -173,7 +181,7 @@ def _conclude(run: Run, manifest: dict, *, stopped: str | None, invalid: bool) -
     try:
         run.lock.verify()
         records = store.records()
-        store.delete(store.garbage(records))
+        store.delete(store.garbage(records, [sh.name for sh in run.plan.shards]))
     except OSError as e:  # the output went away (network, permissions): nothing more to record
         message = (f"the run ended but {spec.output.path} cannot be read back ({e}); "
                    f"committed shards are kept; rerun the same command to finish")

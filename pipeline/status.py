@@ -1,7 +1,7 @@
 """`qwen-batch status OUTPUT`: how the last run ended and what a rerun would do.
 
 Reads only small things, so that it is fast on an object store: the manifest, the commit
-records, the committed metrics rows (one per shard), the `error_type` column of the committed
+records, the listing of the data folders (for files qwen-batch did not write), the committed metrics rows (one per shard), the `error_type` column of the committed
 errors files (only shards with error rows have one), and the lock. Never the input, never
 the results. What a rerun would do assumes the same spec and unchanged input files (the
 run itself re-checks both).
@@ -80,6 +80,7 @@ def collect(output: str) -> dict:
         manifest = store.read_manifest()
         records = store.records()
         holder = read_holder(store.fs, store.root)
+        foreign = store.foreign(records)
     except OSError as e:
         raise InputError(f"output {output} cannot be read: {e}") from None
     if manifest is None and not records and holder is None:
@@ -168,6 +169,7 @@ def collect(output: str) -> dict:
         "throughput": {"last_run": last, "runs": runs},
         "lock": lock,
         "rerun": rerun,
+        "foreign_files": foreign,
     }
 
 
@@ -235,4 +237,7 @@ def render(s: dict) -> list[str]:
         out.append(f"Lock: held by run {lock['run_id']} (pid {lock['pid']} on {lock['host']}), last refreshed "
                    f"{_when(lock['heartbeat_at'])}" + (f"; stale: {lock['stale']}" if lock["stale"] else ""))
     out.append(f"A rerun would: {s['rerun']['text']} (if the spec and input are unchanged)")
+    if s["foreign_files"]:
+        out.append(f"Foreign files (not written by qwen-batch, never deleted, not part of the output): "
+                   + ", ".join(s["foreign_files"][:5]) + (" ..." if len(s["foreign_files"]) > 5 else ""))
     return out
