@@ -13,13 +13,16 @@ only when its commit record, one small object naming exactly its files, is writt
 (and resume) trust commit records only; files no record names are leftovers of killed
 attempts, deleted by the next run that holds the lock. A record or manifest appears whole:
 object stores publish an object when its upload completes, local disks rename a finished
-temporary file into place.
+temporary file into place. A record is written only once the files it names are known to be
+there whole: fsynced with their folders on a local disk (the record too, and its folder after
+the rename), found with the size their writer wrote on an object store.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import posixpath
 import re
 import time
@@ -45,6 +48,10 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+class UnverifiedFiles(RuntimeError):
+    """A file a commit record would name is missing or not the size written."""
+
+
 def _json(manifest: dict) -> bytes:
     return json.dumps(manifest, indent=2, default=str).encode()
 
@@ -60,6 +67,7 @@ class OutputStore:
         self.uri = uri
         self.fs, self.root = resolve_filesystem(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.sizes: dict[str, int] = {}  # bytes of each data file written through this store
 
     def abs(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -72,12 +80,33 @@ class OutputStore:
         return f"{kind}/{shard}/{run_id}-{uuid.uuid4().hex[:12]}.parquet"
 
     def write_table(self, rel: str, table: pa.Table) -> str:
-        """Write a Parquet file (no rename, so no 5 GiB copy limit on S3); returns rel."""
+        """Write a Parquet file (no rename, so no 5 GiB copy limit on S3); returns rel and
+        keeps its size in self.sizes[rel] for the commit's check. On a local disk the file and
+        its folders are fsynced before this returns."""
         path = self.abs(rel)
         if self.local:
             self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        with self.fs.open_output_stream(path) as f:
-            pq.write_table(table, f)
+            try:
+                with open(path, "wb") as f:
+                    pq.write_table(table, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    size = f.tell()
+            except BaseException:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise
+            self._sync_folders(posixpath.dirname(path))
+        else:
+            # Serialized first, so a table that cannot be written never starts an upload.
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            data = sink.getvalue()
+            self._upload(path, data, fresh=True)
+            size = data.size
+        self.sizes[rel] = size
         return rel
 
     def read_table(self, rel: str) -> pa.Table:
@@ -86,25 +115,68 @@ class OutputStore:
 
     # -- whole-object writes -------------------------------------------------------------
 
+    def _upload(self, path: str, data, *, fresh: bool) -> None:
+        """Upload one object. pyarrow can neither abort an upload nor leave one unpublished
+        (close and garbage collection both complete it), so a failed upload of a fresh name
+        is deleted; an existing object (a record, the manifest) is never deleted."""
+        f = self.fs.open_output_stream(path)
+        try:
+            f.write(data)
+            f.close()
+        except BaseException:
+            if fresh:
+                try:
+                    f.close()
+                except Exception:
+                    pass
+                try:
+                    self.fs.delete_file(path)
+                except OSError:
+                    pass
+            raise
+
+    def _sync_folders(self, folder: str) -> None:
+        """fsync a local folder and each one above it up to the output root, so the entries
+        of files and folders just made in them survive a power loss."""
+        while True:
+            try:
+                fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:
+                return
+            try:
+                os.fsync(fd)
+            except OSError as e:  # some filesystems cannot fsync a folder
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                    raise
+            finally:
+                os.close(fd)
+            if folder.rstrip("/") == self.root.rstrip("/") or posixpath.dirname(folder) == folder:
+                return
+            folder = posixpath.dirname(folder)
+
     def _put(self, rel: str, data: bytes) -> None:
-        """Write an object that readers see whole or not at all."""
+        """Write an object that readers see whole or not at all (and, on a local disk, that
+        survives a power loss once this returns)."""
         path = self.abs(rel)
         if not self.local:  # an upload is published when it completes
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+            self._upload(path, data, fresh=False)
             return
-        self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        folder = posixpath.dirname(path)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with self.fs.open_output_stream(tmp) as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
-            self.fs.move(tmp, path)  # rename: atomic
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # rename: atomic
         except BaseException:
             try:
-                self.fs.delete_file(tmp)
+                os.unlink(tmp)
             except OSError:
                 pass
             raise
+        self._sync_folders(folder)
 
     def _get_json(self, rel: str) -> dict | None:
         """A JSON object, None if absent or not whole (an upload cut short by an error is
@@ -123,9 +195,25 @@ class OutputStore:
     def record_name(shard: str) -> str:
         return f"{COMMITS}/{shard}.json"
 
-    def commit(self, record: dict) -> None:
-        """Publish a shard: its record names its files, rows and ids. Written last."""
+    def commit(self, record: dict, sizes: dict[str, int] | None = None) -> None:
+        """Publish a shard: its record names its files, rows and ids. Written last, after
+        checking that each file of sizes (relative path: bytes written) is there whole."""
+        self.check_sizes(record["name"], sizes or {})
         self._put(self.record_name(record["name"]), json.dumps(record, indent=1).encode())
+
+    def check_sizes(self, shard: str, sizes: dict[str, int]) -> None:
+        """Raise UnverifiedFiles unless every file exists with the size its writer wrote."""
+        if not sizes:
+            return
+        rels = sorted(sizes)
+        infos = self.fs.get_file_info([self.abs(r) for r in rels])
+        bad = [f"{rel} is missing" if info.type == pafs.FileType.NotFound
+               else f"{rel} has {info.size} bytes, {sizes[rel]} were written"
+               for rel, info in zip(rels, infos) if not (info.is_file and info.size == sizes[rel])]
+        if bad:
+            raise UnverifiedFiles(f"shard {shard} was not committed: in {self.uri}, " + "; ".join(bad[:5])
+                                  + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+                                  + ". Rerun the same command: the shard is computed again")
 
     def records(self) -> dict[str, dict]:
         """Every committed shard's record, by shard name."""

@@ -55,7 +55,7 @@ def split_stage(stage: pa.Table, head: str, id_type: pa.DataType,
 PART_SCHEMA = pa.schema([
     ("shard", pa.string()), ("results_file", pa.string()), ("errors_file", pa.string()),
     ("results", pa.int64()), ("errors", pa.int64()), ("id_count", pa.int64()), ("id_hash", pa.uint64()),
-    ("summary", pa.string()),
+    ("summary", pa.string()), ("results_bytes", pa.int64()), ("errors_bytes", pa.int64()),
 ])
 
 
@@ -89,7 +89,8 @@ class PartWriter:
             rows.append({"shard": name, "results_file": files.get("results"), "errors_file": files.get("errors"),
                          "results": results.num_rows, "errors": errors.num_rows,
                          "id_count": digest.count, "id_hash": digest.hash,
-                         "summary": json.dumps(summary)})
+                         "summary": json.dumps(summary),
+                         **{f"{kind}_bytes": self.store.sizes.get(rel) for kind, rel in files.items()}})
         return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
 
 
@@ -241,9 +242,14 @@ class ShardCommitter:
                   "files": files, "committed_at": time.time()}
         if shard.name in self.redo:
             record = self._merge_with_committed(shard.name, record)
+        # Every file this run wrote for the record is checked against the size its writer saw.
+        written = {p[f"{kind}_file"]: p.get(f"{kind}_bytes") for p in parts for kind in ("results", "errors")
+                   if p[f"{kind}_file"]}
+        named = [f for kind in ("results", "errors", "metrics") for f in record["files"][kind]]
+        sizes = {f: n for f in named if (n := written.get(f, self.store.sizes.get(f))) is not None}
         fault_point("before-record")
         self.fence()
-        self.store.commit(record)
+        self.store.commit(record, sizes)
         fault_point("after-record")
         self.pending.pop(shard.name, None)
         self.totals.add(m)
