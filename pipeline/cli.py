@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (SpecError, InputError) as e:
+        if _store_failure(e):  # an input or output check the store failed to answer
+            return _store_failed(args, _store_failure(e))
         console.print(f"[red]error:[/red] {escape(redact_text(str(e)))}", highlight=False)
         return EXIT_INVALID
     except KeyboardInterrupt as e:
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("QWEN_BATCH_DEBUG"):
             raise
+        if _store_failure(e):
+            return _store_failed(args, _store_failure(e))
         lines = [line for line in str(e).splitlines() if line.strip()]
         what = f"{type(e).__name__}: {escape(redact_text(lines[-1])) if lines else ''}"
         details = "For details set QWEN_BATCH_DEBUG=1 (traceback)"
@@ -278,6 +282,33 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CRASHED
         console.print(f"[red]error:[/red] {args.command} failed: {what}\n{details}.", highlight=False)
         return 1
+
+
+def _store_failure(e: BaseException | None) -> BaseException | None:
+    """The StoreUnavailableError behind an error (also one turned into an InputError), or None."""
+    from pipeline.store_retry import StoreUnavailableError
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, StoreUnavailableError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _store_failed(args, e: BaseException) -> int:
+    """Exit 3, never 2: the store failed, not the job (a scheduler's retry of exit 3 resumes)."""
+    from rich.markup import escape
+
+    from pipeline.redact import redact_text
+    from pipeline.runner import EXIT_CRASHED
+
+    then = ("rerun the same command to resume (committed shards are kept)" if args.command == "run"
+            else f"run `qwen-batch {args.command}` again")
+    console.print(f"[red]error:[/red] the object store kept failing, so {args.command} stopped: "
+                  f"{escape(redact_text(str(e)))}\nNothing is wrong with the job; once the store answers "
+                  f"again, {then}.", highlight=False)
+    return EXIT_CRASHED
 
 
 def _nothing_ran(args, e: BaseException) -> bool:

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 
 from pipeline.processes import identity_alive, process_identity
 from pipeline.shards import InputError
+from pipeline.store_retry import Policy, StoreUnavailableError
 
 LOCK = "_lock.json"
 HEARTBEAT_S = 30.0
@@ -38,21 +39,37 @@ class LostLockError(RuntimeError):
 
 
 def read_holder(fs: pafs.FileSystem, root: str) -> dict | None:
-    """The lock's content, None when nobody holds it, {} when it cannot be read."""
+    """The lock's content, None when nobody holds it, {} when it is not whole JSON. A store
+    that keeps failing raises StoreUnavailableError (an OSError): that is no evidence of
+    who holds the lock."""
     try:
         with fs.open_input_stream(posixpath.join(root, LOCK)) as f:
-            return json.loads(f.read() or b"{}")
+            data = f.read()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    try:
+        holder = json.loads(data or b"{}")
+    except ValueError:
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def check_holder(fs: pafs.FileSystem, root: str, run_id: str) -> None:
-    """Raise LostLockError unless run_id holds the lock of root (the fencing check)."""
-    holder = read_holder(fs, root)
-    if (holder or {}).get("run_id") != run_id:
-        who = (holder or {}).get("run_id") or "nobody"
+    """The fencing check: raise LostLockError when the lock names another run or is gone.
+    A lock that cannot be read (the store keeps failing, or its content is not whole after
+    a few reads) raises StoreUnavailableError: the run stops, but nobody took over."""
+    policy = Policy()
+    for attempt in range(policy.attempts):
+        holder = read_holder(fs, root)
+        if holder != {}:
+            break
+        time.sleep(policy.delay(attempt))
+    else:
+        raise StoreUnavailableError(f"the lock file {posixpath.join(root, LOCK)} could not be read whole "
+                                    f"in {policy.attempts} reads, so this run cannot tell that it still "
+                                    f"holds it")
+    if holder is None or holder.get("run_id") != run_id:
+        who = (holder or {}).get("run_id") or "nobody: the lock file is gone"
         raise LostLockError(
             f"run {run_id} lost the lock on {root} (now held by {who}): it was paused or cut off "
             f"for longer than {STALE_AFTER_S / 60:.0f} min and another run took over. This run "
@@ -151,6 +168,10 @@ class OutputLock:
 
     def _write(self) -> None:
         """Replace the lock's content whole (a reader never sees half of it)."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):  # an upload is published whole; one request
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(self._record())
+            return
         staged = f"{self.path}.{self.run_id}"
         with self.fs.open_output_stream(staged) as f:
             f.write(self._record())
@@ -161,8 +182,8 @@ class OutputLock:
             try:
                 if (self.holder() or {}).get("run_id") == self.run_id:
                     self._write()
-            except OSError:  # a full disk: the run reports it where it writes shards
-                pass
+            except OSError:  # a full disk or a store that kept failing (after retries): the
+                pass  # run reports it where it writes; an unreadable lock is never overwritten
 
     def release(self) -> None:
         """Stop refreshing and remove the lock if it is still this run's."""

@@ -75,9 +75,14 @@ def footer_hash(f: pa.NativeFile) -> str:
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or any URI pyarrow understands."""
+    """(filesystem, path) for a local path or any URI pyarrow understands. A remote
+    filesystem retries transient errors (pipeline.store_retry)."""
+    from pipeline.store_retry import Policy, retrying
+
     if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
+        policy = Policy()
+        fs, path = policy.call(lambda: pafs.FileSystem.from_uri(uri), f"connect to {uri}")
+        return retrying(fs, policy), path
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -101,9 +106,11 @@ def list_shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     Names starting with '_' or '.' (_SUCCESS, .crc, _manifest.json) are skipped, as Spark
     and pyarrow do. A path that cannot be reached raises InputError saying why.
     """
+    from pipeline.store_retry import StoreUnavailableError
+
     try:
         return _list_shard_paths(uri)
-    except InputError:
+    except (InputError, StoreUnavailableError):  # the latter is not the input's fault: exit 3
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
         raise unreadable(uri, e) from None
