@@ -13,6 +13,7 @@ from pipeline.output import OutputStore
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
 from pipeline.sink import SHARD_COLUMN
 from pipeline.spec import JobSpec, SpecError
+from pipeline.store_retry import StoreUnavailableError
 
 CHOICES = ("use another output path, pass --overwrite to replace it, or --resume-anyway to keep "
            "its committed shards and run only the others")
@@ -139,6 +140,8 @@ def read_output_state(plan: Plan, *, overwrite: bool = False, resume_anyway: boo
     try:
         records, last_run = ({}, None) if overwrite else (store.records(), store.read_manifest())
         legacy = [] if overwrite else store.legacy_files()
+    except StoreUnavailableError:  # transient, retried already: exit 3 (a rerun resumes), not 2
+        raise
     except OSError as e:
         raise InputError(f"output.path {spec.output.path} cannot be read: {e}") from None
     if legacy:
