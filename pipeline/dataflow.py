@@ -62,8 +62,11 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     # (and an engine that cannot start fails the run now, not after the others finished).
     ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)
     todo = plan.work
-    # Exactly the plan's files, as they are: Ray's defaults would skip a file without the
-    # .parquet extension (Hive and Spark write part-00000) and add columns for key=value folders.
+    # Exactly the plan's files, as they are: no columns made of key=value folders, and no file
+    # skipped for its name. Ray's newer Parquet reader drops files without a Parquet extension
+    # whatever file_extensions says (Hive writes 000000_0, Spark part-00000): then the older
+    # reader, which reads every path it is given.
+    ctx.use_datasource_v2 = all(s.path.lower().endswith(".parquet") for s in todo)
     ds = ray.data.read_parquet([s.path for s in todo], filesystem=plan.input_fs, include_paths=True,
                                file_extensions=None, partitioning=None)
     if plan.redo:  # --retry-errors: of committed shards, only the rows to redo

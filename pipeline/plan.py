@@ -76,6 +76,7 @@ class Plan:
     retry: RetrySelection | None = None
     redo: dict[str, pa.Array] = field(default_factory=dict, repr=False)  # committed shard -> ids to redo
     records: dict[str, dict] = field(default_factory=dict, repr=False)  # commit records found
+    moved: dict[str, str] = field(default_factory=dict)  # shard -> the orphaned record of its content
 
     @property
     def todo(self) -> list[Shard]:
@@ -151,6 +152,11 @@ def read_output_state(plan: Plan, *, overwrite: bool = False, resume_anyway: boo
                                       any_spec=plan.retry is not None)
     names = {s.name for s in plan.shards}
     plan.orphaned = sorted(n for n in records if n not in names)
+    plan.moved = _renamed(plan, records, strict=not resume_anyway and plan.retry is None)
+    plan.done += list(plan.moved)
+    plan.orphaned = [n for n in plan.orphaned if n not in plan.moved.values()]
+    if plan.orphaned and plan.todo and not overwrite:
+        _refuse_ids_committed_elsewhere(plan, store, records)
     plan.last_run, plan.records = last_run, records
     if plan.retry is not None:
         plan.redo = _rows_to_redo(store, records, plan.done, plan.retry)
@@ -179,6 +185,55 @@ def _rows_to_redo(store: OutputStore, records: dict[str, dict], done: list[str],
         if picked:
             redo[name] = pa.concat_arrays(picked)
     return redo
+
+
+def _renamed(plan: Plan, records: dict[str, dict], *, strict: bool) -> dict[str, str]:
+    """Input files renamed or moved since their shard was committed: new shard name -> the
+    orphaned record of the same content (size, rows, footer) and spec. The run moves each
+    record to the new name instead of computing its rows again."""
+    fingerprint = plan.spec.fingerprint()
+    orphans = {n: records[n] for n in plan.orphaned}
+    moved = {}
+    for s in plan.todo:
+        for name, r in orphans.items():
+            same_spec = r.get("spec_fingerprint") == fingerprint or not strict
+            if name not in moved.values() and same_spec and _same_input(r.get("input"), s.fingerprint()):
+                moved[s.name] = name
+                break
+    return moved
+
+
+def _refuse_ids_committed_elsewhere(plan: Plan, store: OutputStore, records: dict[str, dict]) -> None:
+    """Raise InputError when a shard to run holds ids committed under an orphaned shard (an
+    input re-exported under new part names): running it would put those ids in the output
+    twice. Reads only id columns."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    committed = []
+    for name in plan.orphaned:
+        for kind in ("results", "errors"):
+            for rel in records[name]["files"][kind]:
+                with store.fs.open_input_file(store.abs(rel)) as f:
+                    ids = pq.read_table(f, columns=["id"]).column("id")
+                committed.append((name, ids))
+    if not committed:
+        return
+    id_type = plan.id_type
+    for s in plan.todo:
+        with plan.input_fs.open_input_file(s.path) as f:
+            mine = pq.read_table(f, columns=[plan.spec.input.id_column]).column(0)
+        for name, ids in committed:
+            if ids.type != id_type:
+                continue
+            hit = pc.filter(ids, pc.is_in(ids, value_set=mine.combine_chunks()))
+            if len(hit):
+                raise InputError(
+                    f"input shard {s.path} holds {len(hit)} id(s) (e.g. {hit[0].as_py()!r}) already committed in "
+                    f"{plan.spec.output.path} under shard {name}, whose input file is gone (renamed or "
+                    f"re-exported under new names?). Running it would give those ids twice. Give the file "
+                    f"its old name back ({name}) to keep the committed rows, or pass --overwrite to run "
+                    f"every shard again")
 
 
 def _same_input(a: dict | None, b: dict) -> bool:

@@ -68,7 +68,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
                       f"{retry.describe()}.", highlight=False)
         return RunReport(spec.output.path, "", RunTotals(), time.time() - started,
                          skipped_shards=len(plan.shards), message="nothing to do")
-    if retry is None and not plan.todo and _finished(plan):
+    if retry is None and not plan.todo and not plan.moved and _finished(plan):
         return _nothing_to_do(plan, console, started)
     run_id = new_run_id()
     lock = OutputLock(store.fs, store.root, run_id)
@@ -151,6 +151,7 @@ def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
             run.console.print(f"Ended {reaped} process(es) left running by an earlier run on this output "
                               f"(its driver was killed).", highlight=False)
         names = [sh.name for sh in run.plan.shards]
+        _move_renamed(run)
         if overwrite:
             store.clear(names)
         store.delete(store.garbage(shard_names=names))  # files of killed attempts: no record names them
@@ -160,6 +161,22 @@ def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
     except OSError as e:
         raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
     return manifest
+
+
+def _move_renamed(run: Run) -> None:
+    """Commit records of renamed input files moved to the files' new names (plan.moved): the
+    old record goes first, so a crash in between leaves files no record names (deleted and
+    computed again), never two records naming the same rows."""
+    by_name = {s.name: s for s in run.plan.shards}
+    for new, old in run.plan.moved.items():
+        record = run.plan.records[old]
+        run.lock.verify()
+        run.store.delete([run.store.record_name(old)])
+        run.store.commit({**record, "name": new, "input": by_name[new].fingerprint(),
+                          "moved_from": [*record.get("moved_from", []), old]})
+    if run.plan.moved:
+        run.console.print(f"{len(run.plan.moved)} committed shard(s) follow their renamed input file(s): "
+                          + ", ".join(f"{o} -> {n}" for n, o in list(run.plan.moved.items())[:3]), highlight=False)
 
 
 def _dead_runs(run: Run) -> tuple[str, ...]:
