@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.metrics import RunTotals
 from pipeline.redact import redact
+from pipeline.spec import spec_changes
 
 # Exit codes of `qwen-batch run` (documented in the README).
 EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_INVALID, EXIT_CRASHED = 0, 1, 2, 3
@@ -29,11 +30,14 @@ def start(spec, plan, run_id: str, *, started: float) -> dict:
     retried = {} if plan.retry is None else {"retried": {
         "where": plan.retry.describe(), "spec_fingerprint": spec.fingerprint(),
         "rows": sum(len(v) for v in plan.redo.values()), "shards": sorted(plan.redo)}}
+    dumped = redact(spec.model_dump(mode="json"))
+    before = (plan.last_run or {}).get("spec")
     return {
         "run_id": run_id,
         "status": "running",
         "spec_fingerprint": spec.fingerprint(),
-        "spec": redact(spec.model_dump(mode="json")),
+        "spec": dumped,
+        "settings_changed": spec_changes(before, dumped) if before else [],
         "started_at": started,
         "resumed_anyway": bool(plan.kept),
         "kept": plan.kept,

@@ -12,7 +12,7 @@ from pipeline.heads import head_class, job_head
 from pipeline.output import OutputStore
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
 from pipeline.sink import SHARD_COLUMN
-from pipeline.spec import JobSpec, SpecError
+from pipeline.spec import JobSpec, SpecError, result_settings, spec_changes
 from pipeline.store_retry import StoreUnavailableError
 
 CHOICES = ("use another output path, pass --overwrite to replace it, or --resume-anyway to keep "
@@ -191,12 +191,12 @@ def _renamed(plan: Plan, records: dict[str, dict], *, strict: bool) -> dict[str,
     """Input files renamed or moved since their shard was committed: new shard name -> the
     orphaned record of the same content (size, rows, footer) and spec. The run moves each
     record to the new name instead of computing its rows again."""
-    fingerprint = plan.spec.fingerprint()
+    fingerprints = plan.spec.fingerprints()
     orphans = {n: records[n] for n in plan.orphaned}
     moved = {}
     for s in plan.todo:
         for name, r in orphans.items():
-            same_spec = r.get("spec_fingerprint") == fingerprint or not strict
+            same_spec = r.get("spec_fingerprint") in fingerprints or not strict
             if name not in moved.values() and same_spec and _same_input(r.get("input"), s.fingerprint()):
                 moved[s.name] = name
                 break
@@ -259,8 +259,8 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
             continue
         why = []
         specs = {record.get("spec_fingerprint")} | {r.get("spec_fingerprint") for r in record.get("redone", [])}
-        if fingerprint not in specs and not any_spec:
-            why.append("committed by a run of a different job spec")
+        if not spec.fingerprints() & specs and not any_spec:
+            why.append("committed by a run of a different job spec" + _changed_settings(spec, last_run))
         if not _same_input(record.get("input"), s.fingerprint()):
             why.append(f"input shard {s.path} changed since it was processed")
         if why:
@@ -270,6 +270,18 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
             kept.append({"name": s.name, "why": "; ".join(why), "spec": fingerprint, "input": s.fingerprint()})
         done.append(s.name)
     return done, kept
+
+
+def _changed_settings(spec: JobSpec, last_run: dict | None) -> str:
+    """' (changed since the last run: key: old -> new, ...)' for the settings that change result
+    rows, when the last run's manifest holds its spec; else ''."""
+    from pipeline.redact import redact
+
+    before = (last_run or {}).get("spec")
+    if not before:
+        return ""
+    changes = spec_changes(result_settings(before), result_settings(redact(spec.model_dump(mode="json"))))
+    return f" (changed since the last run: {'; '.join(changes[:5])})" if changes else ""
 
 
 def _check_engine(spec: JobSpec) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import difflib
 import hashlib
@@ -338,9 +339,61 @@ class JobSpec(_Section):
         return v
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not where they go, nor the cluster)."""
-        d = self.model_dump(mode="json", exclude={"output": {"path", "rows_per_file"}, "ray": True, "name": True})
+        """Hash of everything that changes a result row: not where rows go, how the job is
+        placed, retried or timed, nor the engine's speed and memory settings (RUN_ONLY), so
+        changing those never blocks resuming."""
+        d = result_settings(self.model_dump(mode="json"))
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprints(self) -> set[str]:
+        """This spec's fingerprint and the one qwen-batch gave it before RUN_ONLY (which
+        hashed every setting but output.path, rows_per_file, ray and name): shards committed
+        by an older qwen-batch with the same spec are this spec's."""
+        d = self.model_dump(mode="json", exclude={"output": {"path", "rows_per_file"}, "ray": True, "name": True})
+        return {self.fingerprint(), hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]}
+
+
+# Settings that decide how a job runs, not what a result row holds (JobSpec.fingerprint).
+RUN_ONLY: dict[str, Any] = {
+    "name": True, "ray": True, "resources": True,
+    "output": {"path", "rows_per_file", "max_error_rate"},
+    "model": {"tensor_parallel_size", "pipeline_parallel_size"},
+}
+RUN_ONLY_ENGINE_KWARGS = frozenset({
+    "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "prefix_caching_hash_algo",
+    "enable_chunked_prefill", "long_prefill_token_threshold", "gpu_memory_utilization",
+    "kv_cache_memory_bytes", "num_gpu_blocks_override", "block_size", "cpu_offload_gb", "enforce_eager",
+    "cudagraph_capture_sizes", "max_cudagraph_capture_size", "optimization_level",
+    "disable_custom_all_reduce", "async_scheduling", "scheduling_policy", "disable_log_stats",
+    "max_parallel_loading_workers", "use_tqdm_on_load", "hf_token",
+})
+
+
+def result_settings(dump: dict) -> dict:
+    """A spec's dump (model_dump(mode="json"), or a manifest's spec) without RUN_ONLY settings."""
+    d = copy.deepcopy(dump)
+    for key, sub in RUN_ONLY.items():
+        if sub is True:
+            d.pop(key, None)
+        else:
+            for k in sub:
+                (d.get(key) or {}).pop(k, None)
+    model = d.get("model") or {}
+    model["engine_kwargs"] = {k: v for k, v in (model.get("engine_kwargs") or {}).items()
+                              if k not in RUN_ONLY_ENGINE_KWARGS}
+    return d
+
+
+def spec_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec dumps, as 'key: old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, where = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_changes(a, b, where + ".")
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+    return out
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -156,6 +156,7 @@ def collect(output: str) -> dict:
             "stopped_because": manifest.get("stopped_because"),
             "started_at": manifest.get("started_at"), "finished_at": manifest.get("finished_at"),
             "wall_seconds": manifest.get("wall_seconds"), "resumed_anyway": manifest.get("resumed_anyway"),
+            "settings_changed": manifest.get("settings_changed") or [],
         },
         "shards": {"total": len(listed) if entries else len(records), "committed": len(committed),
                    "pending": len(pending), "orphaned": len(orphaned),
@@ -205,6 +206,8 @@ def render(s: dict) -> list[str]:
                    + (f", after {run['wall_seconds']:,.0f} s" if run["wall_seconds"] else ""))
         if run["message"]:
             out += [f"  {line}" for line in run["message"].splitlines()]
+        if run["settings_changed"]:
+            out.append("Settings changed since the run before it: " + "; ".join(run["settings_changed"][:8]))
     else:
         out.append("Last run: unknown (no _manifest.json)")
     out.append(f"Shards: {sh['committed']} committed, {sh['pending']} pending, {sh['orphaned']} orphaned"

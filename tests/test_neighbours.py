@@ -1,6 +1,6 @@
-"""Output folders and inputs as users really have them (issue 27, items 2, 4, 5): files of
+"""Output folders and inputs as users really have them (issue 27, items 2, 4, 5, 7): files of
 their own next to ours, inputs renamed or re-exported under new part names, Hive and Spark
-exports whose files have no .parquet extension. The engine is the instant fake (these tests
+exports whose files have no .parquet extension, a job whose run settings change between runs. The engine is the instant fake (these tests
 are about the data, not the model); one local Ray for the module."""
 
 from __future__ import annotations
@@ -127,3 +127,29 @@ def test_every_file_of_a_hive_export_is_read_with_or_without_an_extension(tmp_pa
     assert report.totals.rows == 10 and report.totals.errors == 0
     results = OutputStore(str(tmp_path / "out")).read_committed("results")
     assert sorted(results.column("id").to_pylist()) == sorted(r["id"] for r in rows("spark", 6) + rows("hive", 4))
+
+
+def test_changing_how_a_job_runs_never_blocks_resuming_it(tmp_path, capsys):
+    write_shards(tmp_path / "in", [rows("a", 4)])
+    run(make_spec(tmp_path))
+    write_shards(tmp_path / "more", [rows("b", 3)])
+    shutil.copy(tmp_path / "more" / "part-00000.parquet", tmp_path / "in" / "b.parquet")
+    # what our own exit-3 message advises (more restarts), and other settings of how it runs
+    changed = make_spec(tmp_path, name="nightly", resources={"max_engine_restarts": 10, "row_timeout_s": 60,
+                                                             "batch_size": 2, "rows_in_flight": 8},
+                        output={"max_error_rate": 0.5, "rows_per_file": 2},
+                        model={"engine_kwargs": {"gpu_memory_utilization": 0.25, "hf_token": "hf_secret"}})
+    again = run(changed)
+    assert again.totals.rows == 3 and again.skipped_shards == 1
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "Settings changed since the run before it:" in text and "resources.max_engine_restarts: 3 -> 10" in text
+    assert "hf_secret" not in text
+
+    # a setting that changes result rows still refuses, and says which one changed
+    write_shards(tmp_path / "more2", [rows("c", 2)])
+    shutil.copy(tmp_path / "more2" / "part-00000.parquet", tmp_path / "in" / "c.parquet")
+    with pytest.raises(InputError, match=r"different job spec \(changed since the last run: sampling.temperature"):
+        run_job(make_spec(tmp_path, sampling={"max_tokens": 3, "temperature": 0.1}), progress=False,
+                engine_factory=fake_engine_factory())
