@@ -51,6 +51,43 @@ def read_poisoned(output: str) -> set[str]:
     return {posixpath.basename(i.path).removesuffix(".json") for i in infos if i.path.endswith(".json")}
 
 
+def poison_rows(output: str) -> list[dict]:
+    """The rows condemned on this output (what each OUTPUT/_poison/KEY.json holds: the row's
+    id and shard, the deaths it caused), with their key."""
+    import json
+    import posixpath
+
+    from pipeline.shards import resolve_filesystem
+
+    fs, root = resolve_filesystem(output)
+    rows = []
+    for key in sorted(read_poisoned(output)):
+        try:
+            with fs.open_input_stream(posixpath.join(root, POISON, f"{key}.json")) as f:
+                row = json.loads(f.read())
+        except (OSError, ValueError):
+            row = {}
+        rows.append({"key": key, "id": row.get("id"), "shard": row.get("path"), "deaths": row.get("deaths")})
+    return rows
+
+
+def forgive(output: str, keys: set[str]) -> int:
+    """Delete the poison markers of these row keys, so that a --retry-errors run tries those
+    rows again (and condemns them again if they still kill every engine); how many."""
+    import posixpath
+
+    from pipeline.shards import resolve_filesystem
+
+    fs, root = resolve_filesystem(output)
+    gone = sorted(keys & read_poisoned(output))
+    for key in gone:
+        try:
+            fs.delete_file(posixpath.join(root, POISON, f"{key}.json"))
+        except FileNotFoundError:
+            pass
+    return len(gone)
+
+
 class RowLedger:
     """One per run, a Ray actor shared by all replicas (it holds a few keys per batch)."""
 

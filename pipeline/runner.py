@@ -152,6 +152,7 @@ def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
                               f"(its driver was killed).", highlight=False)
         names = [sh.name for sh in run.plan.shards]
         _move_renamed(run)
+        _forgive_retried_poison_rows(run)
         if overwrite:
             store.clear(names)
         store.delete(store.garbage(shard_names=names))  # files of killed attempts: no record names them
@@ -177,6 +178,20 @@ def _move_renamed(run: Run) -> None:
     if run.plan.moved:
         run.console.print(f"{len(run.plan.moved)} committed shard(s) follow their renamed input file(s): "
                           + ", ".join(f"{o} -> {n}" for n, o in list(run.plan.moved.items())[:3]), highlight=False)
+
+
+def _forgive_retried_poison_rows(run: Run) -> None:
+    """--retry-errors: rows condemned as poison (OUTPUT/_poison) that the selection redoes run
+    again, searched for as before; a row that still kills every engine is condemned again."""
+    from pipeline.ledger import batch_key, forgive
+
+    if not run.plan.redo:
+        return
+    by_name = {s.name: s for s in run.plan.shards}
+    keys = {batch_key(by_name[name].path, [i]) for name, ids in run.plan.redo.items() for i in ids.to_pylist()}
+    run.lock.verify()
+    if forgive(run.spec.output.path, keys):
+        run.console.print("Rows condemned as poison in an earlier run are tried again.", highlight=False)
 
 
 def _dead_runs(run: Run) -> tuple[str, ...]:

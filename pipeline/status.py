@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
+from pipeline.ledger import poison_rows
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.output import OutputStore
 from pipeline.output_lock import OutputLock, read_holder
@@ -81,6 +82,7 @@ def collect(output: str) -> dict:
         records = store.records()
         holder = read_holder(store.fs, store.root)
         foreign = store.foreign(records)
+        poison = poison_rows(output)
     except OSError as e:
         raise InputError(f"output {output} cannot be read: {e}") from None
     if manifest is None and not records and holder is None:
@@ -171,6 +173,7 @@ def collect(output: str) -> dict:
         "lock": lock,
         "rerun": rerun,
         "foreign_files": foreign,
+        "poison_rows": poison,
     }
 
 
@@ -240,6 +243,10 @@ def render(s: dict) -> list[str]:
         out.append(f"Lock: held by run {lock['run_id']} (pid {lock['pid']} on {lock['host']}), last refreshed "
                    f"{_when(lock['heartbeat_at'])}" + (f"; stale: {lock['stale']}" if lock["stale"] else ""))
     out.append(f"A rerun would: {s['rerun']['text']} (if the spec and input are unchanged)")
+    if s["poison_rows"]:
+        ids = ", ".join(repr(p["id"]) for p in s["poison_rows"][:5]) + (" ..." if len(s["poison_rows"]) > 5 else "")
+        out.append(f"Poison rows: {len(s['poison_rows'])} (each killed an engine running it alone; an engine_died "
+                   f"error row, not run again): {ids}; `qwen-batch run --retry-errors` tries them again")
     if s["foreign_files"]:
         out.append(f"Foreign files (not written by qwen-batch, never deleted, not part of the output): "
                    + ", ".join(s["foreign_files"][:5]) + (" ..." if len(s["foreign_files"]) > 5 else ""))

@@ -355,3 +355,37 @@ def test_a_hung_engine_is_restarted_not_turned_into_timeout_rows(tmp_path, tiny_
     assert (tmp_path / "m").exists(), "the hung engine was never built"
     assert report.exit_code == 0 and report.totals.errors == 0, report.message
     assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for shard in rows for r in shard)
+
+
+def test_poison_rows_are_listed_and_retried_by_retry_errors(tmp_path, tiny_model, capsys):
+    """A condemned row is listed by `status`; --retry-errors runs it again (the engine bug was
+    fixed: it gets a result) and, where it still kills every engine, condemns it again."""
+    from pipeline.cli import main
+    from pipeline.plan import RetrySelection
+
+    rows = [[{"id": i, "prompt": "POISON pill" if i == 3 else f"row {i}"} for i in range(10)]]
+    write_shards(tmp_path / "in", rows)
+    spec = spec_for(tmp_path, model=tiny_model)
+    assert run_job(spec, progress=False, engine_factory=fake_engine_factory(poison_on="POISON")).exit_code == 0
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "out"), "--json"]) == 0
+    poison = json.loads(capsys.readouterr().out)["poison_rows"]
+    assert [(p["id"], p["deaths"]) for p in poison] == [(3, 1)]
+
+    # still poison: searched for again, one error row again, condemned again
+    again = run_job(spec, progress=False, retry=RetrySelection.parse([], all_errors=True),
+                    engine_factory=fake_engine_factory(poison_on="POISON"))
+    assert again.exit_code == 0, again.message
+    assert again.totals.rows == 1 and again.totals.errors == 1
+    assert len(list((tmp_path / "out" / "_poison").glob("*.json"))) == 1
+
+    # the engine no longer dies on it: a result, no error row, no poison marker
+    fixed = run_job(spec, progress=False, retry=RetrySelection.parse([], all_errors=True),
+                    engine_factory=fake_engine_factory(poison_on="NEVER SEEN"))
+    assert fixed.exit_code == 0, fixed.message
+    assert fixed.totals.rows == 1 and fixed.totals.errors == 0
+    assert read_dir(tmp_path / "out" / "errors") is None or read_dir(tmp_path / "out" / "errors").num_rows == 0
+    assert sorted(read_dir(tmp_path / "out" / "results").column("id").to_pylist()) == list(range(10))
+    assert list((tmp_path / "out" / "_poison").glob("*.json")) == []
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert "Poison rows" not in capsys.readouterr().out
