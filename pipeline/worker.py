@@ -185,8 +185,10 @@ class InferenceWorker:
         return {"error_type": "internal_error", "error_message": f"{type(e).__name__}: {e}"}
 
     async def _timed(self, rows: list[dict[str, Any]], *, alone: bool = False) -> list[dict[str, Any]]:
-        """Rows at once; those not answered within the row timeout become engine_timeout rows
-        (one deadline for the batch: its rows start together). If no row at all finished on
+        """Rows at once; those not done within the row timeout become engine_timeout rows
+        (one deadline for the batch: its rows start together). The deadline covers a head's own
+        work too: heads let the event loop run between pieces of it, so a row busy counting or
+        cutting is cancelled there like one waiting on the engine. If no row at all finished on
         this engine meanwhile, the engine is hung, not the rows: the actor ends so that Ray
         restarts it with a fresh engine and runs the block again, narrowed down to its rows one
         at a time as for a poison row (a row that hangs alone then becomes the engine_timeout
@@ -202,8 +204,9 @@ class InferenceWorker:
             t.cancel()
         return [out if finished else out.result() if out in done else self._finish(
             {"error_type": "engine_timeout", "error_message": (
-                f"the engine did not answer within {self.timeout:.0f} s (resources.row_timeout_s); "
-                f"the request was cancelled")}, r, started) for (finished, out), r in zip(runs, rows)]
+                f"the engine did not answer within {self.timeout:g} s (resources.row_timeout_s), or the "
+                f"row's own work (such as counting and cutting a long document) took longer; the row was "
+                f"cancelled")}, r, started) for (finished, out), r in zip(runs, rows)]
 
     def _finish(self, out: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
         self.last_answer = time.time()

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # The fixed vocabulary of error_type values in errors/*.parquet (documented in the README).
 ERROR_TYPES = {
@@ -119,6 +119,11 @@ Engine = GenerativeEngine  # the handle most heads get; pooling heads annotate P
 class HeadOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    max_chars: int = Field(
+        4_000_000, ge=1, description="Longest row, in characters of the text the head reads from it (all its "
+        "columns together); a longer row becomes an invalid_input error row before it is tokenized (row text "
+        "is tokenized on the engine's event loop, about 0.7 s per million characters on one core).")
+
 
 class Head:
     """Base of the task heads. Subclasses set name, Options and output columns, write run()."""
@@ -199,6 +204,47 @@ class Head:
         """Turn one input row into one result row (without the id), or raise RowError."""
         raise NotImplementedError
 
+    async def refuse_oversized(self, engine: TextEngine, texts: list[str], *, turns: int | None,
+                               columns: list[str]) -> None:
+        """Every head's size rule, applied to a row's texts (columns names them for people)
+        before they are rendered or tokenized. A prompt that must fit engine.max_model_len
+        (turns given: its turn count) and cannot is prompt_too_long: by its turn count, then
+        its length in characters, then by counting tokens piece by piece, stopping as soon as
+        the count is past the context and yielding to the event loop between pieces. Any row
+        (turns None: a head that reads text of any length in pieces, as summarize) with more
+        than task.options.max_chars characters is invalid_input. Rows that pass are counted
+        exactly when rendered; a row that fails tokenized at most about max_model_len tokens."""
+        max_chars = self.options.max_chars
+        limit = engine.max_model_len
+        fix = "shorten it or raise model.max_model_len"
+        chars = sum(len(t) for t in texts)
+        if turns is not None:
+            if turns * MIN_TOKENS_PER_TURN >= limit:
+                raise RowError("prompt_too_long",
+                               f"the conversation has {turns:,} turns; each takes at least {MIN_TOKENS_PER_TURN} "
+                               f"tokens, so it cannot fit model.max_model_len {limit}; {fix}")
+            if chars > limit * MAX_CHARS_PER_TOKEN:
+                raise RowError("prompt_too_long",
+                               f"the prompt has {chars:,} characters, more than model.max_model_len {limit} "
+                               f"tokens can hold (a token is at most {MAX_CHARS_PER_TOKEN} characters); {fix}")
+        if chars > max_chars:
+            named = ", ".join(f"'{c}'" for c in columns)
+            raise RowError("invalid_input",
+                           f"the row's text ({named}) has {chars:,} characters, more than task.options.max_chars "
+                           f"{max_chars:,}; shorten or split it, or raise task.options.max_chars")
+        if turns is None or chars <= COUNT_PIECE_CHARS:
+            return
+        count, cuts, seen = turns * MIN_TOKENS_PER_TURN, 0, 0
+        for text in texts:
+            for start in range(0, len(text), COUNT_PIECE_CHARS):
+                piece = text[start:start + COUNT_PIECE_CHARS]
+                count, cuts, seen = count + len(engine.tokenize_text(piece)), cuts + 1, seen + len(piece)
+                if count - cuts * _CUT_SLACK >= limit:
+                    raise RowError("prompt_too_long",
+                                   f"the prompt has more than {limit} tokens (counted {count:,} in its first "
+                                   f"{seen:,} of {chars:,} characters) but model.max_model_len is {limit}; {fix}")
+                await asyncio.sleep(0)  # let the other rows' requests through
+
 
 def require_text(row: dict[str, Any], column: str) -> str:
     """The row's text in a column, or a RowError saying what is wrong with it."""
@@ -220,34 +266,3 @@ MIN_TOKENS_PER_TURN = 4
 MAX_CHARS_PER_TOKEN = 128
 COUNT_PIECE_CHARS = 1 << 16  # texts longer than this are counted piece by piece
 _CUT_SLACK = 8  # tokens a cut between pieces may add to the count
-
-
-async def refuse_if_cannot_fit(engine: Engine, texts: list[str], *, turns: int) -> None:
-    """Raise prompt_too_long for a conversation (its turns' texts) that cannot fit
-    engine.max_model_len, before it is rendered: by its turn count, then its length in
-    characters, then by counting tokens piece by piece, stopping as soon as the count is past
-    the context and yielding to the event loop between pieces. Rows that pass are counted
-    exactly when rendered; a row that fails tokenized at most about max_model_len tokens."""
-    limit = engine.max_model_len
-    fix = "shorten it or raise model.max_model_len"
-    if turns * MIN_TOKENS_PER_TURN >= limit:
-        raise RowError("prompt_too_long",
-                       f"the conversation has {turns:,} turns; each takes at least {MIN_TOKENS_PER_TURN} "
-                       f"tokens, so it cannot fit model.max_model_len {limit}; {fix}")
-    chars = sum(len(t) for t in texts)
-    if chars <= COUNT_PIECE_CHARS:
-        return
-    if chars > limit * MAX_CHARS_PER_TOKEN:
-        raise RowError("prompt_too_long",
-                       f"the prompt has {chars:,} characters, more than model.max_model_len {limit} "
-                       f"tokens can hold (a token is at most {MAX_CHARS_PER_TOKEN} characters); {fix}")
-    count, cuts, seen = turns * MIN_TOKENS_PER_TURN, 0, 0
-    for text in texts:
-        for start in range(0, len(text), COUNT_PIECE_CHARS):
-            piece = text[start:start + COUNT_PIECE_CHARS]
-            count, cuts, seen = count + len(engine.tokenize_text(piece)), cuts + 1, seen + len(piece)
-            if count - cuts * _CUT_SLACK >= limit:
-                raise RowError("prompt_too_long",
-                               f"the prompt has more than {limit} tokens (counted {count:,} in its first "
-                               f"{seen:,} of {chars:,} characters) but model.max_model_len is {limit}; {fix}")
-            await asyncio.sleep(0)  # let the other rows' requests through

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -134,7 +134,9 @@ class ChatHead(Head):
                                  max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"])
         if overrides:
             sampling = {**sampling, **overrides}
-        await refuse_if_cannot_fit(engine, [m["content"] for m in messages], turns=len(messages))
+        await self.refuse_oversized(engine, [m["content"] for m in messages], turns=len(messages),
+                                    columns=[c for c in (o.messages_column, o.prompt_column, o.system_column)
+                                             if row.get(c) is not None])
         try:
             prompt = engine.render_chat(messages, enable_thinking=o.enable_thinking)
         except Exception as e:  # a template is user code: any failure is this row's

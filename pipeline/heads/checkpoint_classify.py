@@ -26,6 +26,7 @@ class SequenceClassifyHead(ClassifyHead):
 
     async def run(self, row: dict[str, Any], engine: PoolingEngine) -> dict[str, Any]:
         text = require_text(row, self.options.text_column)
+        await self.refuse_oversized(engine, [text], turns=0, columns=[self.options.text_column])
         prompt = engine.tokenize_text(text)  # untrusted: control strings stay text
         _fits(len(prompt), engine)
         probs = await engine.classify(prompt)
@@ -46,6 +47,7 @@ class TokenClassifyHead(ClassifyHead):
 
     async def run(self, row: dict[str, Any], engine: PoolingEngine) -> dict[str, Any]:
         text = require_text(row, self.options.text_column)
+        await self.refuse_oversized(engine, [text], turns=0, columns=[self.options.text_column])
         ids, offsets = engine.token_offsets(text)  # as tokenize_text, spans in text as given
         _fits(len(ids), engine)
         per_token = await engine.classify_tokens(ids)

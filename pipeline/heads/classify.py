@@ -156,6 +156,8 @@ class ClassifyHead(Head):
         text = require_text(row, self.options.text_column)
         if not self.labels:
             raise RowError("invalid_input", "task.options.labels is empty; list the labels to choose from")
+        # every prompt holds the text in one turn at least
+        await self.refuse_oversized(engine, [text], turns=1, columns=[self.options.text_column])
         if self.options.multi_label:
             return await self._run_multi(text, engine)
         prompt = engine.render_chat(self._turns(text), enable_thinking=False)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipeline.heads.base import Head, HeadOptions, PoolingEngine, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Head, HeadOptions, PoolingEngine, RowError, require_text
 
 END_OF_TEXT = "<|endoftext|>"
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"  # the model card's get_detailed_instruct
@@ -102,7 +102,7 @@ class EmbedHead(Head):
 
     async def run(self, row: dict[str, Any], engine: PoolingEngine) -> dict[str, Any]:
         text = require_text(row, self.options.text_column)
-        await refuse_if_cannot_fit(engine, [text], turns=0)
+        await self.refuse_oversized(engine, [text], turns=0, columns=[self.options.text_column])
         prompt = self.prompt_ids(text, engine)
         if len(prompt) > engine.max_model_len:
             raise RowError("prompt_too_long", f"the text has {len(prompt)} tokens (with the instruction and "

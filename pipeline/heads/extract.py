@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
 from pipeline.heads.chat import QWEN3_SAMPLING, ROLES, row_sampling, split_reasoning
 
 FIXED_COLUMNS = ("raw", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens")
@@ -447,7 +447,9 @@ class ExtractHead(Head):
         sampling["structured_json"] = self.constraint
         if thinking and o.thinking_budget is not None:
             sampling["thinking_token_budget"] = o.thinking_budget
-        await refuse_if_cannot_fit(engine, [m["content"] for m in messages], turns=len(messages))
+        column = next(c for c in (o.messages_column, o.prompt_column, o.text_column) if row.get(c) is not None)
+        own = [m["content"] for m in row[column]] if column == o.messages_column else [row[column]]
+        await self.refuse_oversized(engine, own, turns=len(messages), columns=[column])
         try:
             prompt = engine.render_chat(messages, enable_thinking=thinking)
         except Exception as e:  # a template is user code: any failure is this row's

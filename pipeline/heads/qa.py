@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, PoolingEngine, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, PoolingEngine, RowError, require_text
 
 QA_SUFFIX = "ForQuestionAnswering"
 MASKED = -10000.0  # transformers' pipeline gives non-context tokens this logit before the softmax
@@ -117,7 +117,11 @@ class QaHead(Head):
     async def run(self, row: dict[str, Any], engine: Engine | PoolingEngine) -> dict[str, Any]:
         question = require_text(row, self.options.question_column)
         context = require_text(row, self.options.context_column)
-        if self.options.mode == "generate":
+        generate = self.options.mode == "generate"
+        # generate's prompt must fit the context (a turn at least); extract reads windows of any length
+        await self.refuse_oversized(engine, [question, context], turns=1 if generate else None,
+                                    columns=self.input_columns())
+        if generate:
             return await self._generate(question, context, engine)
         return await self._extract(question, context, engine)
 
@@ -160,7 +164,6 @@ class QaHead(Head):
         user = o.instruction.replace("{context}", context).replace("{question}", question)
         turns = ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else []) + [
             {"role": "user", "content": user}]
-        await refuse_if_cannot_fit(engine, [t["content"] for t in turns], turns=len(turns))
         prompt = engine.render_chat(turns, enable_thinking=False)
         if len(prompt) >= engine.max_model_len:
             raise RowError("prompt_too_long", f"the prompt has {len(prompt)} tokens but model.max_model_len is "

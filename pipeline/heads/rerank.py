@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, refuse_if_cannot_fit, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
 
 SYSTEM_PROMPT = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
                  'provided. Note that the answer can only be "yes" or "no".')
@@ -81,7 +81,7 @@ class RerankHead(Head):
         o = self.options
         query = o.query if o.query is not None else require_text(row, o.query_column)
         document = require_text(row, o.document_column)
-        await refuse_if_cannot_fit(engine, [query, document], turns=2)
+        await self.refuse_oversized(engine, [query, document], turns=2, columns=self.input_columns())
         prompt = self.prompt_ids(query, document, engine)
         if len(prompt) + 1 > engine.max_model_len:
             raise RowError("prompt_too_long", f"the prompt has {len(prompt)} tokens; with the answer token it "

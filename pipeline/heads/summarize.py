@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipeline.heads.base import Completion, Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.base import COUNT_PIECE_CHARS, Completion, Engine, Head, HeadOptions, RowError, require_text
 from pipeline.heads.chat import split_reasoning
 
 PARAGRAPH = re.compile(r"\n\s*\n")
@@ -47,11 +48,6 @@ class SummarizeOptions(HeadOptions):
     system_prompt: str | None = Field(None, description="Optional system prompt for every call.")
     enable_thinking: bool = Field(False, description="Qwen3 thinking mode (off: faster, cheaper).")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default temperature (sampling.* wins).")
-    max_chars: int = Field(
-        4_000_000, ge=1, description="Longest document, in characters; a longer one becomes an "
-        "invalid_input error row before it is tokenized (a document is tokenized on the engine's "
-        "event loop, about 0.7 s per million characters on one core, and costs about one engine "
-        "call per chunk).")
 
     @field_validator("instruction", "map_instruction", "reduce_instruction")
     @classmethod
@@ -107,14 +103,11 @@ class SummarizeHead(Head):
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
         doc = require_text(row, o.text_column)
-        if len(doc) > o.max_chars:
-            raise RowError("invalid_input",
-                           f"column '{o.text_column}' has {len(doc):,} characters, more than "
-                           f"task.options.max_chars {o.max_chars:,}; split the document or raise max_chars")
+        # chunked, so a document of any length fits the context: only max_chars bounds it
+        await self.refuse_oversized(engine, [doc], turns=None, columns=[o.text_column])
         sampling = {"temperature": o.temperature, "top_p": 0.8, "top_k": 20, "max_tokens": o.max_tokens}
         sampling.update(self.sampling)
         max_tokens = sampling["max_tokens"]
-        tokens = engine.tokenize_text(doc)
         tally = _Tally()
         reduce_budget = self._budget(engine, o.reduce_instruction, max_tokens)
         map_budget = self._budget(engine, o.map_instruction, max_tokens) - o.chunk_overlap
@@ -123,15 +116,16 @@ class SummarizeHead(Head):
                            f"model.max_model_len {engine.max_model_len} leaves no room to summarize "
                            f"with max_tokens {max_tokens}; raise max_model_len or lower max_tokens")
         single_budget = self._budget(engine, o.instruction, max_tokens)
+        input_tokens = await count_tokens(engine, doc)
         # Only a document near the budget needs its whole prompt counted exactly.
-        whole = self._prompt(engine, o.instruction, doc) if len(tokens) <= single_budget + 16 else None
+        whole = self._prompt(engine, o.instruction, doc) if input_tokens <= single_budget + 16 else None
         if whole is not None and len(whole) + max_tokens <= engine.max_model_len:
             done = await self._call(engine, o.instruction, doc, sampling, tally)
             summary, n_chunks, levels = self._text(done), 1, 1
         else:
-            chunks = split_text(doc, engine, map_budget, overlap=o.chunk_overlap,
-                                fits=lambda t: len(self._prompt(engine, o.map_instruction, t))
-                                + max_tokens <= engine.max_model_len)
+            chunks = await split_text_paced(doc, engine, map_budget, overlap=o.chunk_overlap,
+                                            fits=lambda t: len(self._prompt(engine, o.map_instruction, t))
+                                            + max_tokens <= engine.max_model_len)
             outs = await asyncio.gather(*(self._call(engine, o.map_instruction, c, sampling, tally)
                                           for c in chunks))
             summaries, n_chunks, levels = [self._text(d) for d in outs], len(chunks), 1
@@ -144,7 +138,7 @@ class SummarizeHead(Head):
             summary = summaries[0]
         return {
             "summary": summary,
-            "input_tokens": len(tokens),
+            "input_tokens": input_tokens,
             "n_chunks": n_chunks,
             "levels": levels,
             "calls": tally.calls,
@@ -173,48 +167,104 @@ class SummarizeHead(Head):
         return groups
 
 
+# Characters of tokenizer work between two turns of the event loop: a document's counting and
+# cutting never holds the loop (the other rows on the replica, the row timeout) for long.
+PACE_CHARS = COUNT_PIECE_CHARS
+
+
+async def count_tokens(engine: Engine, text: str) -> int:
+    """Tokens of text as plain text, counted PACE_CHARS characters at a time (cut before a
+    space, where a byte-level tokenizer starts a new word anyway, so the count is the whole
+    text's), letting the event loop run between pieces."""
+    total = 0
+    for i, piece in enumerate(_pieces(text, PACE_CHARS)):
+        if i:
+            await asyncio.sleep(0)
+        total += len(engine.tokenize_text(piece))
+    return total
+
+
 def split_text(text: str, engine: Engine, budget: int, *, overlap: int, fits) -> list[str]:
     """Cut text into chunks of at most `budget` tokens, preferring paragraph, then sentence,
-    then token boundaries; `fits(chunk)` has the last word (it counts the real prompt)."""
-    # Each piece is tokenized once; chunks are packed by adding counts (the real prompt of
-    # every chunk is counted once more by `fits` below), so the work stays linear.
+    then token boundaries; `fits(chunk)` has the last word (it counts the real prompt).
+    Linear in the text's length, in one go (the head uses split_text_paced)."""
+    steps = _splitting(text, engine, budget, overlap=overlap, fits=fits)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+async def split_text_paced(text: str, engine: Engine, budget: int, *, overlap: int, fits) -> list[str]:
+    """split_text, letting the event loop run after every PACE_CHARS characters of work: a
+    long document holds back neither the other rows nor its own row timeout."""
+    steps, work = _splitting(text, engine, budget, overlap=overlap, fits=fits), 0
+    while True:
+        try:
+            work += next(steps)
+        except StopIteration as done:
+            return done.value
+        if work >= PACE_CHARS:
+            work = 0
+            await asyncio.sleep(0)
+
+
+def _splitting(text: str, engine: Engine, budget: int, *, overlap: int, fits):
+    """split_text's work, step by step: yields the characters each step tokenized, returns the
+    chunks. Each piece is tokenized on its own, at most PACE_CHARS characters at once, and
+    chunks are packed by adding counts (the real prompt of every chunk is counted once more by
+    `fits` below), so the work stays linear."""
     budget -= 4  # slack for tokens that merge across the joins
     units: list[tuple[str, int]] = []
     for para in _keep_split(PARAGRAPH, text):
-        n = len(engine.tokenize_text(para))
-        if n <= budget:
-            units.append((para, n))
-            continue
-        for sent in _keep_split(SENTENCE, para):
-            n = len(engine.tokenize_text(sent))
+        if len(para) <= PACE_CHARS:
+            n = len(engine.tokenize_text(para))
+            yield len(para)
             if n <= budget:
-                units.append((sent, n))
-            else:
-                units.extend((w, len(engine.tokenize_text(w))) for w in _token_windows(sent, engine, budget))
+                units.append((para, n))
+                continue
+        for sent in _keep_split(SENTENCE, para):
+            for piece in _pieces(sent, PACE_CHARS):
+                n = len(engine.tokenize_text(piece))
+                yield len(piece)
+                if n <= budget:
+                    units.append((piece, n))
+                    continue
+                for window in _token_windows(piece, engine, budget):
+                    units.append((window, len(engine.tokenize_text(window))))
+                    yield len(window)
     chunks: list[str] = []
-    cur, cur_n = "", 0
+    cur: list[str] = []
+    cur_n = 0
     for unit, n in units:
-        if cur and cur_n + n <= budget:
-            cur, cur_n = cur + unit, cur_n + n
-        else:
-            if cur:
-                chunks.append(cur)
-            cur, cur_n = unit, n
+        if cur and cur_n + n > budget:
+            chunks.append("".join(cur))
+            cur, cur_n = [], 0
+        cur.append(unit)
+        cur_n += n
     if cur:
-        chunks.append(cur)
+        chunks.append("".join(cur))
     if overlap:
-        chunks = [chunks[0]] + [_tail(prev, engine, overlap) + c for prev, c in zip(chunks, chunks[1:])]
+        overlapped = chunks[:1]
+        for prev, chunk in zip(chunks, chunks[1:]):
+            overlapped.append(_tail(prev, engine, overlap) + chunk)
+            yield len(prev)
+        chunks = overlapped
     # Joined text can tokenize a token or two longer than its parts: a chunk that does not
     # fit the real prompt is halved, never truncated.
     out: list[str] = []
-    pending = [c for c in chunks if c.strip()]
+    pending = deque(c for c in chunks if c.strip())
     while pending:
-        c = pending.pop(0)
-        if fits(c):
-            out.append(c)
+        chunk = pending.popleft()
+        fit = fits(chunk)
+        yield len(chunk)
+        if fit:
+            out.append(chunk)
         else:
-            n = len(engine.tokenize_text(c))
-            pending[:0] = _token_windows(c, engine, max(4, n // 2 + 1))
+            n = len(engine.tokenize_text(chunk))
+            pending.extendleft(reversed(_token_windows(chunk, engine, max(4, n // 2 + 1))))
+            yield len(chunk)
     return out or [text]
 
 
@@ -230,28 +280,44 @@ def _keep_split(pattern: re.Pattern, text: str) -> list[str]:
     return [p for p in pieces if p]
 
 
-def _decode_clean(engine: Engine, ids: list[int]) -> tuple[str, int]:
-    """Decode the longest prefix of ids that does not end inside a multi-byte character;
-    returns the text and how many ids it used."""
-    n = len(ids)
-    while n > 0:
-        text = engine.decode(ids[:n])
-        if not text.endswith("\ufffd"):
-            return text, n
-        n -= 1
-    return "", 0
+def _pieces(text: str, size: int) -> list[str]:
+    """text in consecutive pieces of at most size characters, each cut before a space when
+    the piece's second half has one."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        cut = cut if cut > start else start + size
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def _clean_cut(engine: Engine, ids: list[int], cut: int) -> bool:
+    """Whether cutting ids before index cut keeps every character whole. Cut inside a
+    character, the tokens before it decode to a replacement character at the end and those
+    after it to one at the start, and the two decoded apart differ from the text decoded
+    together; a real U+FFFD in the text reads the same both ways. A character is at most 4
+    bytes, so 4 tokens each side decide."""
+    if cut >= len(ids):
+        return True
+    before, after = engine.decode(ids[max(0, cut - 4):cut]), engine.decode(ids[cut:cut + 4])
+    if not (before.endswith("\ufffd") and after.startswith("\ufffd")):
+        return True
+    return engine.decode(ids[max(0, cut - 4):cut + 4]) == before + after
 
 
 def _token_windows(text: str, engine: Engine, budget: int) -> list[str]:
-    """Consecutive windows of at most `budget` tokens that never split a character."""
+    """Consecutive windows of at most `budget` tokens that never split a character (unless
+    no token boundary in a whole window falls between characters: then one is cut). Each
+    window is decoded once and each cut checked on a few tokens, so the work is linear."""
     ids = engine.tokenize_text(text)
     out, start = [], 0
     while start < len(ids):
-        piece, used = _decode_clean(engine, ids[start:start + budget])
-        if not used:  # one character wider than the window (cannot happen for budget >= 4)
-            piece, used = engine.decode(ids[start:start + 4]), 4
-        out.append(piece)
-        start += used
+        end = min(start + budget, len(ids))
+        cut = next((c for c in range(end, start, -1) if _clean_cut(engine, ids, c)), end)
+        out.append(engine.decode(ids[start:cut]))
+        start = cut
     return out
 
 
