@@ -42,7 +42,7 @@ def quiet_stderr(name: str):
         folder = log_dir()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{safe}-{os.getpid()}.log"
-        log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it may quote secrets
     except OSError:
         yield None
         return
