@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.heads.base import RowError
 from pipeline.heads.classify import ClassifyHead
-from pipeline.testing import FakeEngine
+from pipeline.testing import FakeEngine, FakeQaEngine
 
 
 def run(options, text, table):
@@ -72,6 +72,62 @@ def test_over_long_text_is_prompt_too_long(tokenizer):  # counted by the real to
     with pytest.raises(RowError) as e:
         asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400}, FakeEngine(tokenizer=tokenizer, max_model_len=50)))
     assert e.value.error_type == "prompt_too_long"
+
+
+def classify_batch(head, texts, engine):
+    """The head on a batch of rows at once, as the worker runs them: a result or a RowError each."""
+    async def batch():
+        return await asyncio.gather(*(head.run({"text": t}, engine) for t in texts), return_exceptions=True)
+    return asyncio.run(batch())
+
+
+def test_an_over_long_row_is_one_error_row_and_the_others_are_labeled(tokenizer):
+    """A row over task.options.max_chars (default 4,000,000) is refused before it is rendered
+    or tokenized, with the limit and the fix; a row that cannot fit the context is refused
+    without tokenizing it; the other rows of the batch get their labels."""
+    eng = FakeEngine(tokenizer=tokenizer, max_model_len=131_072, scores={"pos": -0.1})
+    head = ClassifyHead({"labels": ["pos", "neg"]})
+    first, huge, last = classify_batch(head, ["Great product!", "word " * 1_000_000, "Works well."], eng)
+    assert first["label"] == last["label"] == "pos"
+    assert isinstance(huge, RowError) and huge.error_type == "invalid_input"
+    assert huge.message == ("the row's text ('text') has 5,000,000 characters, more than task.options.max_chars "
+                            "4,000,000; shorten or split it, or raise task.options.max_chars")
+    assert eng.tokenized < 1_000  # the huge row was never rendered nor tokenized
+
+    small = ClassifyHead({"labels": ["pos", "neg"], "max_chars": 100, "multi_label": True})
+    ok, over = classify_batch(small, ["fine", "x" * 101], eng)
+    assert len(ok["label_probs"]) == 2 and isinstance(over, RowError) and "max_chars 100" in over.message
+
+    eng = FakeEngine(tokenizer=tokenizer, max_model_len=1_024)
+    ok, too_long = classify_batch(head, ["fine", "word " * 200_000], eng)
+    assert ok["label"] in ("pos", "neg") and too_long.error_type == "prompt_too_long"
+    assert "more than model.max_model_len 1024 tokens can hold" in too_long.message
+    assert eng.tokenized < 1_000
+
+
+class CheckpointEngine(FakeQaEngine):
+    """A classification checkpoint's pooling engine: two classes, the same answer for every row."""
+
+    id2label = {0: "neg", 1: "pos"}
+
+    async def classify(self, prompt_token_ids):
+        return [0.2, 0.8]
+
+    async def classify_tokens(self, prompt_token_ids):
+        return [[0.9, 0.1]] * len(prompt_token_ids)
+
+
+@pytest.mark.parametrize("kind", ["SequenceClassifyHead", "TokenClassifyHead"])
+def test_a_classification_checkpoint_refuses_an_over_long_row_alone(tokenizer, kind):
+    from pipeline.heads import checkpoint_classify
+
+    head = getattr(checkpoint_classify, kind)({"max_chars": 1_000})
+    eng = CheckpointEngine(tokenizer=tokenizer, max_model_len=32_768)
+    ok, over = classify_batch(head, ["A fine text.", "word " * 201], eng)
+    assert ok["prompt_tokens"] == len(tokenizer.encode("A fine text."))
+    assert isinstance(over, RowError) and over.error_type == "invalid_input"
+    assert "('text') has 1,005 characters, more than task.options.max_chars 1,000" in over.message
+    assert eng.tokenized == len("A fine text.")
 
 
 def test_entities_follow_bio_labels_and_character_offsets():

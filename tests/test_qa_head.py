@@ -154,6 +154,34 @@ def test_bad_rows_and_options():
     assert QaHead().input_columns() == QaHead().required_all() == ["question", "context"]
 
 
+def qa_batch(head, rows, engine):
+    """The head on a batch of rows at once, as the worker runs them: a result or a RowError each."""
+    async def batch():
+        return await asyncio.gather(*(head.run(r, engine) for r in rows), return_exceptions=True)
+    return asyncio.run(batch())
+
+
+@pytest.mark.parametrize("mode", ["extract", "generate"])
+def test_an_over_long_row_is_one_error_row_and_the_others_are_answered(qwen_tokenizer, mode):
+    """A row whose question and context together pass task.options.max_chars (default
+    4,000,000) is refused before it is tokenized, with the limit and the fix, in either mode;
+    the other rows of the batch are answered."""
+    engine = (FakeQaEngine(tokenizer=qwen_tokenizer, qa=peaks("Paris", "Paris")) if mode == "extract"
+              else FakeEngine(tokenizer=qwen_tokenizer, answer="Paris"))
+    engine.max_model_len = 131_072  # generate: the context would hold 4M characters; max_chars refuses them
+    row = {"question": "Where?", "context": "It is in Paris ."}
+    huge = {"question": "Where?", "context": "Paris " * 700_000}
+    first, refused, last = qa_batch(QaHead({"mode": mode}), [row, huge, row], engine)
+    assert first["answer"] == last["answer"] == "Paris"
+    assert isinstance(refused, RowError) and refused.error_type == "invalid_input"
+    assert refused.message == ("the row's text ('question', 'context') has 4,200,006 characters, more than "
+                               "task.options.max_chars 4,000,000; shorten or split it, or raise "
+                               "task.options.max_chars")
+    assert engine.tokenized < 1_000  # the huge row was never tokenized
+    ok, over = qa_batch(QaHead({"mode": mode, "max_chars": 30}), [row, {**row, "context": "x" * 25}], engine)
+    assert ok["answer"] == "Paris" and "max_chars 30" in over.message
+
+
 def test_use_model_refuses_the_wrong_checkpoint():
     causal = types.SimpleNamespace(architectures=["Qwen3ForCausalLM"])
     qa = types.SimpleNamespace(architectures=["Qwen3ForQuestionAnswering"])
