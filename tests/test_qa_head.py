@@ -4,6 +4,7 @@ the tokenizer's overflowing windows), control strings as text, and the generate 
 
 import asyncio
 import math
+import time
 import types
 
 import numpy as np
@@ -180,6 +181,22 @@ def test_an_over_long_row_is_one_error_row_and_the_others_are_answered(qwen_toke
     assert engine.tokenized < 1_000  # the huge row was never tokenized
     ok, over = qa_batch(QaHead({"mode": mode, "max_chars": 30}), [row, {**row, "context": "x" * 25}], engine)
     assert ok["answer"] == "Paris" and "max_chars 30" in over.message
+
+
+def test_a_long_context_is_read_in_pieces_that_a_deadline_can_stop(qwen_tokenizer):
+    """A long context is tokenized piece by piece with the same tokens and offsets as in one
+    go, and the row lets the event loop run between pieces, so the worker's row timeout ends a
+    row still reading its context."""
+    from pipeline.heads.qa import context_tokens
+    from pipeline.prompt_tokens import plain_text_offsets
+
+    context = "Ada wrote the first program. Ünïcödé 🙂 e\u0301 and more   text.\n" * 4_000
+    engine = FakeQaEngine(tokenizer=qwen_tokenizer)
+    assert asyncio.run(context_tokens(engine, context)) == plain_text_offsets(qwen_tokenizer, context)
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):  # about 3.6M characters: seconds of work in one go
+        asyncio.run(asyncio.wait_for(QaHead().run({"question": "Who?", "context": context * 14}, engine), 0.5))
+    assert time.monotonic() - started < 2
 
 
 def test_use_model_refuses_the_wrong_checkpoint():

@@ -126,3 +126,12 @@ def test_summary_length_too_big_for_the_context_is_explained(tokenizer):
     with pytest.raises(RowError) as e:
         summarize(real_engine(tokenizer, max_model_len=128), "x " * 500, max_tokens=64)
     assert e.value.error_type == "prompt_too_long" and "lower max_tokens" in e.value.message
+
+
+def test_a_long_document_is_counted_in_pieces_as_in_one_go(tokenizer):
+    """input_tokens of a document longer than one counting piece (64K characters) is the
+    tokenizer's count of the whole document."""
+    doc = paragraphs(70_000, tokenizer) + " Ünïcödé 🙂 e\u0301 and   spaces." * 2_000
+    assert len(doc) > 4 * (1 << 16)
+    out = summarize(real_engine(tokenizer, max_model_len=4096), doc)
+    assert out["input_tokens"] == len(tokenizer.encode(doc, add_special_tokens=False))

@@ -266,3 +266,17 @@ MIN_TOKENS_PER_TURN = 4
 MAX_CHARS_PER_TOKEN = 128
 COUNT_PIECE_CHARS = 1 << 16  # texts longer than this are counted piece by piece
 _CUT_SLACK = 8  # tokens a cut between pieces may add to the count
+
+
+def text_pieces(text: str, size: int) -> list[str]:
+    """text in consecutive pieces of at most size characters, each cut before a space when the
+    piece's second half has one: where a byte-level tokenizer starts a new word anyway, so the
+    pieces tokenized apart give the whole text's tokens."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        cut = cut if cut > start else start + size
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, PoolingEngine, RowError, require_text
+from pipeline.heads.base import (COUNT_PIECE_CHARS, Engine, Head, HeadOptions, PoolingEngine, RowError, require_text,
+                                 text_pieces)
 
 QA_SUFFIX = "ForQuestionAnswering"
 MASKED = -10000.0  # transformers' pipeline gives non-context tokens this logit before the softmax
@@ -92,6 +93,26 @@ def windows(n: int, room: int, stride: int) -> list[tuple[int, int]]:
         start += room - stride
 
 
+WINDOWS_PER_PAUSE = 16  # windows whose best span is found between two turns of the event loop
+
+
+async def context_tokens(engine: PoolingEngine, context: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """engine.token_offsets of the context, COUNT_PIECE_CHARS characters at a time (text_pieces),
+    letting the event loop run between pieces: a long context holds back neither the other rows
+    nor its own row timeout."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    start = 0
+    for i, piece in enumerate(text_pieces(context, COUNT_PIECE_CHARS)):
+        if i:
+            await asyncio.sleep(0)
+        piece_ids, piece_offsets = engine.token_offsets(piece)
+        ids += piece_ids
+        offsets += [(a + start, b + start) for a, b in piece_offsets]
+        start += len(piece)
+    return ids, offsets
+
+
 class QaHead(Head):
     name = "qa"
     Options = QaOptions
@@ -131,7 +152,7 @@ class QaHead(Head):
             raise RowError("internal_error", "mode 'extract' runs on a *ForQuestionAnswering checkpoint; "
                                              "this engine has no question-answering head")
         q_ids = engine.tokenize_text(question)  # untrusted: control strings stay text
-        c_ids, offsets = engine.token_offsets(context)
+        c_ids, offsets = await context_tokens(engine, context)
         window = min(o.max_seq_len, engine.max_model_len)
         room = window - len(q_ids)
         if room <= o.doc_stride:
@@ -141,7 +162,9 @@ class QaHead(Head):
         spans = windows(len(c_ids), room, o.doc_stride)
         logits = await asyncio.gather(*(engine.qa_logits(q_ids + c_ids[a:b]) for a, b in spans))
         best = None
-        for (a, b), (start, end) in zip(spans, logits):
+        for i, ((a, b), (start, end)) in enumerate(zip(spans, logits)):
+            if i % WINDOWS_PER_PAUSE == WINDOWS_PER_PAUSE - 1:
+                await asyncio.sleep(0)  # a long context's spans must not hold the event loop
             s, e, score = best_span(list(start), list(end), len(q_ids), len(q_ids) + b - a, o.max_answer_tokens)
             if best is None or score > best[2]:  # the first window wins a tie, as a stable sort
                 best = (a + s - len(q_ids), a + e - len(q_ids), score)

@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipeline.heads.base import COUNT_PIECE_CHARS, Completion, Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.base import (COUNT_PIECE_CHARS, Completion, Engine, Head, HeadOptions, RowError, require_text,
+                                 text_pieces)
 from pipeline.heads.chat import split_reasoning
 
 PARAGRAPH = re.compile(r"\n\s*\n")
@@ -177,7 +178,7 @@ async def count_tokens(engine: Engine, text: str) -> int:
     space, where a byte-level tokenizer starts a new word anyway, so the count is the whole
     text's), letting the event loop run between pieces."""
     total = 0
-    for i, piece in enumerate(_pieces(text, PACE_CHARS)):
+    for i, piece in enumerate(text_pieces(text, PACE_CHARS)):
         if i:
             await asyncio.sleep(0)
         total += len(engine.tokenize_text(piece))
@@ -225,7 +226,7 @@ def _splitting(text: str, engine: Engine, budget: int, *, overlap: int, fits):
                 units.append((para, n))
                 continue
         for sent in _keep_split(SENTENCE, para):
-            for piece in _pieces(sent, PACE_CHARS):
+            for piece in text_pieces(sent, PACE_CHARS):
                 n = len(engine.tokenize_text(piece))
                 yield len(piece)
                 if n <= budget:
@@ -278,19 +279,6 @@ def _keep_split(pattern: re.Pattern, text: str) -> list[str]:
     if last < len(text):
         pieces.append(text[last:])
     return [p for p in pieces if p]
-
-
-def _pieces(text: str, size: int) -> list[str]:
-    """text in consecutive pieces of at most size characters, each cut before a space when
-    the piece's second half has one."""
-    out, start = [], 0
-    while len(text) - start > size:
-        cut = text.rfind(" ", start + size // 2, start + size)
-        cut = cut if cut > start else start + size
-        out.append(text[start:cut])
-        start = cut
-    out.append(text[start:])
-    return out
 
 
 def _clean_cut(engine: Engine, ids: list[int], cut: int) -> bool:
