@@ -116,6 +116,16 @@ class PoolingEngine(TextEngine, Protocol):
 Engine = GenerativeEngine  # the handle most heads get; pooling heads annotate PoolingEngine
 
 
+# Bounds that let a huge row fail fast instead of holding the engine's event loop (and so
+# every other row in flight on the replica) while it is tokenized. Qwen3's template spends at
+# least 4 tokens on a turn (<|im_start|>, the role, a newline, <|im_end|>) and no token of its
+# vocabulary is longer than 128 characters, so a row past either bound cannot fit.
+MIN_TOKENS_PER_TURN = 4
+MAX_CHARS_PER_TOKEN = 128
+COUNT_PIECE_CHARS = 1 << 16  # texts longer than this are counted piece by piece
+_CUT_SLACK = 8  # tokens a cut between pieces may add to the count
+
+
 class HeadOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -256,16 +266,6 @@ def require_text(row: dict[str, Any], column: str) -> str:
     if not value.strip():
         raise RowError("invalid_input", f"column '{column}' is empty or whitespace only")
     return value
-
-
-# Bounds that let a huge row fail fast instead of holding the engine's event loop (and so
-# every other row in flight on the replica) while it is tokenized. Qwen3's template spends at
-# least 4 tokens on a turn (<|im_start|>, the role, a newline, <|im_end|>) and no token of its
-# vocabulary is longer than 128 characters, so a row past either bound cannot fit.
-MIN_TOKENS_PER_TURN = 4
-MAX_CHARS_PER_TOKEN = 128
-COUNT_PIECE_CHARS = 1 << 16  # texts longer than this are counted piece by piece
-_CUT_SLACK = 8  # tokens a cut between pieces may add to the count
 
 
 def text_pieces(text: str, size: int) -> list[str]:
