@@ -58,16 +58,12 @@ def check_holder(fs: pafs.FileSystem, root: str, run_id: str) -> None:
     """The fencing check: raise LostLockError when the lock names another run or is gone.
     A lock that cannot be read (the store keeps failing, or its content is not whole after
     a few reads) raises StoreUnavailableError: the run stops, but nobody took over."""
-    policy = Policy()
-    for attempt in range(policy.attempts):
-        holder = read_holder(fs, root)
-        if holder != {}:
-            break
-        time.sleep(policy.delay(attempt))
-    else:
-        raise StoreUnavailableError(f"the lock file {posixpath.join(root, LOCK)} could not be read whole "
-                                    f"in {policy.attempts} reads, so this run cannot tell that it still "
-                                    f"holds it")
+    policy, start, attempt = Policy(), time.monotonic(), 0
+    while (holder := read_holder(fs, root)) == {}:
+        if not policy.wait(attempt, start):
+            raise StoreUnavailableError(f"the lock file {posixpath.join(root, LOCK)} could not be read whole "
+                                        f"in {attempt + 1} reads, so this run cannot tell that it still holds it")
+        attempt += 1
     if holder is None or holder.get("run_id") != run_id:
         who = (holder or {}).get("run_id") or "nobody: the lock file is gone"
         raise LostLockError(

@@ -23,8 +23,11 @@ import time
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-ATTEMPTS = 8  # QWEN_BATCH_STORE_ATTEMPTS; each attempt is itself up to 3 SDK tries
-BACKOFF_S = 0.25  # QWEN_BATCH_STORE_BACKOFF_S: first backoff bound; doubles up to 32x
+# A throttling burst lasts seconds to a minute: a call is retried for a time, not a count.
+RETRY_S = 60.0  # QWEN_BATCH_STORE_RETRY_S: how long one call keeps retrying before giving up
+BACKOFF_S = 0.25  # QWEN_BATCH_STORE_BACKOFF_S: the first backoff's bound; it doubles up to CAP_S
+CAP_S = 8.0
+MAX_ATTEMPTS = 40
 SDK_ATTEMPTS = 3  # the S3 client's own tries per attempt (pyarrow's default for S3FileSystem)
 
 # Seen from pyarrow 26's S3 client against a fault-injecting proxy (tests/s3_fault_proxy.py):
@@ -66,23 +69,31 @@ def transient(e: BaseException) -> bool:
 
 
 class Policy:
-    """How many attempts, and the backoff: full jitter, uniform in [0, min(cap, base * 2^n))."""
+    """Retry for up to retry_s (and MAX_ATTEMPTS), with full-jitter backoff: a sleep uniform
+    in [0, min(CAP_S, base_s * 2^n))."""
 
-    def __init__(self, attempts: int | None = None, base_s: float | None = None):
-        self.attempts = max(1, int(attempts if attempts is not None
-                                   else os.environ.get("QWEN_BATCH_STORE_ATTEMPTS", ATTEMPTS)))
-        self.base_s = float(base_s if base_s is not None else os.environ.get("QWEN_BATCH_STORE_BACKOFF_S", BACKOFF_S))
-        self.cap_s = 32 * self.base_s
+    def __init__(self, retry_s: float | None = None, base_s: float | None = None):
+        env = os.environ.get
+        self.retry_s = float(retry_s if retry_s is not None else env("QWEN_BATCH_STORE_RETRY_S", RETRY_S))
+        self.base_s = float(base_s if base_s is not None else env("QWEN_BATCH_STORE_BACKOFF_S", BACKOFF_S))
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** attempt))
+        return random.uniform(0, min(CAP_S, self.base_s * 2 ** attempt))
+
+    def wait(self, attempt: int, start: float) -> bool:
+        """Sleep before the next attempt; False when the time or the attempts are spent."""
+        left = self.retry_s - (time.monotonic() - start)
+        if left <= 0 or attempt + 1 >= MAX_ATTEMPTS:
+            return False
+        time.sleep(min(left, self.delay(attempt)))
+        return True
 
     def call(self, fn, what: str, *, done_if_gone: bool = False):
         """fn() until it succeeds or fails for good; done_if_gone: an operation that removes
         its object (delete, move) counts as done when a retry finds it gone (the first try
         may have landed and only its answer been lost)."""
-        start = time.monotonic()
-        for attempt in range(self.attempts):
+        start, attempt = time.monotonic(), 0
+        while True:
             try:
                 return fn()
             except FileNotFoundError:
@@ -92,14 +103,14 @@ class Policy:
             except Exception as e:
                 if not transient(e):
                     raise
-                if attempt + 1 == self.attempts:
+                if not self.wait(attempt, start):
                     raise StoreUnavailableError(
-                        f"the object store kept failing: {what}: {_one_line(e)} ({self.attempts} "
+                        f"the object store kept failing: {what}: {_one_line(e)} ({attempt + 1} "
                         f"attempts in {time.monotonic() - start:.0f} s)") from e
-                time.sleep(self.delay(attempt))
+            attempt += 1
 
     def __reduce__(self):
-        return Policy, (self.attempts, self.base_s)
+        return Policy, (self.retry_s, self.base_s)
 
 
 def _one_line(e: BaseException) -> str:

@@ -7,9 +7,12 @@ path pattern, answer the next N of them with a fault instead:
     proxy.inject("500", count=3)                                     # InternalError
     proxy.inject("drop", count=2, method="PUT")     # read the request, close without answering
     proxy.inject("slow", count=4, delay=0.5)        # answer late (forwarded after a sleep)
+    proxy.inject("503", seconds=10, method="PUT")   # every match for 10 s from the first one
 
-Bursts longer than the SDK's own retries (pyarrow's S3 client tries 3 times by default) are
-what the pipeline's own retries (pipeline.store_retry) must carry. `proxy.log` lists every
+Bursts longer than the SDK's own retries are what the pipeline's own retries
+(pipeline.store_retry) must carry: a filesystem from pyarrow's FileSystem.from_uri (what the
+code before those retries used) retries one request about 30 times over about 6 s here, so
+only a burst that lasts longer (`seconds=10`) beats it; the pipeline sets 3 tries a call. `proxy.log` lists every
 request as (method, path, fault or None). Use `fault_proxy(server)` as a context manager, or
 the `s3_fault_proxy` fixture.
 """
@@ -44,6 +47,8 @@ class Fault:
     method: str | None = None  # e.g. "GET"; None: any
     path: str | None = None  # a regex searched in the request's path and query
     delay: float = 0.0  # "slow": seconds before forwarding
+    seconds: float | None = None  # instead of a count: every match for this long from the first
+    until: float | None = None
 
     def matches(self, method: str, target: str) -> bool:
         return ((self.method is None or self.method == method)
@@ -145,12 +150,13 @@ class FaultProxy:
         self.server.server_close()
         self._thread.join(timeout=5)
 
-    def inject(self, kind: str, count: int, *, method: str | None = None, path: str | None = None,
-               delay: float = 0.0) -> Fault:
-        """Answer the next `count` requests matching method and path with a fault."""
+    def inject(self, kind: str, count: int = 0, *, method: str | None = None, path: str | None = None,
+               delay: float = 0.0, seconds: float | None = None) -> Fault:
+        """Answer the next `count` requests matching method and path with a fault, or every
+        one for `seconds` from the first."""
         if kind not in (*ERRORS, "drop", "slow"):
             raise ValueError(f"unknown fault {kind!r}")
-        fault = Fault(kind, count, method, path, delay)
+        fault = Fault(kind, count, method, path, delay, seconds)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -167,8 +173,16 @@ class FaultProxy:
 
     def _take(self, method: str, target: str) -> Fault | None:
         with self._lock:
+            now = time.monotonic()
             for fault in self.faults:
-                if fault.count > 0 and fault.matches(method, target):
+                if not fault.matches(method, target):
+                    continue
+                if fault.seconds is not None:
+                    fault.until = fault.until or now + fault.seconds
+                    if now < fault.until:
+                        fault.count += 1  # how many it answered
+                        return fault
+                elif fault.count > 0:
                     fault.count -= 1
                     return fault
         return None

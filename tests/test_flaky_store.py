@@ -3,8 +3,10 @@ and the workers retries transient errors (pipeline.store_retry); a lock is lost 
 evidence of another holder; a store that keeps failing exits 3, never 2.
 
 The store is the session's moto server behind tests/s3_fault_proxy.py, which answers chosen
-requests with 503 SlowDown or 500 InternalError bursts longer than the S3 client's own three
-tries, drops connections, or answers late. AWS_ENDPOINT_URL points at the proxy for this
+requests with 503 SlowDown or 500 InternalError, drops connections, or answers late: bursts
+of 4 answers beat the three tries the pipeline gives its S3 client; bursts of 10 s beat the
+30-odd tries over ~6 s of the client the code before these retries used (FileSystem.from_uri's
+default), so these tests fail on it. AWS_ENDPOINT_URL points at the proxy for this
 module (Ray is started after it, so its workers use it too); setup and checks that must not
 meet faults go to moto directly (s3_server's helpers)."""
 
@@ -59,7 +61,7 @@ def faults(proxy):
 @pytest.fixture
 def few_attempts(monkeypatch):
     """Retries that give up soon (the CLI run as a subprocess inherits them)."""
-    monkeypatch.setenv("QWEN_BATCH_STORE_ATTEMPTS", "3")
+    monkeypatch.setenv("QWEN_BATCH_STORE_RETRY_S", "5")
     monkeypatch.setenv("QWEN_BATCH_STORE_BACKOFF_S", "0.05")
 
 
@@ -88,12 +90,14 @@ def test_a_job_through_a_flaky_store_ends_exact(faults, s3_server, s3_bucket, ti
               ("500", "GET", r"/out/_commits/"), ("503", "GET", r"/in/part-00001")]
     for kind, method, path in bursts:
         faults.inject(kind, 4, method=method, path=path)
-    faults.inject("slow", 20, delay=0.3)
+    faults.inject("503", seconds=10, method="PUT", path=r"/out/_commits/")  # the first record's write
+    faults.inject("slow", 10, delay=0.3)
     report = run_job(load_spec(data=spec_data(s3_bucket, tiny_model)), progress=False,
                      engine_factory=fake_engine_factory())
     assert report.exit_code == EXIT_OK, report.message
     spent = [f for f in faults.faults if f.kind != "slow"]
-    assert all(f.count == 0 for f in spent), [(f.kind, f.method, f.path, f.count) for f in spent]  # all met
+    assert all((f.count > 5) if f.seconds else (f.count == 0) for f in spent), \
+        [(f.kind, f.method, f.path, f.count) for f in spent]  # every burst was met
     faults.clear()
     want = sorted(r["id"] for shard in shards for r in shard)
     assert sorted(ids_out(f"{s3_bucket}/out")) == want  # every row once
@@ -111,10 +115,10 @@ def test_a_job_through_a_flaky_store_ends_exact(faults, s3_server, s3_bucket, ti
 
 def test_a_commit_record_write_that_gets_503s_is_retried_and_lands(faults, s3_server, s3_bucket):
     store = OutputStore(f"{s3_bucket}/out")
-    faults.inject("503", 7, method="PUT", path=r"/_commits/")  # more than two of the client's tries
+    faults.inject("503", seconds=10, method="PUT", path=r"/_commits/")
     record = {"name": "a.parquet", "files": {"results": [], "errors": [], "metrics": []}}
     store.commit(record)
-    assert faults.injected("503") == 7
+    assert faults.injected("503") > 5
     assert json.loads(s3_server.read(f"{s3_bucket}/out/_commits/a.parquet.json")) == record
 
 
@@ -123,12 +127,12 @@ def test_a_lock_read_that_fails_a_few_times_does_not_lose_the_lock(faults, s3_bu
     lock = OutputLock(store.fs, store.root, "run-1")
     lock.acquire()
     try:
-        faults.inject("503", 4, method="GET", path=r"/_lock\.json")
-        faults.inject("drop", 4, method="GET", path=r"/_lock\.json")
         faults.inject("500", 4, method="HEAD", path=r"/_lock\.json")
+        faults.inject("drop", 4, method="GET", path=r"/_lock\.json")
+        faults.inject("503", seconds=10, method="HEAD", path=r"/_lock\.json")
         check_holder(store.fs, store.root, "run-1")  # the fencing check of workers and the driver
         lock.verify()
-        assert faults.injected() == 12
+        assert faults.injected("500") == 4 and faults.injected("drop") == 4 and faults.injected("503") > 5
     finally:
         lock.release()
 
@@ -183,4 +187,4 @@ def test_a_planning_read_that_keeps_failing_exits_3_not_2(failing, faults, s3_se
     assert done.returncode == EXIT_CRASHED, err[-2000:]
     assert "the object store kept failing" in err and "rerun the same command to resume" in err
     assert "SLOW_DOWN" in err and "cannot be read:" not in err
-    assert faults.injected("503") >= 9  # 3 attempts of 3 tries each
+    assert faults.injected("503") > 3  # more than one attempt of the client's 3 tries
