@@ -288,8 +288,8 @@ class OutputStore:
 
         folders = self._shard_folders(self.records(), shard_names)
         self.fs.delete_dir_contents(self.abs(COMMITS), missing_dir_ok=True)
-        self.delete([f for f in self.files() if self._is_ours(f, folders)])
         self.fs.delete_dir_contents(self.abs(POISON), missing_dir_ok=True)  # a new start for every row
+        self.delete([f for f in self.files() if self._is_ours(f, folders)])
 
     def legacy_files(self) -> list[str]:
         """Output files of the layout before commit records (results/NAME.parquet)."""
