@@ -140,7 +140,8 @@ def cmd_validate(args) -> int:
     todo_rows = sum(s.rows for s in plan.todo)
     devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
     console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{spec.task.head}', "
-                  f"model {spec.model.source}.", highlight=False)
+                  f"model {spec.model.source} ({plan.checkpoint_kind.replace('_', ' ')} checkpoint).",
+                  highlight=False)
     low, high = spec.resources.replica_range
     console.print(f"Plan: {len(plan.todo)} shard(s) and {todo_rows:,} rows to run "
                   f"({len(plan.done)} already committed in {redact_text(spec.output.path)}); {estimate}; "

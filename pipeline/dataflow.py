@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.heads import results_schema
 from pipeline.placement import ReplicaPlacer
 from pipeline.session import actor_env
 from pipeline.sink import SHARD_COLUMN, path_key, write_parts
@@ -106,7 +105,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         write_parts,
         fn_kwargs={"output": spec.output.path, "run_id": run_id, "head": spec.task.head,
                    "id_type": plan.id_type, "shard_names": {s.path: s.name for s in todo}, "origin": origin,
-                   "results_schema": results_schema(spec, plan.id_type)},
+                   "results_schema": plan.results_schema},
         batch_size=rows_per_write(spec, sum(plan.rows_to_run(s) for s in todo)),
         batch_format="pyarrow",
         zero_copy_batch=True,

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
-from pipeline.heads import head_class, job_head
+from pipeline.checkpoint import checkpoint_kind, job_head
+from pipeline.heads import head_class
 from pipeline.output import OutputStore
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
 from pipeline.sink import SHARD_COLUMN
@@ -76,6 +78,9 @@ class Plan:
     retry: RetrySelection | None = None
     redo: dict[str, pa.Array] = field(default_factory=dict, repr=False)  # committed shard -> ids to redo
     records: dict[str, dict] = field(default_factory=dict, repr=False)  # commit records found
+    head: Any = field(default=None, repr=False)  # the job's head for its checkpoint (checkpoint.job_head)
+    results_schema: pa.Schema | None = field(default=None, repr=False)  # the job's results columns
+    checkpoint_kind: str = "unknown"  # causal, moe, sequence_classification, ... (checkpoint.checkpoint_kind)
     moved: dict[str, str] = field(default_factory=dict)  # shard -> the orphaned record of its content
 
     @property
@@ -107,7 +112,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     problem = head.check_options(spec.task.options)
     if problem:
         raise SpecError(problem)
-    _check_engine(spec)
+    config = _check_engine(spec)
     try:
         head_obj = job_head(spec)  # a head that reads the checkpoint's config checks it here
     except ValueError as e:
@@ -128,7 +133,8 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
                          f"with each row's file name; rename that column (or the head's column option)")
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
-    plan = Plan(spec, fs, shards, id_type, columns, [], [], [], retry=retry)
+    plan = Plan(spec, fs, shards, id_type, columns, [], [], [], retry=retry, head=head_obj,
+                results_schema=head_obj.result_schema(id_type), checkpoint_kind=checkpoint_kind(config))
     read_output_state(plan, overwrite=overwrite, resume_anyway=resume_anyway)
     return plan
 
@@ -284,13 +290,13 @@ def _changed_settings(spec: JobSpec, last_run: dict | None) -> str:
     return f" (changed since the last run: {'; '.join(changes[:5])})" if changes else ""
 
 
-def _check_engine(spec: JobSpec) -> None:
+def _check_engine(spec: JobSpec) -> Any:
     """The checkpoint's config must load (weights are not touched), and the engine arguments
-    the workers will build must be valid."""
+    the workers will build must be valid. Returns the config."""
     from pipeline.engine_args import hf_config
 
     try:
-        hf_config(spec.model.source, spec.model.trust_remote_code)
+        config = hf_config(spec.model.source, spec.model.trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, ... with long texts
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpecError(f"model.source {spec.model.source}: cannot read the checkpoint's config "
@@ -299,6 +305,7 @@ def _check_engine(spec: JobSpec) -> None:
     # raises SpecError for contradictory model keys, or a checkpoint the head's engine task cannot use
     # the spec's device (auto: quantization either device runs), before one is chosen
     job_engine_args(spec, device=spec.resources.device)
+    return config
 
 
 def job_engine_args(spec: JobSpec, *, device: str) -> dict:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from pipeline import dataflow, manifest as manifests
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
-from pipeline.heads import results_schema
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore, new_run_id
 from pipeline.output_lock import LostLockError, OutputLock
@@ -322,7 +321,7 @@ def _execute(run: Run) -> None:
                 totals=run.totals, record={"run_id": run.run_id, "spec_fingerprint": spec.fingerprint()},
                 redo={name: (ids, plan.records[name]) for name, ids in plan.redo.items()},
                 redo_where=plan.retry.describe() if plan.retry else None,
-                results_schema=results_schema(spec, plan.id_type))
+                results_schema=plan.results_schema)
             _stream(run, ds, committer)
         finally:
             placer.release()

@@ -13,6 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.store_retry import StoreUnavailableError
+
 
 class InputError(ValueError):
     """Input that cannot run; the message names each file and the fix."""
@@ -106,8 +108,6 @@ def list_shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     Names starting with '_' or '.' (_SUCCESS, .crc, _manifest.json) are skipped, as Spark
     and pyarrow do. A path that cannot be reached raises InputError saying why.
     """
-    from pipeline.store_retry import StoreUnavailableError
-
     try:
         return _list_shard_paths(uri)
     except (InputError, StoreUnavailableError):  # the latter is not the input's fault: exit 3
@@ -166,6 +166,8 @@ def open_shards(uri: str) -> tuple[pafs.FileSystem, list[Shard]]:
                 meta = pq.ParquetFile(f).metadata
                 shards.append(Shard(path, shard_name(path, root), f.size(), meta.num_rows,
                                     meta.schema.to_arrow_schema(), footer=footer_hash(f)))
+        except StoreUnavailableError:
+            raise  # the store, not the file: exit 3 and a rerun resumes
         except (pa.ArrowInvalid, OSError) as e:
             problems.append(f"{path}: not a readable Parquet file ({e}); remove it or regenerate it")
     if problems:

@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+
+from pipeline.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingValues  # noqa: F401 (re-exported)
+from pipeline.strict_config import StrictSection, explain_validation_error
 
 
 class SpecError(ValueError):
     """A job spec that cannot run; the message says what to change."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class InputSpec(_Section):
+class InputSpec(StrictSection):
     path: str = Field(
         description="Parquet prompt shards: a file, a directory (all *.parquet inside, "
         "recursively) or a glob; local or any URI pyarrow understands (s3://, gs://, hdfs://)."
@@ -30,7 +29,7 @@ class InputSpec(_Section):
     id_column: str = Field("id", description="Column holding each row's unique id.")
 
 
-class OutputSpec(_Section):
+class OutputSpec(StrictSection):
     path: str = Field(
         description="Output directory: results/, errors/, metrics/ and _manifest.json go here."
     )
@@ -121,7 +120,7 @@ def engine_kwarg_problem(key: str, value: Any) -> str | None:
     return None
 
 
-class ModelSpec(_Section):
+class ModelSpec(StrictSection):
     source: str = Field(
         description="Hugging Face id (Qwen/Qwen3-8B) or a local checkpoint directory."
     )
@@ -168,49 +167,6 @@ class ModelSpec(_Section):
         return v
 
 
-# Bounds on stop strings (spec and per-row): every generated token is checked against each.
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-_FINITE = {"allow_inf_nan": False}
-
-
-class SamplingValues(_Section):
-    """Sampling settings as vLLM takes them; a row's `sampling` overrides are checked
-    against this model (strictly), with the bounds vLLM's SamplingParams enforces."""
-
-    temperature: float | None = Field(None, ge=0.0, le=2.0, **_FINITE,
-                                      description="0 means greedy; at most 2.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, **_FINITE, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=-1, description="Sample among the k likeliest tokens; 0 or -1: all.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, **_FINITE, description="Minimum token probability.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate per row.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
-                             description="Per-request seed, for reproducible sampling.")
-    repetition_penalty: float | None = Field(None, gt=0.0, **_FINITE, description="1.0 means none.")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, **_FINITE,
-                                           description="Penalty for tokens already used, in [-2, 2].")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, **_FINITE,
-                                            description="Penalty growing with use count, in [-2, 2].")
-    stop: list[str] | None = Field(
-        None, description=f"Strings that end generation: at most {MAX_STOP_STRINGS}, each "
-        f"1 to {MAX_STOP_CHARS} characters.")
-    ignore_eos: bool | None = Field(None, description="Keep generating past end-of-sequence.")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_is_bounded(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(v)})")
-        for i, s in enumerate(v):
-            if not s:
-                raise ValueError(f"stop[{i}] is empty; every stop string needs at least one character")
-            if len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"stop[{i}] has {len(s)} characters; at most {MAX_STOP_CHARS}")
-        return v
-
-
 # Keys of SamplingSpec that bound rows' overrides; heads take them out of the sampling dict.
 SAMPLING_LIMIT_KEYS = ("row_max_tokens",)
 
@@ -232,14 +188,25 @@ class SamplingSpec(SamplingValues):
         return out
 
 
-class TaskSpec(_Section):
-    head: Literal["chat", "summarize", "classify", "extract", "embed", "rerank", "qa"] = Field(
-        description="Which task head turns each row into a result."
-    )
+class TaskSpec(StrictSection):
+    head: str = Field(description="Which task head turns each row into a result: one of the "
+                      "names in pipeline.heads.HEADS (chat, summarize, classify, extract, embed, rerank, qa).")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="The head's own options (see the README's head sections); checked strictly.",
     )
+
+    @field_validator("head")
+    @classmethod
+    def _head_is_registered(cls, v: str) -> str:
+        from pipeline.heads import head_names
+
+        if v not in head_names():
+            close = difflib.get_close_matches(v, head_names(), n=1, cutoff=0.6)
+            names = [repr(n) for n in head_names()]
+            raise ValueError(f"unknown head {v!r}." + (f" Did you mean '{close[0]}'?" if close else "")
+                             + f" Use {', '.join(names[:-1])} or {names[-1]}")
+        return v
 
     @field_validator("options")
     @classmethod
@@ -251,7 +218,7 @@ class TaskSpec(_Section):
         return head_class(info.data["head"]).resolve_options(v) if "head" in info.data else v
 
 
-class ResourcesSpec(_Section):
+class ResourcesSpec(StrictSection):
     replicas: int | tuple[int, int] = Field(
         1, description="Engine actors, each holding one model copy: a number, or [min, max] to "
         "let Ray Data add replicas while work is queued (the cluster autoscaler adds nodes).")
@@ -313,13 +280,13 @@ class ResourcesSpec(_Section):
         return (r, r) if isinstance(r, int) else (r[0], r[1])
 
 
-class RaySpec(_Section):
+class RaySpec(StrictSection):
     address: str | None = Field(
         None, description="Ray cluster to join (ray://... or host:port); default: start one here."
     )
 
 
-class JobSpec(_Section):
+class JobSpec(StrictSection):
     """One batch job: where rows come from, which model and head, where results go."""
 
     name: str = Field("job", description="A name for logs and the manifest.")
@@ -394,40 +361,6 @@ def spec_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{where}: {a!r} -> {b!r}")
     return out
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names valid at a location of a validation error (the unknown key's parent)."""
-    cur: Any = model
-    for part in loc[:-1]:
-        field = cur.model_fields.get(part) if isinstance(cur, type) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return []
-        cur = field.annotation
-    return list(cur.model_fields) if isinstance(cur, type) else []
-
-
-def explain_validation_error(model: type[BaseModel], err: ValidationError, source: str) -> str:
-    """Turn pydantic's errors into lines a user can act on, with did-you-mean for typos."""
-    lines = [f"{source}: the job spec is not valid:"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            known = _known_keys(model, e["loc"])
-            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1, cutoff=0.6)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  - {where}: unknown key.{hint} Valid keys here: {', '.join(known)}.")
-        elif e["type"] == "missing":
-            lines.append(f"  - {where}: required key is missing.")
-        elif isinstance(e.get("input"), (dict, list)):
-            # our validators' messages name the keys and the fix; never echo a whole mapping
-            # (it may hold secrets) or list
-            for line in e["msg"].removeprefix("Value error, ").split("\n"):
-                line = line if line.endswith((".", "?")) else line + "."
-                lines.append(f"  - {line}" if line.startswith(where + ".") else f"  - {where}: {line}")
-        else:
-            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r}).")
-    return "\n".join(lines)
 
 
 class _DuplicateKey(yaml.YAMLError):

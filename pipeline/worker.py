@@ -11,7 +11,8 @@ from typing import Any, AsyncIterator
 
 import pyarrow as pa
 
-from pipeline.heads import RowError, job_head
+from pipeline.checkpoint import job_head
+from pipeline.heads import RowError
 from pipeline.ledger import EngineGate, batch_key
 from pipeline.schemas import arrow_schema
 from pipeline.sink import SHARD_COLUMN

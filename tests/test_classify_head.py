@@ -150,7 +150,7 @@ def test_classify_runs_the_checkpoints_own_head_on_a_classification_checkpoint(t
     import json
 
     from jobs import job_spec
-    from pipeline.heads import job_head
+    from pipeline.checkpoint import job_head
     from pipeline.heads.checkpoint_classify import SequenceClassifyHead, TokenClassifyHead
 
     kinds = {"Qwen3ForSequenceClassification": SequenceClassifyHead,

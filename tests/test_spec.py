@@ -223,3 +223,28 @@ def test_a_summarize_instruction_without_text_is_refused(tmp_path, capsys, optio
     code, err = _validate(tmp_path, job, capsys)
     assert code == 2, err
     assert f"task.options for head 'summarize'" in err and option in err and "has no {text}" in err
+
+
+def test_the_head_registry_names_each_head_once_and_the_spec_takes_its_names():
+    from pipeline.heads import HEADS, head_class, head_names
+
+    assert head_names() == tuple(HEADS)
+    for name in head_names():
+        assert head_class(name).name == name
+    with pytest.raises(SpecError, match=r"unknown head 'clasify'. Did you mean 'classify'\?"):
+        load_spec(data={"input": {"path": "/in"}, "output": {"path": "/out"}, "model": {"source": "m"},
+                        "task": {"head": "clasify"}})
+
+
+@pytest.mark.parametrize("architecture, kind", [
+    ("Qwen3ForCausalLM", "causal"), ("Qwen3MoeForCausalLM", "moe"),
+    ("Qwen3ForSequenceClassification", "sequence_classification"),
+    ("Qwen3ForTokenClassification", "token_classification"),
+    ("Qwen3ForQuestionAnswering", "question_answering"), ("Qwen3Model", "embedding"), ("Mystery", "unknown"),
+])
+def test_the_checkpoint_kind_comes_from_its_architecture(architecture, kind):
+    from types import SimpleNamespace
+
+    from pipeline.checkpoint import checkpoint_kind
+
+    assert checkpoint_kind(SimpleNamespace(architectures=[architecture])) == kind

@@ -1,63 +1,46 @@
-"""Task heads: plain Python that turns one input row into one result row."""
+"""Task heads: plain Python that turns one input row into one result row, and the registry
+that maps a task.head name to its head (the one place a head is named)."""
 
 from __future__ import annotations
 
+import importlib
+
 from pipeline.heads.base import ERROR_TYPES, Completion, Engine, GenerativeEngine, Head, PoolingEngine, RowError
 
-__all__ = ["ERROR_TYPES", "Completion", "Engine", "GenerativeEngine", "Head", "PoolingEngine", "RowError",
-           "head_class", "job_head", "results_schema"]
+__all__ = ["ERROR_TYPES", "HEADS", "Completion", "Engine", "GenerativeEngine", "Head", "PoolingEngine", "RowError",
+           "VARIANTS", "has_variants", "head_class", "head_names"]
+
+# task.head name -> "module:class", imported when first used (a job loads only its own head).
+HEADS = {
+    "chat": "pipeline.heads.chat:ChatHead",
+    "summarize": "pipeline.heads.summarize:SummarizeHead",
+    "classify": "pipeline.heads.classify:ClassifyHead",
+    "extract": "pipeline.heads.extract:ExtractHead",
+    "embed": "pipeline.heads.embed:EmbedHead",
+    "rerank": "pipeline.heads.rerank:RerankHead",
+    "qa": "pipeline.heads.qa:QaHead",
+}
+# The head that runs a task on a kind of checkpoint (pipeline.checkpoint.checkpoint_kind) other
+# than its default: a classification checkpoint's own classes instead of scoring label texts.
+VARIANTS = {
+    ("classify", "sequence_classification"): "pipeline.heads.checkpoint_classify:SequenceClassifyHead",
+    ("classify", "token_classification"): "pipeline.heads.checkpoint_classify:TokenClassifyHead",
+}
 
 
-def head_class(name: str) -> type[Head]:
-    """The head registered under task.head NAME."""
-    if name == "chat":
-        from pipeline.heads.chat import ChatHead
-
-        return ChatHead
-    if name == "summarize":
-        from pipeline.heads.summarize import SummarizeHead
-
-        return SummarizeHead
-    if name == "classify":
-        from pipeline.heads.classify import ClassifyHead
-
-        return ClassifyHead
-    if name == "extract":
-        from pipeline.heads.extract import ExtractHead
-
-        return ExtractHead
-    if name == "embed":
-        from pipeline.heads.embed import EmbedHead
-
-        return EmbedHead
-    if name == "rerank":
-        from pipeline.heads.rerank import RerankHead
-
-        return RerankHead
-    if name == "qa":
-        from pipeline.heads.qa import QaHead
-
-        return QaHead
-    raise ValueError(f"unknown head {name!r}")
+def head_names() -> tuple[str, ...]:
+    """The names task.head accepts."""
+    return tuple(HEADS)
 
 
-def job_head(spec, *, sampling: dict | None = None) -> Head:
-    """The job's head with its options, for the job's checkpoint (Head.for_model, Head.use_model:
-    the model's config is read only for heads that override one of them)."""
-    cls = head_class(spec.task.head)
-    reads_model = cls.for_model.__func__ is not Head.for_model.__func__ or cls.use_model is not Head.use_model
-    config = None
-    if reads_model:
-        from pipeline.engine_args import hf_config  # plain JSON (or transformers' AutoConfig): no vLLM
-
-        config = hf_config(spec.model.source, spec.model.trust_remote_code)
-        cls = cls.for_model(config)
-    head = cls(spec.task.options, sampling=sampling)
-    if config is not None and type(head).use_model is not Head.use_model:
-        head.use_model(config)
-    return head
+def has_variants(name: str) -> bool:
+    """Whether the head that runs task NAME depends on the checkpoint's kind."""
+    return any(n == name for n, _ in VARIANTS)
 
 
-def results_schema(spec, id_type):
-    """The Arrow schema of a job's results (its head's result_schema with its options)."""
-    return job_head(spec).result_schema(id_type)
+def head_class(name: str, kind: str | None = None) -> type[Head]:
+    """The head registered under task.head NAME, for a checkpoint of this kind."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; the heads are {', '.join(HEADS)}")
+    module, cls = VARIANTS.get((name, kind), HEADS[name]).split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -168,7 +168,7 @@ class Head:
         try:
             cls.Options.model_validate(options or {})
         except ValidationError as e:
-            from pipeline.spec import explain_validation_error
+            from pipeline.strict_config import explain_validation_error
 
             return explain_validation_error(cls.Options, e, f"task.options for head '{cls.name}'")
         return None
@@ -185,12 +185,6 @@ class Head:
         from pipeline.schemas import arrow_schema
 
         return arrow_schema(f"results_{self.name}", id_type=id_type)
-
-    @classmethod
-    def for_model(cls, config: Any) -> type[Head]:
-        """The head that runs this job on this checkpoint (pipeline.engine_args.hf_config's
-        config): itself, unless a head has variants per kind of checkpoint (classify)."""
-        return cls
 
     def use_model(self, config: Any) -> None:
         """Learn what the head needs of the checkpoint's config (pipeline.engine_args.hf_config:

@@ -49,7 +49,7 @@ def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[s
     the engine would refuse becomes this row's invalid_input, naming the key."""
     if value is None:
         return {}
-    from pipeline.spec import SamplingValues  # plain pydantic, no engine
+    from pipeline.sampling import SamplingValues  # plain pydantic, no engine
 
     if isinstance(value, str):
         if len(value) > MAX_SAMPLING_CHARS:

@@ -1,6 +1,6 @@
 """Classification checkpoints' own heads, on the pooling engine: a *ForSequenceClassification
 checkpoint gives class probabilities, a *ForTokenClassification checkpoint a label per token.
-`task.head: classify` runs them on such checkpoints (ClassifyHead.for_model).
+`task.head: classify` runs them on such checkpoints (pipeline.heads.VARIANTS).
 
 The row's text is the whole prompt, tokenized as plain text (engine.tokenize_text /
 token_offsets): a control string in it (<|im_end|>, <think>, <|fim_prefix|>, ...) stays text,

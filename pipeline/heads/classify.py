@@ -13,7 +13,7 @@ log-probabilities of prompt + label, a full prefill per label). Both give the sa
 the second costs K prefills a row.
 
 On a *ForSequenceClassification or *ForTokenClassification checkpoint `task.head: classify`
-runs the heads of pipeline.heads.checkpoint_classify instead (ClassifyHead.for_model picks).
+runs the heads of pipeline.heads.checkpoint_classify instead (pipeline.heads.VARIANTS).
 """
 
 from __future__ import annotations
@@ -100,19 +100,6 @@ class ClassifyHead(Head):
     @classmethod
     def score_method(cls, options: dict[str, Any] | None) -> str | None:
         return cls.Options.model_validate(options or {}).scoring
-
-    @classmethod
-    def for_model(cls, config: Any) -> type[Head]:
-        """A classification checkpoint's own head runs the job (its pooling runner gives the
-        classes); a generative Qwen3 scores the labels."""
-        from pipeline.heads.checkpoint_classify import SequenceClassifyHead, TokenClassifyHead
-
-        archs = getattr(config, "architectures", None) or []
-        if any(a.endswith("ForTokenClassification") for a in archs):
-            return TokenClassifyHead
-        if any(a.endswith("ForSequenceClassification") for a in archs):
-            return SequenceClassifyHead
-        return cls
 
     def input_columns(self) -> list[str]:
         return [self.options.text_column]
