@@ -165,11 +165,14 @@ class OutputStore:
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # rename: atomic
+            fd = os.open(tmp, os.O_RDONLY)  # fsync reaches the file's data through any descriptor
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.fs.move(tmp, path)  # rename: atomic
         except BaseException:
             try:
                 os.unlink(tmp)
