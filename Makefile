@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 EXTRA ?= cpu
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# ruff (pyproject.toml [tool.ruff]): style, import order, likely bugs
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # unit + data-path tiers (no real engine): about 2-3 minutes
 test-fast: $(STAMP)

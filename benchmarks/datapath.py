@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,7 +161,9 @@ def main(argv=None) -> int:
         mine = [r for r in runs if (r["rows"], r["replicas"], r["system"]) == (rows, replicas, "qwen-batch")]
         base = [r for r in runs if (r["rows"], r["replicas"], r["system"]) == (rows, replicas, "ray-data")]
         ratios = [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(mine, base)]
-        med = (lambda rs, k: statistics.median(r[k] for r in rs) if rs else float("nan"))
+        def med(rs, k):
+            return statistics.median(r[k] for r in rs) if rs else float("nan")
+
         ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-")
         print(f"| {rows:,} | {replicas} | {med(mine, 'rows_per_s'):,.0f} | {med(base, 'rows_per_s'):,.0f} | {ratio} | "
               f"{med(mine, 'peak_rss_mb'):,.0f} | {med(base, 'peak_rss_mb'):,.0f} |")

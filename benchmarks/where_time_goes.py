@@ -92,7 +92,7 @@ def summarize(raw: Path, cpu: dict[int, tuple[str, float, int]], top: int = 10) 
     count_by_kind: collections.Counter = collections.Counter()
     leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     ours: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for pid, (cmdline, seconds, _) in cpu.items():
+    for pid, (_cmdline, seconds, _) in cpu.items():
         p = procs.get(pid, {"stacks": {}})
         kind = kinds[pid]
         cpu_by_kind[kind] += seconds

@@ -224,7 +224,7 @@ class VllmEngine:
         )
 
     async def score(self, prompt_token_ids: list[int], continuations: list[list[int]], *,
-                    method: str = "trie") -> "EngineScores":
+                    method: str = "trie") -> EngineScores:
         """Log-probability of each continuation (all its tokens) after the prompt.
 
         method "trie" (default): every node of the continuations' token trie (the prompt, then
@@ -258,7 +258,7 @@ class VllmEngine:
         read = sum(len(prompt) + len(r.start) + len(r.steps) - 1 for r in reads)
         return EngineScores(scores, read, computed_tokens=read - sum(cached for _, cached in answers))
 
-    async def _read(self, prompt: list[int], read: "label_trie.Read"):
+    async def _read(self, prompt: list[int], read: label_trie.Read):
         """One request of label scoring: the log-probabilities of `read.want` at each of its
         steps (normalized over the full vocabulary), and how many prompt tokens came from
         the prefix cache."""

@@ -26,7 +26,6 @@ import hashlib
 from contextlib import asynccontextmanager
 from typing import Any
 
-
 POISON = "_poison"
 PER_POISON_ROW = 3  # restarts a poison row may cost: its block, its batch, itself alone
 

@@ -30,7 +30,7 @@ class RetrySelection:
     all_errors: bool = True
 
     @classmethod
-    def parse(cls, conditions: list[str], *, all_errors: bool = False) -> "RetrySelection":
+    def parse(cls, conditions: list[str], *, all_errors: bool = False) -> RetrySelection:
         """From --retry-where COLUMN=V1,V2 conditions; all_errors (--retry-errors) adds every
         error row; with no condition at all, every error row is selected."""
         where = []
@@ -124,9 +124,10 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     for column in head_obj.required_all():
         lacking = [s for s in shards if column not in s.schema.names]
         if lacking:
-            raise InputError(f"{lacking[0].path}: no column '{column}' (columns: {', '.join(lacking[0].schema.names)}), "
-                             f"which head '{spec.task.head}' reads from every row; add it or set the "
-                             f"head's column option" + (f" ({len(lacking)} shards lack it)" if len(lacking) > 1 else ""))
+            more = f" ({len(lacking)} shards lack it)" if len(lacking) > 1 else ""
+            raise InputError(f"{lacking[0].path}: no column '{column}' (columns: "
+                             f"{', '.join(lacking[0].schema.names)}), which head '{spec.task.head}' reads from "
+                             f"every row; add it or set the head's column option{more}")
     clash = [c for c in [spec.input.id_column] + reads if c == SHARD_COLUMN]
     if clash:
         raise InputError(f"the job reads a column named '{SHARD_COLUMN}', which Ray Data overwrites "

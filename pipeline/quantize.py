@@ -154,7 +154,7 @@ def _quantize_gptq(weight, group: int = GPTQ_GROUP):
             "g_idx": (torch.arange(k) // group).to(torch.int32)}
 
 
-def dequantize_gptq(tensors: dict) -> "object":
+def dequantize_gptq(tensors: dict) -> object:
     """The float weight [N, K] that a _quantize_gptq layer stands for (the oracle of the kernel)."""
     import torch
 

@@ -15,7 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pipeline import dataflow, manifest as manifests
+from pipeline import dataflow
+from pipeline import manifest as manifests
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore, new_run_id
@@ -312,8 +313,9 @@ def _execute(run: Run) -> None:
         try:
             ds = dataflow.build(plan, run_id=run.run_id, device=device, engine_args=args,
                                 engine_factory=run.engine_factory, placer=placer, origin=run.started)
-            context = {"run_id": run.run_id, "replicas": spec.resources.replica_range[1], "model": redact_text(spec.model.source),
-                       "head": spec.task.head, "tensor_parallel_size": spec.model.tensor_parallel_size,
+            context = {"run_id": run.run_id, "replicas": spec.resources.replica_range[1],
+                       "model": redact_text(spec.model.source), "head": spec.task.head,
+                       "tensor_parallel_size": spec.model.tensor_parallel_size,
                        "pipeline_parallel_size": spec.model.pipeline_parallel_size, "device": device}
             committer = ShardCommitter(
                 store=run.store, input_fs=plan.input_fs, id_column=spec.input.id_column, shards=plan.work,

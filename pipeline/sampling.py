@@ -7,7 +7,6 @@ from pydantic import Field, field_validator
 
 from pipeline.strict_config import StrictSection
 
-
 # Bounds on stop strings (spec and per-row): every generated token is checked against each.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256

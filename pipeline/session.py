@@ -7,8 +7,17 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.processes import (DRIVER_MARK, OUTPUT_MARK, RUN_MARK, driver_mark, environment, output_id, reap_dead_runs,
-                                reap_on_every_node, reap_orphans)
+from pipeline.processes import (
+    DRIVER_MARK,
+    OUTPUT_MARK,
+    RUN_MARK,
+    driver_mark,
+    environment,
+    output_id,
+    reap_dead_runs,
+    reap_on_every_node,
+    reap_orphans,
+)
 from pipeline.spec import JobSpec
 
 

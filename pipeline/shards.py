@@ -28,7 +28,7 @@ class Shard:
     rows: int
     schema: pa.Schema = field(repr=False)
     footer: str = ""  # hash of the Parquet footer: changes when the content is rewritten
-    ids: "IdDigest | None" = field(default=None, repr=False)
+    ids: IdDigest | None = field(default=None, repr=False)
 
     def fingerprint(self) -> dict:
         return {"path": self.path, "size": self.size, "rows": self.rows, "footer": self.footer}
@@ -42,7 +42,7 @@ class IdDigest:
     count: int
     hash: int
 
-    def __add__(self, other: "IdDigest") -> "IdDigest":
+    def __add__(self, other: IdDigest) -> IdDigest:
         return IdDigest(self.count + other.count, (self.hash + other.hash) % 2**64)
 
 

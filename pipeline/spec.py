@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingValues  # noqa: F401 (re-exported)
 from pipeline.strict_config import StrictSection, explain_validation_error

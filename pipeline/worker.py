@@ -7,7 +7,8 @@ import os
 import socket
 import time
 import types
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -17,6 +18,7 @@ from pipeline.ledger import EngineGate, batch_key
 from pipeline.schemas import arrow_schema
 from pipeline.sink import SHARD_COLUMN
 from pipeline.spec import JobSpec
+
 STATUS_COLUMNS = [
     pa.field("error_type", pa.string()),
     pa.field("error_message", pa.string()),
@@ -258,7 +260,8 @@ class InferenceWorker:
         try:
             out = await self._run_block([r for i, r in enumerate(rows) if i not in bad])
         except Exception as e:
-            if self.ledger is not None and _ledger_gone(e):  # the engine is in this process: only the ledger is an actor
+            # the engine is in this process: only the ledger is an actor
+            if self.ledger is not None and _ledger_gone(e):
                 raise RunStopped(LEDGER_GONE) from None
             raise
         out += [self._finish({"error_type": "invalid_input", "error_message": bad[i]}, rows[i], time.time())

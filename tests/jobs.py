@@ -4,8 +4,9 @@ which ids an output committed."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.output import OutputStore
 from pipeline.spec import JobSpec, load_spec

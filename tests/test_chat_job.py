@@ -7,7 +7,6 @@ import json
 import pyarrow as pa
 import pytest
 import yaml
-
 from conftest import read_dir, run_cli, write_shards
 
 MAX_LEN = 256
@@ -19,9 +18,9 @@ SCHEMA = pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("system", pa.s
 
 def chat_shards():
     shards, i = [], 0
-    for s in range(3):
+    for _ in range(3):
         rows = []
-        for j in range(8):
+        for _ in range(8):
             rows.append({"id": i, "prompt": f"Tell me about {TOPICS[(i * 3) % 8]} and {TOPICS[i % 8]}.",
                          "system": None, "messages": None, "sampling": None})
             i += 1

@@ -9,10 +9,10 @@ import os
 import pyarrow as pa
 import pytest
 import torch
-
 from conftest import read_dir, write_shards
-from jobs import spec_maker
 from test_plain_text import control_rows, plain_oracle
+
+from jobs import spec_maker
 from pipeline.processes import descendants
 from pipeline.runner import run_job
 

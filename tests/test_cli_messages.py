@@ -8,8 +8,8 @@ import time
 
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from pipeline import cli
 
 
@@ -99,7 +99,7 @@ def test_quiet_stderr_sends_fd_2_and_warnings_to_the_log(tmp_path, monkeypatch, 
     monkeypatch.delenv("QWEN_BATCH_WORKER_LOGS", raising=False)
     with cli.quiet_stderr("job") as path:
         os.write(2, b"[E core_worker.cc] written to the descriptor directly\n")
-        warnings.warn("a RayDeprecationWarning-like warning")
+        warnings.warn("a RayDeprecationWarning-like warning", stacklevel=1)
         cli.console.print("our own line")
     err = capfd.readouterr().err.splitlines()
     assert err == ["our own line", f"Ray and vLLM messages of this run: {path}"]

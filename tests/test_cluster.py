@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import REPO, read_dir, run_cli, vllm_processes, write_shards
+
 from jobs import ids_out, job_spec, merged
 from pipeline.processes import RUN_MARK
 
@@ -67,7 +67,7 @@ class LocalCluster:
                                            stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True))
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         self._start("head", "--head", f"--port={self.port}", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}")
         time.sleep(3)

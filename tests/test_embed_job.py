@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import read_dir, write_shards
+
 from jobs import spec_maker
 from pipeline.runner import run_job
 

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import local_ray, run_cli, write_shards
 from rich.console import Console
 
-from conftest import local_ray, run_cli, write_shards
 from jobs import ids_out, spec_maker
 from pipeline.output import KINDS, OutputStore
 from pipeline.output_lock import LOCK, OutputBusyError
@@ -184,7 +184,7 @@ def wait(proc: subprocess.Popen, timeout: float = 300) -> int:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_leftovers(proc)
-        raise AssertionError(f"the driver did not end in {timeout} s:\n{stderr_of(proc)[-3000:]}")
+        raise AssertionError(f"the driver did not end in {timeout} s:\n{stderr_of(proc)[-3000:]}") from None
 
 
 # -- 2. a driver killed at every step of a shard's commit ------------------------------------

@@ -11,9 +11,9 @@ import time
 
 import psutil
 import pytest
+from conftest import read_dir, write_shards
 from rich.console import Console
 
-from conftest import read_dir, write_shards
 from jobs import ids_out, job_spec, spec_maker
 from pipeline.output import OutputStore
 from pipeline.output_lock import OutputBusyError
@@ -111,6 +111,7 @@ def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
     import threading
 
     from conftest import SESSION_MARK, vllm_processes
+
     from pipeline.processes import RUN_MARK
 
     rows = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(12)] for s in range(5)]

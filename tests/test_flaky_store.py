@@ -19,10 +19,10 @@ import time
 import pyarrow.fs as pafs
 import pytest
 import yaml
-
 from conftest import local_ray, run_cli, write_shards
-from jobs import ids_out
 from s3_fault_proxy import fault_proxy
+
+from jobs import ids_out
 from pipeline.output import OutputStore
 from pipeline.output_lock import LOCK, LostLockError, OutputLock, check_holder
 from pipeline.runner import EXIT_CRASHED, EXIT_OK, run_job

@@ -16,9 +16,9 @@ import threading
 import time
 
 import pytest
+from conftest import local_ray, read_dir, write_shards
 from rich.console import Console
 
-from conftest import local_ray, read_dir, write_shards
 from jobs import ids_out, spec_maker
 from pipeline.dataflow import ledger_name
 from pipeline.output import OutputStore

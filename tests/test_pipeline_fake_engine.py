@@ -6,10 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
+from conftest import local_ray, read_dir, write_shards
 from rich.console import Console
 
-from conftest import local_ray, read_dir, write_shards
 from jobs import spec_maker
 from pipeline.runner import EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
 from pipeline.shards import InputError

@@ -7,8 +7,17 @@ import subprocess
 import psutil
 import pytest
 
-from pipeline.processes import (DRIVER_MARK, OUTPUT_MARK, RUN_MARK, descendants, driver_mark, kill_started_since,
-                                output_id, process_identity, reap_dead_runs)
+from pipeline.processes import (
+    DRIVER_MARK,
+    OUTPUT_MARK,
+    RUN_MARK,
+    descendants,
+    driver_mark,
+    kill_started_since,
+    output_id,
+    process_identity,
+    reap_dead_runs,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -231,7 +231,6 @@ def test_the_engine_batches_windows_in_flight(monkeypatch):
     """VllmEngine.qa_logits on a stand-in model: concurrent calls share right-padded forwards
     of at most QA_BATCH_TOKENS padded tokens, each gets its own logits back unpadded, and a
     failing forward fails only its batch's rows."""
-    import torch
 
     from pipeline import engine as E
 

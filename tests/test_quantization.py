@@ -181,8 +181,8 @@ def test_a_chat_job_runs_on_the_w8a8_checkpoint(w8a8_run, tmp_path):
     import json
 
     import pyarrow as pa
-
     from conftest import read_dir, write_shards
+
     from jobs import job_spec
     from pipeline.runner import run_job
 

@@ -15,12 +15,12 @@ import time
 
 import psutil
 import pytest
-
 from conftest import write_shards
+
 from jobs import ids_out, spec_maker
 from pipeline import session
-from pipeline.processes import DRIVER_MARK, OUTPUT_MARK, RUN_MARK, output_id, process_identity
 from pipeline.output_lock import LOCK
+from pipeline.processes import DRIVER_MARK, OUTPUT_MARK, RUN_MARK, output_id, process_identity
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.testing import fake_engine_factory
 

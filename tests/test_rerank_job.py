@@ -6,8 +6,8 @@ position of prefix + pair + suffix)."""
 import pyarrow as pa
 import pytest
 import torch
-
 from conftest import read_dir, write_shards
+
 from jobs import spec_maker
 from pipeline.heads.rerank import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 from pipeline.runner import run_job

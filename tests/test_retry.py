@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import local_ray, read_dir, write_shards
+
 from jobs import spec_maker
 from pipeline.output import OutputStore
 from pipeline.plan import RetrySelection

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 
 from jobs import job_spec
+from pipeline import worker as worker_module
 from pipeline.heads import head_class
 from pipeline.heads.base import RowError
 from pipeline.heads.summarize import SummarizeHead, split_text
 from pipeline.sink import SHARD_COLUMN
 from pipeline.testing import FakeEngine, FakeQaEngine
-from pipeline import worker as worker_module
 from pipeline.worker import InferenceWorker
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import local_ray, run_cli, write_shards
+
 from jobs import ids_out
 from pipeline.output import OutputStore
 from pipeline.runner import EXIT_OK, run_job

@@ -41,7 +41,7 @@ def _run_py(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"timed out:\n{err[-3000:]}")
+        raise AssertionError(f"timed out:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

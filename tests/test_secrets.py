@@ -14,8 +14,8 @@ import stat
 
 import psutil
 import pytest
-
 from conftest import write_shards
+
 from jobs import ids_out
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.spec import load_spec

@@ -1,13 +1,11 @@
 """Input discovery and checks: every bad input is named with its file and the fix."""
 
 import pytest
-
 from conftest import prompt_rows, write_shards
+
 from pipeline.runner import plan_job
 from pipeline.shards import list_shard_paths
 from pipeline.spec import SpecError
-
-
 
 
 def test_directory_glob_and_file_are_found_and_hidden_files_skipped(tmp_path):

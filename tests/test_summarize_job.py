@@ -6,8 +6,8 @@ import math
 
 import pyarrow as pa
 import pytest
-
 from conftest import read_dir, write_shards
+
 from pipeline.runner import run_job
 from pipeline.spec import load_spec
 from pipeline.testing import recording_engine_factory

@@ -32,12 +32,15 @@ def test_earlier_reasoning_is_stripped(tokenizer):
 
 
 def test_checkpoint_is_deterministic_qwen3(tiny_model, tmp_path):
-    from pipeline.tiny_model import make_tiny_model
     import hashlib
+
+    from pipeline.tiny_model import make_tiny_model
 
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3"
     assert cfg["vocab_size"] == 151936 and cfg["head_dim"] == 64
     again = make_tiny_model(tmp_path / "again")
-    digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+    def digest(p):
+        return hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+
     assert digest(again) == digest(tiny_model)

@@ -24,8 +24,16 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.heads.base import (COUNT_PIECE_CHARS, Engine, Head, HeadOptions, PoolingEngine, RowError, require_text,
-                                 text_pieces)
+from pipeline.heads.base import (
+    COUNT_PIECE_CHARS,
+    Engine,
+    Head,
+    HeadOptions,
+    PoolingEngine,
+    RowError,
+    require_text,
+    text_pieces,
+)
 
 QA_SUFFIX = "ForQuestionAnswering"
 MASKED = -10000.0  # transformers' pipeline gives non-context tokens this logit before the softmax

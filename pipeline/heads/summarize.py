@@ -19,8 +19,16 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from pipeline.heads.base import (COUNT_PIECE_CHARS, Completion, Engine, Head, HeadOptions, RowError, require_text,
-                                 text_pieces)
+from pipeline.heads.base import (
+    COUNT_PIECE_CHARS,
+    Completion,
+    Engine,
+    Head,
+    HeadOptions,
+    RowError,
+    require_text,
+    text_pieces,
+)
 from pipeline.heads.chat import split_reasoning
 
 PARAGRAPH = re.compile(r"\n\s*\n")
