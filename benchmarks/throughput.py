@@ -275,7 +275,8 @@ def run_ray_data_llm_json(model: str, engine: dict, input_dir: str) -> dict:
         config,
         preprocess=lambda row: dict(
             messages=head.messages({"text": row["text"]}), chat_template_kwargs={"enable_thinking": False},
-            sampling_params=dict(temperature=0.0, max_tokens=EXTRACT_MAX_TOKENS, structured_outputs={"json": constraint})),
+            sampling_params=dict(temperature=0.0, max_tokens=EXTRACT_MAX_TOKENS,
+                                 structured_outputs={"json": constraint})),
         postprocess=lambda row: dict(id=row["id"], raw=row["generated_text"], done=time.time(),
                                      took=row["time_taken_llm"], num_input_tokens=row["num_input_tokens"],
                                      num_generated_tokens=row["num_generated_tokens"]),
@@ -587,7 +588,8 @@ def summarize(runs: list[dict], systems: list[str]) -> list[dict]:
                "output_tokens": rs[0]["output_tokens"],
                # without engine start: first request to last answer, in the system's own clock
                "gen_s_median": _median_or_none(r.get("gen_s") for r in rs),
-               "gen_output_tokens_per_s": _median_or_none(r["output_tokens"] / r["gen_s"] for r in rs if r.get("gen_s")),
+               "gen_output_tokens_per_s": _median_or_none(r["output_tokens"] / r["gen_s"]
+                                                          for r in rs if r.get("gen_s")),
                "gen_rows_per_s": _median_or_none(r["rows"] / r["gen_s"] for r in rs if r.get("gen_s")),
                "input_tokens": rs[0]["input_tokens"],
                "input_tokens_computed": rs[0].get("input_tokens_computed")}

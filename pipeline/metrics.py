@@ -119,8 +119,8 @@ def summary_table(totals: RunTotals, *, wall_seconds: float, title: str):
         return "-" if x is None else f"{x:,.1f}"
 
     for m in totals.shards[:20]:
-        t.add_row(m["shard"].rsplit("/", 1)[-1].removesuffix(".parquet"), f"{m['rows']:,}", f"{m['results']:,}", f"{m['errors']:,}",
-                  f"{m['prompt_tokens']:,}", f"{m['completion_tokens']:,}", fmt(m["rows_per_s"]),
+        t.add_row(m["shard"].rsplit("/", 1)[-1].removesuffix(".parquet"), f"{m['rows']:,}", f"{m['results']:,}",
+                  f"{m['errors']:,}", f"{m['prompt_tokens']:,}", f"{m['completion_tokens']:,}", fmt(m["rows_per_s"]),
                   fmt(m["output_tokens_per_s"]))
     if len(totals.shards) > 20:
         t.add_row(f"... {len(totals.shards) - 20} more", "", "", "", "", "", "", "")

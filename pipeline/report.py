@@ -119,7 +119,8 @@ def render_report(output: str) -> str:
                    for n, c in charts)
     page = (f"<!doctype html><meta charset=utf-8><title>qwen-batch report</title>"
             f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}img{{max-width:100%}}</style>"
-            f"<h1>qwen-batch report</h1><p>{html.escape(redact_text(out))} &mdash; status <b>{html.escape(str(status))}</b></p>"
+            f"<h1>qwen-batch report</h1><p>{html.escape(redact_text(out))} &mdash; "
+            f"status <b>{html.escape(str(status))}</b></p>"
             f"<p>{html.escape(headline)}</p><p>Engine settings: <code>{html.escape(str(settings))}</code></p>{body}")
     pages["index.html"] = page.encode()
     if store.local:

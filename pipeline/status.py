@@ -1,10 +1,11 @@
 """`qwen-batch status OUTPUT`: how the last run ended and what a rerun would do.
 
 Reads only small things, so that it is fast on an object store: the manifest, the commit
-records, the listing of the data folders (for files qwen-batch did not write), the committed metrics rows (one per shard), the `error_type` column of the committed
-errors files (only shards with error rows have one), and the lock. Never the input, never
-the results. What a rerun would do assumes the same spec and unchanged input files (the
-run itself re-checks both).
+records, the listing of the data folders (for files qwen-batch did not write), the committed
+metrics rows (one per shard), the `error_type` column of the committed errors files (only
+shards with error rows have one), and the lock. Never the input, never the results. What a
+rerun would do assumes the same spec and unchanged input files (the run itself re-checks
+both).
 """
 
 from __future__ import annotations

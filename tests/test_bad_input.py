@@ -64,7 +64,8 @@ def invalid_utf8(values):
 
 JOB_LEVEL = {
     "missing id column": (lambda d: write_shards(d, [[{"key": 1, "prompt": "x"}]]),
-                          "part-00000.parquet: no id column 'id' (columns: key, prompt); add it or set input.id_column"),
+                          "part-00000.parquet: no id column 'id' (columns: key, prompt); "
+                          "add it or set input.id_column"),
     "missing text column": (lambda d: write_shards(d, [[{"id": 1, "text": "x"}]]),
                             "none of the columns messages, prompt; add one or set the head's column option"),
     "duplicate ids across shards": (lambda d: write_shards(d, [prompt_rows(2), prompt_rows(2, 1)]),
@@ -186,11 +187,13 @@ ROW_LEVEL = {
     11: (None, "hello", '["max_tokens"]', "invalid_input", "sampling must be a JSON object"),
     12: (None, INJECTION, None, None, ""),
     13: (None, "An ordinary prompt, ünïcödé and emoji 🙂", None, None, ""),
-    14: (None, "hello", '{"top_k": -5}', "invalid_input", "sampling.top_k: Input should be greater than or equal to -1"),
+    14: (None, "hello", '{"top_k": -5}', "invalid_input",
+         "sampling.top_k: Input should be greater than or equal to -1"),
     15: (None, "hello", '{"stop": [""]}', "invalid_input", "sampling.stop: stop[0] is empty"),
     16: (None, "hello", '{"stop": ["' + "x" * 300 + '"]}', "invalid_input", "stop[0] has 300 characters; at most 256"),
     17: (None, "hello", '{"max_tokens": 3}', "invalid_input",
-         "sampling.max_tokens 3 is above this job's ceiling for rows, 2; ask for less, or raise sampling.row_max_tokens"),
+         "sampling.max_tokens 3 is above this job's ceiling for rows, 2; "
+         "ask for less, or raise sampling.row_max_tokens"),
     18: (None, "hello", '{"temperature": 5}', "invalid_input", "sampling.temperature"),
     19: (None, "word " * 2_000_000, None, "prompt_too_long",
          "the prompt has 10,000,000 characters, more than model.max_model_len 256 tokens can hold"),

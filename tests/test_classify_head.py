@@ -70,7 +70,8 @@ def test_labels_must_be_unique_and_present():
 
 def test_over_long_text_is_prompt_too_long(tokenizer):  # counted by the real tokenizer
     with pytest.raises(RowError) as e:
-        asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400}, FakeEngine(tokenizer=tokenizer, max_model_len=50)))
+        asyncio.run(ClassifyHead({"labels": ["a", "b"]}).run({"text": "x" * 400},
+                                                             FakeEngine(tokenizer=tokenizer, max_model_len=50)))
     assert e.value.error_type == "prompt_too_long"
 
 
@@ -178,7 +179,8 @@ def test_label_scoring_engine_shares_prompts_in_small_blocks_on_cpu(tmp_path):
     labels = {"options": {"labels": ["a", "b"]}}
 
     def block(arch, head="classify", device="cpu", **model):
-        spec = job_spec(tmp_path, model={"source": str(tmp_path / arch), **model}, head=head, task=labels if head == "classify" else {})
+        spec = job_spec(tmp_path, model={"source": str(tmp_path / arch), **model}, head=head,
+                        task=labels if head == "classify" else {})
         return job_engine_args(spec, device=device).get("block_size")
 
     assert block("Qwen3ForCausalLM") == 32
@@ -199,7 +201,8 @@ def test_trie_scoring_engine_normalizes_only_the_asked_for_tokens(tmp_path):
     from pipeline.plan import job_engine_args
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
 
     def args(head, **options):
         spec = job_spec(tmp_path, model={"source": str(tmp_path / "m")}, head=head,

@@ -238,7 +238,8 @@ def test_pins_cover_every_runtime_dependency_and_match_the_tested_ray():
     wanted = project["dependencies"] + project["optional-dependencies"]["gpu"]
     names = {re.split(r"[\[<>=! ]", d, maxsplit=1)[0].lower() for d in wanted}
     deps = next(c for c in pip_invocations() if "vllm==" in c)
-    pinned = {m.group(1).lower(): m.group(2) for m in re.finditer(r"'([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?==([^']+)'", deps)}
+    pinned = {m.group(1).lower(): m.group(2)
+              for m in re.finditer(r"'([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?==([^']+)'", deps)}
     assert names <= set(pinned), f"not pinned at setup: {names - set(pinned)}"
     assert pinned["ray"] == ray.__version__
 

@@ -86,13 +86,16 @@ def test_inline_schema_nullable_type_and_annotations():
 @pytest.mark.parametrize("options, words", [
     ({"schema": {"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}}, ["'a'", "anyOf"]),
     ({"schema": {"type": "object", "properties": {"a": {"type": "string", "format": "date"}}}}, ["'a'", "format"]),
-    ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer", "multipleOf": 2}}}}}},
+    ({"schema": {"type": "object", "properties": {"a": {"type": "object",
+                                                        "properties": {"b": {"type": "integer", "multipleOf": 2}}}}}},
      ["'a.b'", "multipleOf"]),
-    ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {}}}}}, ["'a'", "at least one property"]),
+    ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {}}}}},
+     ["'a'", "at least one property"]),
     ({"schema": {"type": "object", "properties": {}}}, ["at least one property"]),
     ({"schema": {"type": "array", "items": {"type": "string"}}}, ["top level must be an object"]),
     ({"schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {"x": {"type": "string"}},
-                                                        "additionalProperties": True}}}}, ["'a'", "additionalProperties"]),
+                                                        "additionalProperties": True}}}},
+     ["'a'", "additionalProperties"]),
     ({"schema": {"type": "object", "properties": {"raw": {"type": "string"}}}}, ["'raw'", "clashes"]),
     ({"fields": {"reasoning": "string"}}, ["'reasoning'", "clashes"]),
     ({"fields": {"id": "integer"}}, ["'id'", "clashes"]),
@@ -138,7 +141,8 @@ def test_coerce_checks_what_the_columns_hold():
                        ({"n": 1, "e": "a", "sub": {"k": True}, "zz": 1}, "unexpected")]:
         with pytest.raises(SchemaError, match=where):
             coerce(bad, s, "")
-    bounded = ExtractHead({"schema": {"type": "object", "properties": {"v": {"type": "number", "exclusiveMaximum": 1}}}}).schema
+    bounded = ExtractHead({"schema": {"type": "object",
+                                      "properties": {"v": {"type": "number", "exclusiveMaximum": 1}}}}).schema
     with pytest.raises(SchemaError, match="bounds"):
         coerce({"v": 1}, bounded, "")
 
@@ -150,7 +154,8 @@ def run(head, row, engine):
 def test_answer_becomes_a_typed_row_and_round_trips_the_stage():
     head = ExtractHead({"fields": FIELDS, "examples": [{"text": "ex", "output": {
         "brand": "B", "rating": 1, "mood": "neg", "tags": [], "in_stock": False, "dims": {"w": 1}}}]})
-    answer = {"brand": "Acmé 東京", "rating": 4, "mood": "pos", "tags": ["a", "b"], "in_stock": True, "dims": {"w": 2.5}}
+    answer = {"brand": "Acmé 東京", "rating": 4, "mood": "pos", "tags": ["a", "b"], "in_stock": True,
+              "dims": {"w": 2.5}}
     engine = FakeEngine(answer=json.dumps(answer, ensure_ascii=False))
     out = run(head, {"text": "a review"}, engine)
     assert out["brand"] == "Acmé 東京" and out["price"] is None and out["dims"] == {"w": 2.5, "unit": None}

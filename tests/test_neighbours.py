@@ -1,7 +1,8 @@
 """Output folders and inputs as users really have them (issue 27, items 2, 4, 5, 7): files of
 their own next to ours, inputs renamed or re-exported under new part names, Hive and Spark
-exports whose files have no .parquet extension, a job whose run settings change between runs. The engine is the instant fake (these tests
-are about the data, not the model); one local Ray for the module."""
+exports whose files have no .parquet extension, a job whose run settings change between runs.
+The engine is the instant fake (these tests are about the data, not the model); one local Ray
+for the module."""
 
 from __future__ import annotations
 

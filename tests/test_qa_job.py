@@ -17,7 +17,8 @@ WINDOW, STRIDE, MAX_ANSWER = 64, 16, 10
 ROWS = [
     ("Where is the Eiffel Tower?", "The Eiffel Tower is a wrought-iron tower in Paris, France. It opened in 1889."),
     ("Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare sometime between 1599 and 1601."),
-    ("What is the boiling point of water?", "At sea level, water boils at 100 degrees Celsius, or 212 degrees Fahrenheit."),
+    ("What is the boiling point of water?",
+     "At sea level, water boils at 100 degrees Celsius, or 212 degrees Fahrenheit."),
     # several windows of WINDOW tokens
     ("When did the expedition reach the pole?",
      " ".join(f"Day {i}: the team walked north across the ice and camped." for i in range(40))
@@ -110,7 +111,8 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
     s, e, score = best_span(out.start_logits[0].tolist(), out.end_logits[0].tolist(), len(q), len(q) + len(c),
                             MAX_ANSWER)
     assert got["prompt_tokens"] == len(q) + len(c) and got["score"] == pytest.approx(score, rel=1e-3)
-    assert got["answer"] == context[got["start"]:got["end"]] == context[offsets[s - len(q)][0]:offsets[e - len(q)][1]].strip()
+    assert (got["answer"] == context[got["start"]:got["end"]]
+            == context[offsets[s - len(q)][0]:offsets[e - len(q)][1]].strip())
 
 
 def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):

@@ -42,7 +42,8 @@ def test_cpu_refuses_a_gpu_method_and_lists_what_it_runs(tmp_path):
 
 
 def test_cpu_methods_pass_and_reach_the_engine(tmp_path):
-    assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["quantization"] == "compressed-tensors"
+    assert (args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["quantization"]
+            == "compressed-tensors")
     assert args(tmp_path, "cpu", quantization="gptq", dtype="bfloat16")["quantization"] == "gptq"
     assert args(tmp_path, "cpu", quantization="awq", dtype="float16")["quantization"] == "awq"
     assert "quantization" not in args(tmp_path, "cpu")

@@ -101,8 +101,8 @@ def test_uri_shapes_keep_their_structure():
 
 def test_a_spec_keeps_its_settings_and_loses_its_secrets():
     spec = {"name": "job", "input": {"path": "s3://AK:SE/cr/et@bucket/in"},
-            "model": {"source": "https://hf_abc@host/m", "engine_kwargs": {"hf_token": "hf_x", "max_num_batched_tokens": 8192,
-                                                                           "enforce_eager": True}},
+            "model": {"source": "https://hf_abc@host/m",
+                      "engine_kwargs": {"hf_token": "hf_x", "max_num_batched_tokens": 8192, "enforce_eager": True}},
             "sampling": {"max_tokens": 32, "stop": ["</s>"]},
             "task": {"options": {"author": "ann", "api_key": "k", "labels": ["a", "b"]}},
             "nested": [{"password": "p"}, {"token": None}, {"auth": False}]}

@@ -55,7 +55,8 @@ def test_bad_type_shows_the_value():
 
 
 def test_unknown_head_lists_the_choices():
-    with pytest.raises(SpecError, match=r"task.head: .*'chat', 'summarize', 'classify', 'extract', 'embed', 'rerank' or 'qa'"):
+    with pytest.raises(SpecError,
+                       match=r"task.head: .*'chat', 'summarize', 'classify', 'extract', 'embed', 'rerank' or 'qa'"):
         load_spec(data=spec(task__head="translate"))
 
 

@@ -124,7 +124,8 @@ def test_status_of_a_damaged_output(done, capsys, tmp_path):
     # Its process is gone: stale, and the last run (manifest still 'running') never finished.
     manifest = json.loads((out / "_manifest.json").read_text())
     (out / "_manifest.json").write_text(json.dumps({**manifest, "status": "running", "exit_code": None}))
-    (out / "_lock.json").write_text(json.dumps({**lock, "started": lock["started"] - 100, "run_id": manifest["run_id"]}))
+    (out / "_lock.json").write_text(
+        json.dumps({**lock, "started": lock["started"] - 100, "run_id": manifest["run_id"]}))
     s = status(out, capsys, "--json")
     assert "no longer running" in s["lock"]["stale"]
     assert s["last_run"]["outcome"] == "interrupted" and s["last_run"]["exit_code"] is None

@@ -66,7 +66,9 @@ def test_documents_of_any_length_fit_every_call(tokenizer, factor):
     doc = paragraphs(int(512 * factor), tokenizer)
     out = summarize(eng, doc)
     assert_all_calls_fit(eng)
-    map_budget = 512 - 32 - len(eng.render_chat([{"role": "user", "content": SummarizeHead.Options().map_instruction.replace("{text}", "")}], enable_thinking=False))
+    map_budget = 512 - 32 - len(eng.render_chat(
+        [{"role": "user", "content": SummarizeHead.Options().map_instruction.replace("{text}", "")}],
+        enable_thinking=False))
     if out["n_chunks"] > 1:
         assert out["n_chunks"] >= math.ceil(out["input_tokens"] / map_budget)
         assert out["n_chunks"] <= 2 * math.ceil(out["input_tokens"] / map_budget) + 1

@@ -49,7 +49,8 @@ for try in $(seq {TRIES_ON_EXIT_3}); do
     .venv/bin/qwen-batch run {SPEC} --no-progress --set output.path={OUTPUT}
     rc=$?
     [ "$rc" -eq 3 ] || break
-    [ "$try" -lt {TRIES_ON_EXIT_3} ] && echo "exit 3 (stopped): retrying in {WAIT_BETWEEN_TRIES_S} s" && sleep {WAIT_BETWEEN_TRIES_S}
+    [ "$try" -lt {TRIES_ON_EXIT_3} ] && echo "exit 3 (stopped): retrying in {WAIT_BETWEEN_TRIES_S} s" &&
+        sleep {WAIT_BETWEEN_TRIES_S}
 done
 exit $rc
 """

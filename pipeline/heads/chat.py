@@ -58,7 +58,8 @@ def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[s
         try:
             value = json.loads(value)
         except (json.JSONDecodeError, RecursionError) as e:
-            raise RowError("invalid_input", f"sampling is not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
+            raise RowError("invalid_input",
+                           f"sampling is not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
     if not isinstance(value, dict):
         raise RowError("invalid_input", "sampling must be a JSON object such as {\"max_tokens\": 32}")
     try:
@@ -107,7 +108,8 @@ class ChatHead(Head):
                     )
                 out.append({"role": m["role"], "content": m["content"]})
             if out[-1]["role"] == "assistant":
-                raise RowError("invalid_input", f"'{o.messages_column}' ends with an assistant turn; end with a user turn")
+                raise RowError("invalid_input",
+                               f"'{o.messages_column}' ends with an assistant turn; end with a user turn")
             return out
         if row.get(o.prompt_column) is None:
             raise RowError("invalid_input", f"the row has neither '{o.messages_column}' nor "

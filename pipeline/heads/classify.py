@@ -118,7 +118,8 @@ class ClassifyHead(Head):
         turns = [{"role": "system", "content": o.system_prompt}] if o.system_prompt else []
         for ex in o.examples:
             answer = ex.label if isinstance(ex.label, str) else ", ".join(ex.label)
-            turns += [{"role": "user", "content": o.instruction.replace("{labels}", listing).replace("{text}", ex.text)},
+            turns += [{"role": "user",
+                       "content": o.instruction.replace("{labels}", listing).replace("{text}", ex.text)},
                       {"role": "assistant", "content": answer}]
         return turns + [{"role": "user", "content": o.instruction.replace("{labels}", listing).replace("{text}", text)}]
 

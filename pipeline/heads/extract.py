@@ -75,12 +75,16 @@ class ExtractOptions(HeadOptions):
     text_column: str = Field("text", description="Column with the text to extract from (put into instruction).")
     messages_column: str = Field("messages", description="Column with a list of {role, content} (used as is).")
     prompt_column: str = Field("prompt", description="Column with a whole user prompt (used as is).")
-    sampling_column: str = Field("sampling", description="Column with per-row sampling overrides (JSON object or struct), as the chat head.")
-    thinking_column: str = Field("enable_thinking", description="Boolean column turning thinking on or off for a row (null: the option).")
-    instruction: str = Field(DEFAULT_INSTRUCTION, description="The user turn for text rows; {text} is the row's text, {schema} the schema.")
+    sampling_column: str = Field("sampling", description="Column with per-row sampling overrides (JSON object or "
+                                 "struct), as the chat head.")
+    thinking_column: str = Field("enable_thinking", description="Boolean column turning thinking on or off for a row "
+                                 "(null: the option).")
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="The user turn for text rows; {text} is the row's text, "
+                             "{schema} the schema.")
     system_prompt: str = Field(DEFAULT_SYSTEM, description="System prompt; {schema} is the JSON Schema. "
                                "A conversation's own system turn gets it appended.")
-    examples: list[Example] = Field(default_factory=list, description="Few-shot {text, output} pairs; outputs are checked against the schema.")
+    examples: list[Example] = Field(default_factory=list, description="Few-shot {text, output} pairs; outputs are "
+                                    "checked against the schema.")
     enable_thinking: bool = Field(False, description="Qwen3 thinking: free reasoning, then the constrained answer.")
     thinking_budget: int | None = Field(
         None, ge=0, description="With thinking: at most this many reasoning tokens, then </think> is forced "
@@ -164,7 +168,8 @@ def check_node(node: Any, where: str, *, top: bool = False) -> None:
                           f"one type per field: no anyOf/oneOf/allOf/$ref/const/format/...)")
     typ, _ = _types(node, label)
     if typ not in ALLOWED:
-        raise SchemaError(f"field '{label}': type {typ!r} is not supported (object, array, string, integer, number, boolean)")
+        raise SchemaError(f"field '{label}': type {typ!r} is not supported "
+                          "(object, array, string, integer, number, boolean)")
     allowed = ALLOWED[typ] | ANNOTATIONS | {"type", "enum"} | (TOP_LEVEL_EXTRA if top else set())
     for key in node:
         if key not in allowed:
@@ -405,7 +410,8 @@ class ExtractHead(Head):
         shots = []
         for ex in o.examples:
             shots += [{"role": "user", "content": self._user(ex.text)},
-                      {"role": "assistant", "content": json.dumps(ex.output, ensure_ascii=False, separators=(",", ":"))}]
+                      {"role": "assistant",
+                       "content": json.dumps(ex.output, ensure_ascii=False, separators=(",", ":"))}]
         raw = row.get(o.messages_column)
         if raw is not None:
             if not isinstance(raw, list) or not raw:
@@ -414,7 +420,8 @@ class ExtractHead(Head):
             for i, m in enumerate(raw):
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                     raise RowError("invalid_input",
-                                   f"'{o.messages_column}'[{i}] must be {{role: one of {', '.join(ROLES)}, content: text}}")
+                                   f"'{o.messages_column}'[{i}] must be "
+                                   f"{{role: one of {', '.join(ROLES)}, content: text}}")
                 conv.append({"role": m["role"], "content": m["content"]})
             if conv[-1]["role"] != "user":
                 raise RowError("invalid_input", f"'{o.messages_column}' must end with a user turn")
@@ -477,11 +484,13 @@ class ExtractHead(Head):
         try:
             value = json.loads(answer)
         except (json.JSONDecodeError, RecursionError) as e:
-            raise RowError("output_parse_error", f"the answer is not valid JSON ({getattr(e, 'msg', e)}): {_shown(answer)}") from None
+            raise RowError("output_parse_error",
+                           f"the answer is not valid JSON ({getattr(e, 'msg', e)}): {_shown(answer)}") from None
         try:
             typed = coerce(value, self.schema, "")
         except SchemaError as e:
-            raise RowError("output_parse_error", f"the answer does not match the schema: {e}: {_shown(answer)}") from None
+            raise RowError("output_parse_error",
+                           f"the answer does not match the schema: {e}: {_shown(answer)}") from None
         return {**typed, "raw": answer, "reasoning": reasoning, "finish_reason": done.finish_reason,
                 "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
 
