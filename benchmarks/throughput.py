@@ -628,7 +628,9 @@ def print_table(summary: list[dict]) -> None:
         return "-" if x is None else f"{x:.{digits}f}"
 
     for r in summary:
-        ratio = (lambda k: f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if r.get(k) is not None else "-")
+        def ratio(k, r=r):
+            return f"{r[k]:.2f}x ({r[k + '_min']:.2f}-{r[k + '_max']:.2f})" if r.get(k) is not None else "-"
+
         t.add_row(r["system"], f"{r['wall_s_median']:.1f} ({r['wall_s_min']:.1f}-{r['wall_s_max']:.1f})",
                   fmt(r["gen_s_median"], 1), f"{r['output_tokens_per_s']:.0f}", fmt(r["gen_output_tokens_per_s"], 0),
                   f"{r['total_tokens_per_s']:.0f}", f"{r['rows_per_s']:.1f}", fmt(r["gen_rows_per_s"], 1),

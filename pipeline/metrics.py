@@ -69,7 +69,9 @@ def merge_parts(parts: list[dict], *, shard: str, rows: int, errors: int, contex
             cur["completion_tokens"] += w["completion_tokens"]
     prompt, completion = total("prompt_tokens") or 0, total("completion_tokens") or 0
     wall = (finished - started) if started is not None else 0.0
-    per_s = (lambda n: n / wall if wall > 0 else None)
+    def per_s(n):
+        return n / wall if wall > 0 else None
+
     return {
         "shard": shard,
         "rows": rows,
@@ -124,7 +126,9 @@ def summary_table(totals: RunTotals, *, wall_seconds: float, title: str):
                   fmt(m["output_tokens_per_s"]))
     if len(totals.shards) > 20:
         t.add_row(f"... {len(totals.shards) - 20} more", "", "", "", "", "", "", "")
-    rate = (lambda n: n / wall_seconds if wall_seconds > 0 else None)
+    def rate(n):
+        return n / wall_seconds if wall_seconds > 0 else None
+
     t.add_section()
     t.add_row("total", f"{totals.rows:,}", f"{totals.results:,}", f"{totals.errors:,}",
               f"{totals.prompt_tokens:,}", f"{totals.completion_tokens:,}", fmt(rate(totals.rows)),

@@ -249,6 +249,6 @@ def render(s: dict) -> list[str]:
         out.append(f"Poison rows: {len(s['poison_rows'])} (each killed an engine running it alone; an engine_died "
                    f"error row, not run again): {ids}; `qwen-batch run --retry-errors` tries them again")
     if s["foreign_files"]:
-        out.append(f"Foreign files (not written by qwen-batch, never deleted, not part of the output): "
+        out.append("Foreign files (not written by qwen-batch, never deleted, not part of the output): "
                    + ", ".join(s["foreign_files"][:5]) + (" ..." if len(s["foreign_files"]) > 5 else ""))
     return out

@@ -159,7 +159,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
-        raise AssertionError(f"qwen-batch {' '.join(args)} timed out:\n{err[-3000:]}")
+        raise AssertionError(f"qwen-batch {' '.join(args)} timed out:\n{err[-3000:]}") from None
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     done.leftovers = vllm_processes(session=proc.pid)  # engines that outlived the command
     for p in done.leftovers:

@@ -9,11 +9,10 @@ import pickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import prompt_rows, read_dir, write_shards
+
 from pipeline.runner import plan_job, run_job
 from pipeline.shards import InputError
-
 
 
 class Unpickled:

@@ -12,7 +12,6 @@ import shlex
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 CONFIG_PATH = REPO / "ray_cluster.yaml"
@@ -231,8 +230,8 @@ def test_pip_installs_pinned():
 def test_pins_cover_every_runtime_dependency_and_match_the_tested_ray():
     """Each of pyproject's dependencies (and the gpu extra) is pinned at setup, ray at the
     version the tests run with (a driver and a cluster of different Ray versions do not talk)."""
-    import tomllib
     import ray
+    import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["gpu"]

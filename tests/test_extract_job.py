@@ -11,8 +11,8 @@ import json
 import jsonschema
 import pyarrow as pa
 import pytest
-
 from conftest import read_dir, write_shards
+
 from pipeline.heads.extract import ExtractHead
 from pipeline.runner import run_job
 from pipeline.spec import SpecError, load_spec

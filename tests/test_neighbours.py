@@ -12,8 +12,8 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import local_ray, write_shards
+
 from jobs import ids_out, spec_maker
 from pipeline.cli import main
 from pipeline.output import OutputStore

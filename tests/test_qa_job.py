@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-
 from conftest import read_dir, write_shards
+
 from jobs import spec_maker
 from pipeline.runner import run_job
 
@@ -95,8 +95,8 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
     over plain_text_ids(question) + plain_text_ids(context) give, with the head's selection."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from pipeline.prompt_tokens import plain_text_ids, plain_text_offsets
     from pipeline.heads.qa import best_span
+    from pipeline.prompt_tokens import plain_text_ids, plain_text_offsets
 
     tmp, _ = qa_job
     got = {r["id"]: r for r in read_dir(tmp / "out" / "results").to_pylist()}[len(ROWS)]
@@ -116,8 +116,8 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
 
 
 def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):
-    from pipeline.prompt_tokens import render_chat
     from pipeline.heads.qa import QaHead
+    from pipeline.prompt_tokens import render_chat
 
     context = "The Eiffel Tower is in Paris. It opened in 1889."
     write_shards(tmp_path / "in", [[{"id": 1, "question": "Where is the tower?", "context": context}]])

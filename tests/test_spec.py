@@ -223,7 +223,7 @@ def test_a_summarize_instruction_without_text_is_refused(tmp_path, capsys, optio
     job = JOB_YAML.replace("task: {head: chat}", f"task: {{head: summarize, options: {{{option}: 'Summarize it.'}}}}")
     code, err = _validate(tmp_path, job, capsys)
     assert code == 2, err
-    assert f"task.options for head 'summarize'" in err and option in err and "has no {text}" in err
+    assert "task.options for head 'summarize'" in err and option in err and "has no {text}" in err
 
 
 def test_the_head_registry_names_each_head_once_and_the_spec_takes_its_names():

@@ -10,9 +10,9 @@ import socket
 import time
 
 import pytest
+from conftest import local_ray, read_dir, run_cli, write_shards
 from rich.console import Console
 
-from conftest import local_ray, read_dir, run_cli, write_shards
 from pipeline.cli import main
 from pipeline.processes import process_identity
 from pipeline.runner import EXIT_OK, run_job
