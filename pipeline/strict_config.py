@@ -43,6 +43,6 @@ def explain_validation_error(model: type[BaseModel], err: ValidationError, sourc
             for line in e["msg"].removeprefix("Value error, ").split("\n"):
                 line = line if line.endswith((".", "?")) else line + "."
                 lines.append(f"  - {line}" if line.startswith(where + ".") else f"  - {where}: {line}")
-        else:
-            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r}).")
+        else:  # our validators' messages say what to do without pydantic's "Value error, " prefix
+            lines.append(f"  - {where}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r}).")
     return "\n".join(lines)

@@ -249,3 +249,21 @@ def test_the_checkpoint_kind_comes_from_its_architecture(architecture, kind):
     from pipeline.checkpoint import checkpoint_kind
 
     assert checkpoint_kind(SimpleNamespace(architectures=[architecture])) == kind
+
+
+@pytest.mark.parametrize("head, option, value, missing", [
+    ("summarize", "instruction", "Summarize it.", "text"),
+    ("classify", "instruction", "Pick one of {labels}.", "text"),
+    ("classify", "multi_label_instruction", "Does it apply? {text}", "label"),
+    ("extract", "instruction", "Extract the fields.", "text"),
+    ("qa", "instruction", "Answer {question} briefly.", "context"),
+    ("qa", "instruction", "Read {context}.", "question"),
+])
+def test_a_prompt_option_without_the_rows_placeholder_is_refused(head, option, value, missing):
+    """Otherwise the row's text would silently never reach the model."""
+    from pipeline.heads import head_class
+
+    options = {option: value, **({"labels": ["a", "b"]} if head == "classify" else {}),
+               **({"fields": {"a": "string"}} if head == "extract" else {})}
+    problem = head_class(head).check_options(options)
+    assert problem is not None and f"{option}: it has no {{{missing}}}" in problem, problem

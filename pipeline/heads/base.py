@@ -250,6 +250,16 @@ class Head:
                 await asyncio.sleep(0)  # let the other rows' requests through
 
 
+def require_placeholders(template: str, *names: str) -> str:
+    """template, or ValueError naming a {placeholder} it lacks: without it, what the row holds
+    would never reach the model (an option's validator calls this)."""
+    for name in names:
+        if "{" + name + "}" not in template:
+            raise ValueError(f"it has no {{{name}}}, so the {name} would never reach the model; "
+                             f"put {{{name}}} where it goes")
+    return template
+
+
 def require_text(row: dict[str, Any], column: str) -> str:
     """The row's text in a column, or a RowError saying what is wrong with it."""
     value = row.get(column)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_placeholders, require_text
 
 END_OF_TURN = "<|im_end|>"
 
@@ -53,6 +53,17 @@ class ClassifyOptions(HeadOptions):
         description="The per-label yes/no prompt for multi_label.",
     )
     examples: list[Example] = Field(default_factory=list, description="Few-shot examples.")
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_has_text(cls, v: str) -> str:
+        return require_placeholders(v, "text")
+
+    @field_validator("multi_label_instruction")
+    @classmethod
+    def _multi_label_instruction_has_text_and_label(cls, v: str) -> str:
+        return require_placeholders(v, "text", "label")
+
     multi_label: bool = Field(False, description="Any subset of the labels may apply.")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="multi_label: keep labels at or above this probability.")
     system_prompt: str | None = Field(None, description="Optional system prompt.")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_placeholders, require_text
 from pipeline.heads.chat import QWEN3_SAMPLING, ROLES, row_sampling, split_reasoning
 
 FIXED_COLUMNS = ("raw", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens")
@@ -92,6 +92,11 @@ class ExtractOptions(HeadOptions):
     max_tokens: int = Field(512, ge=1, description="Default max_tokens when sampling sets none (reasoning included).")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_has_text(cls, v: str) -> str:
+        return require_placeholders(v, "text")
 
 
 # ---------------------------------------------------------------- schema: short form, checks

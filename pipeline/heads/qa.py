@@ -22,7 +22,7 @@ import asyncio
 import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.heads.base import (
     COUNT_PIECE_CHARS,
@@ -31,6 +31,7 @@ from pipeline.heads.base import (
     HeadOptions,
     PoolingEngine,
     RowError,
+    require_placeholders,
     require_text,
     text_pieces,
 )
@@ -59,6 +60,11 @@ class QaOptions(HeadOptions):
         description="generate: the user turn; {context} and {question} are the row's texts.")
     system_prompt: str | None = Field(None, description="generate: optional system prompt.")
     max_tokens: int = Field(64, ge=1, description="generate: default max_tokens when sampling sets none.")
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_has_context_and_question(cls, v: str) -> str:
+        return require_placeholders(v, "context", "question")
 
     @model_validator(mode="after")
     def _stride_fits(self):

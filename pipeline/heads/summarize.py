@@ -26,6 +26,7 @@ from pipeline.heads.base import (
     Head,
     HeadOptions,
     RowError,
+    require_placeholders,
     require_text,
     text_pieces,
 )
@@ -61,10 +62,7 @@ class SummarizeOptions(HeadOptions):
     @field_validator("instruction", "map_instruction", "reduce_instruction")
     @classmethod
     def _has_text(cls, v: str) -> str:
-        if "{text}" not in v:
-            raise ValueError("it has no {text}, so the document would never reach the model; "
-                             "put {text} where the document goes")
-        return v
+        return require_placeholders(v, "text")
 
 
 @dataclass
