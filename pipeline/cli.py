@@ -6,12 +6,22 @@ import argparse
 import os
 import sys
 import time
-import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+
+from pipeline.errors import (
+    EXIT_CRASHED,
+    EXIT_INVALID,
+    InputError,
+    JobError,
+    NothingRan,
+    RunInterrupted,
+    SpecError,
+    found,
+)
 
 console = Console(stderr=True, soft_wrap=True)  # paths stay whole for copy and paste
 
@@ -88,7 +98,12 @@ def quiet_stderr(name: str):
 def _load(args):
     from pipeline.spec import load_spec
 
-    spec = load_spec(args.spec, overrides=args.set or [])
+    try:
+        spec = load_spec(args.spec, overrides=args.set or [])
+    except JobError:
+        raise
+    except Exception as e:  # the spec could not even be read: nothing ran
+        raise NothingRan(e) from e
     if getattr(args, "address", None):
         spec.ray.address = args.address
     return spec
@@ -138,7 +153,7 @@ def cmd_validate(args) -> int:
         estimate = f"input tokens unknown (tokenizer not available: {type(e).__name__})"
     rows = sum(s.rows for s in plan.shards)
     todo_rows = sum(s.rows for s in plan.todo)
-    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    devices = spec.model.devices_per_replica
     console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{spec.task.head}', "
                   f"model {spec.model.source} ({plan.checkpoint_kind.replace('_', ' ')} checkpoint).",
                   highlight=False)
@@ -233,68 +248,69 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
     args = p.parse_args(argv)
 
-    from rich.markup import escape
-
-    from pipeline.redact import redact_text
-    from pipeline.runner import EXIT_CRASHED, EXIT_INVALID
-    from pipeline.shards import InputError
-    from pipeline.spec import SpecError
-
     handler = {"run": cmd_run, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model,
                "demo": cmd_demo, "report": cmd_report, "status": cmd_status}[args.command]
     try:
         return handler(args)
-    except (SpecError, InputError) as e:
-        if _store_failure(e):  # an input or output check the store failed to answer
-            return _store_failed(args, _store_failure(e))
+    except KeyboardInterrupt as e:
+        return _interrupted(args, e)
+    except Exception as e:
+        if os.environ.get("QWEN_BATCH_DEBUG") and not isinstance(e, (SpecError, InputError)):
+            raise
+        return _failed(args, e)
+
+
+def _checks_only(args) -> bool:
+    """validate and run --dry-run: they check, and never write."""
+    return args.command == "validate" or (args.command == "run" and args.dry_run)
+
+
+def _interrupted(args, e: KeyboardInterrupt) -> int:
+    if _checks_only(args) or (args.command == "run" and not isinstance(e, RunInterrupted)):
+        console.print("[red]interrupted[/red] before anything ran; nothing was written")
+    elif args.command == "run":
+        console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
+    else:
+        console.print("[red]interrupted[/red]")
+    return 130
+
+
+def _failed(args, e: Exception) -> int:
+    """The message and exit code of a command that raised e, by e's type."""
+    from rich.markup import escape
+
+    from pipeline.redact import redact_text
+    from pipeline.store_retry import StoreUnavailableError  # pyarrow: imported when needed
+
+    store = found(e, StoreUnavailableError)
+    if store is not None:  # an input or output check, or a write, the store failed to answer
+        return _store_failed(args, store)
+    if isinstance(e, (SpecError, InputError)):
         console.print(f"[red]error:[/red] {escape(redact_text(str(e)))}", highlight=False)
         return EXIT_INVALID
-    except KeyboardInterrupt as e:
-        if _nothing_ran(args, e):
-            console.print("[red]interrupted[/red] before anything ran; nothing was written")
-        elif args.command == "run":
-            console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
-        else:
-            console.print("[red]interrupted[/red]")
-        return 130
-    except Exception as e:
-        if os.environ.get("QWEN_BATCH_DEBUG"):
-            raise
-        if _store_failure(e):
-            return _store_failed(args, _store_failure(e))
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        what = f"{type(e).__name__}: {escape(redact_text(lines[-1])) if lines else ''}"
-        details = "For details set QWEN_BATCH_DEBUG=1 (traceback)"
-        if isinstance(e, FileNotFoundError) and (args.command != "run" or _nothing_ran(args, e)):
-            console.print(f"[red]error:[/red] {escape(redact_text(str(e)))}", highlight=False)
-            return EXIT_INVALID
-        if _nothing_ran(args, e):
-            console.print(f"[red]error:[/red] checking the job failed before anything ran (nothing was "
-                          f"written): {what}\n{details}.", highlight=False)
-            return EXIT_CRASHED
-        if args.command == "run":
-            console.print(f"[red]error:[/red] the run crashed: {what}\nCommitted shards are kept; rerun the same "
-                          f"command to resume. {details} and QWEN_BATCH_WORKER_LOGS=1 (engine logs).",
-                          highlight=False)
-            return EXIT_CRASHED
-        if args.command == "demo":
-            console.print(f"[red]error:[/red] the demo crashed: {what}\nRerun `qwen-batch demo` to start it "
-                          f"again. {details}.", highlight=False)
-            return EXIT_CRASHED
-        console.print(f"[red]error:[/red] {args.command} failed: {what}\n{details}.", highlight=False)
-        return 1
-
-
-def _store_failure(e: BaseException | None) -> BaseException | None:
-    """The StoreUnavailableError behind an error (also one turned into an InputError), or None."""
-    from pipeline.store_retry import StoreUnavailableError
-
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, StoreUnavailableError):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
+    nothing_ran = _checks_only(args) or isinstance(e, NothingRan)
+    cause = e.cause if isinstance(e, NothingRan) else e
+    if isinstance(cause, FileNotFoundError) and (args.command != "run" or nothing_ran):
+        console.print(f"[red]error:[/red] {escape(redact_text(str(cause)))}", highlight=False)
+        return EXIT_INVALID
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    what = f"{type(cause).__name__}: {escape(redact_text(lines[-1])) if lines else ''}"
+    details = "For details set QWEN_BATCH_DEBUG=1 (traceback)"
+    if nothing_ran:
+        console.print(f"[red]error:[/red] checking the job failed before anything ran (nothing was "
+                      f"written): {what}\n{details}.", highlight=False)
+        return EXIT_CRASHED
+    if args.command == "run":
+        console.print(f"[red]error:[/red] the run crashed: {what}\nCommitted shards are kept; rerun the same "
+                      f"command to resume. {details} and QWEN_BATCH_WORKER_LOGS=1 (engine logs).",
+                      highlight=False)
+        return EXIT_CRASHED
+    if args.command == "demo":
+        console.print(f"[red]error:[/red] the demo crashed: {what}\nRerun `qwen-batch demo` to start it "
+                      f"again. {details}.", highlight=False)
+        return EXIT_CRASHED
+    console.print(f"[red]error:[/red] {args.command} failed: {what}\n{details}.", highlight=False)
+    return 1
 
 
 def _store_failed(args, e: BaseException) -> int:
@@ -302,7 +318,6 @@ def _store_failed(args, e: BaseException) -> int:
     from rich.markup import escape
 
     from pipeline.redact import redact_text
-    from pipeline.runner import EXIT_CRASHED
 
     then = ("rerun the same command to resume (committed shards are kept)" if args.command == "run"
             else f"run `qwen-batch {args.command}` again")
@@ -310,17 +325,6 @@ def _store_failed(args, e: BaseException) -> int:
                   f"{escape(redact_text(str(e)))}\nNothing is wrong with the job; once the store answers "
                   f"again, {then}.", highlight=False)
     return EXIT_CRASHED
-
-
-def _nothing_ran(args, e: BaseException) -> bool:
-    """Whether the error came before a run wrote anything: validate, --dry-run, loading the
-    spec, or planning (plan_job checks everything before the output is touched)."""
-    if args.command == "validate" or (args.command == "run" and args.dry_run):
-        return True
-    if args.command != "run":
-        return False
-    frames = {f.name for f in traceback.extract_tb(e.__traceback__)}
-    return bool(frames & {"_load", "load_spec", "plan_job"}) and "_run_locked" not in frames
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from typing import Any
 
 from pipeline.placement import ReplicaPlacer
 from pipeline.session import actor_env
-from pipeline.sink import SHARD_COLUMN, path_key, write_parts
+from pipeline.shard_column import SHARD_COLUMN, path_key
+from pipeline.sink import write_parts
 from pipeline.worker import InferenceWorker
 
 
@@ -57,6 +58,9 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    # An error our stages raise reaches the driver as itself (RunStopped, LostLockError, ...,
+    # pipeline.errors), not as Ray Data's UserCodeException, whose cause is lost in transit.
+    ctx.raise_original_map_exception = True
     # All first replicas load before work starts, so that they share it from the first batch
     # (and an engine that cannot start fails the run now, not after the others finished).
     ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)

@@ -85,7 +85,7 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
         args.update(bitsandbytes_args(model.quantization))
     if device == "cpu":
         args["gpu_memory_utilization"] = CPU_KV_CACHE_SHARE
-    if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
+    if model.devices_per_replica > 1:
         # Matches pipeline.placement: one node per replica, ranks as this actor's children;
         # GPU pipeline stages may span nodes, one Ray worker per GPU bundle.
         cross_node = device == "cuda" and model.pipeline_parallel_size > 1
@@ -171,7 +171,7 @@ def qa_engine_args(model: ModelSpec, args: dict[str, Any], *, device: str) -> di
     SpecError for model keys only vLLM could honour."""
     from pipeline.spec import SpecError
 
-    if model.tensor_parallel_size * model.pipeline_parallel_size > 1:
+    if model.devices_per_replica > 1:
         raise SpecError(f"model.source {model.source} is a question-answering checkpoint, run by transformers "
                         f"on one device per replica; drop model.tensor_parallel_size/pipeline_parallel_size")
     if model.quantization:

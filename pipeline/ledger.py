@@ -26,6 +26,8 @@ import hashlib
 from contextlib import asynccontextmanager
 from typing import Any
 
+from pipeline.shard_column import path_key
+
 POISON = "_poison"
 PER_POISON_ROW = 3  # restarts a poison row may cost: its block, its batch, itself alone
 
@@ -33,8 +35,7 @@ PER_POISON_ROW = 3  # restarts a poison row may cost: its block, its batch, itse
 def batch_key(shard: str, ids: list[Any]) -> str:
     """The same for a batch and its retries, in any process and any run (the shard's path
     without scheme or leading slash: Ray Data may name it either way)."""
-    shard = shard.split("://", 1)[-1].lstrip("/")
-    return hashlib.sha1(repr((shard, ids)).encode()).hexdigest()
+    return hashlib.sha1(repr((path_key(shard), ids)).encode()).hexdigest()
 
 
 def read_poisoned(output: str) -> set[str]:

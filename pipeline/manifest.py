@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pipeline.errors import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS  # noqa: F401 (re-exported)
 from pipeline.metrics import RunTotals
 from pipeline.redact import redact
 from pipeline.spec import spec_changes
-
-# Exit codes of `qwen-batch run` (documented in the README).
-EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_INVALID, EXIT_CRASHED = 0, 1, 2, 3
 
 
 @dataclass

@@ -28,11 +28,13 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.errors import JobError, OutputWriteError
 from pipeline.shards import resolve_filesystem
 
 KINDS = ("results", "errors", "metrics")
@@ -57,7 +59,25 @@ def _json(manifest: dict) -> bytes:
 
 
 def _no_space(e: OSError) -> bool:
+    # pyarrow's local writes may say it only in words, without an errno
     return e.errno == errno.ENOSPC or "No space left" in str(e)
+
+
+def _cannot_write(e: OSError) -> bool:
+    return _no_space(e) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in str(e)
+
+
+@contextmanager
+def typed_write_errors(uri: str):
+    """A full disk or a refused write becomes OutputWriteError (the run stops: the next writes
+    would fail the same way); other errors pass as they are."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, JobError) or not _cannot_write(e):
+            raise
+        why = "No space left on device" if _no_space(e) else "Permission denied"
+        raise OutputWriteError(f"cannot write to {uri}: {why}. Free space or fix permissions there") from e
 
 
 class OutputStore:
@@ -82,7 +102,11 @@ class OutputStore:
     def write_table(self, rel: str, table: pa.Table) -> str:
         """Write a Parquet file (no rename, so no 5 GiB copy limit on S3); returns rel and
         keeps its size in self.sizes[rel] for the commit's check. On a local disk the file and
-        its folders are fsynced before this returns."""
+        its folders are fsynced before this returns. A full disk: OutputWriteError."""
+        with typed_write_errors(self.uri):
+            return self._write_table(rel, table)
+
+    def _write_table(self, rel: str, table: pa.Table) -> str:
         path = self.abs(rel)
         if self.local:
             self.fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -156,7 +180,11 @@ class OutputStore:
 
     def _put(self, rel: str, data: bytes) -> None:
         """Write an object that readers see whole or not at all (and, on a local disk, that
-        survives a power loss once this returns)."""
+        survives a power loss once this returns). A full disk: OutputWriteError."""
+        with typed_write_errors(self.uri):
+            self._put_whole(rel, data)
+
+    def _put_whole(self, rel: str, data: bytes) -> None:
         path = self.abs(rel)
         if not self.local:  # an upload is published when it completes
             self._upload(path, data, fresh=False)

@@ -21,8 +21,8 @@ import time
 
 import pyarrow.fs as pafs
 
+from pipeline.errors import InputError, LostLockError  # noqa: F401 (LostLockError: re-exported)
 from pipeline.processes import identity_alive, process_identity
-from pipeline.shards import InputError
 from pipeline.store_retry import Policy, StoreUnavailableError
 
 LOCK = "_lock.json"
@@ -32,10 +32,6 @@ STALE_AFTER_S = 300.0
 
 class OutputBusyError(InputError):
     """Another live run holds the output folder."""
-
-
-class LostLockError(RuntimeError):
-    """This run's lock was taken over by another run: it must not write anything more."""
 
 
 def read_holder(fs: pafs.FileSystem, root: str) -> dict | None:

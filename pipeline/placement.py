@@ -36,9 +36,9 @@ def _fmt(bundle: dict[str, float]) -> str:
 
 
 def replica_shape(spec: JobSpec, device: str) -> ReplicaShape:
-    tp, pp = spec.model.tensor_parallel_size, spec.model.pipeline_parallel_size
+    pp = spec.model.pipeline_parallel_size
     extra = dict(spec.resources.replica_resources)
-    devices = tp * pp
+    devices = spec.model.devices_per_replica
     if device == "cuda" and pp > 1:
         bundles = [{"CPU": 1, **extra}] + [{"GPU": 1} for _ in range(devices)]
         actor = {"num_cpus": 1, "num_gpus": 0}

@@ -12,8 +12,8 @@ import pyarrow as pa
 from pipeline.checkpoint import checkpoint_kind, job_head
 from pipeline.heads import head_class
 from pipeline.output import OutputStore
+from pipeline.shard_column import SHARD_COLUMN
 from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
-from pipeline.sink import SHARD_COLUMN
 from pipeline.spec import JobSpec, SpecError, result_settings, spec_changes
 from pipeline.store_retry import StoreUnavailableError
 

@@ -17,19 +17,15 @@ from dataclasses import dataclass, field
 
 from pipeline import dataflow
 from pipeline import manifest as manifests
+from pipeline.errors import InputError, JobError, LostLockError, NothingRan, RunInterrupted, found
 from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
 from pipeline.metrics import RunTotals, summary_table
 from pipeline.output import OutputStore, new_run_id
-from pipeline.output_lock import LostLockError, OutputLock
+from pipeline.output_lock import OutputLock
 from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, job_engine_args, plan_job, read_output_state  # noqa: F401
 from pipeline.redact import redact_text
-from pipeline.shards import InputError
 from pipeline.sink import ShardCommitter, fault_point
-from pipeline.spec import JobSpec, SpecError
-
-
-class OutputWriteError(RuntimeError):
-    """A shard's output could not be written (full disk, no permission, ...)."""
+from pipeline.spec import JobSpec
 
 
 @dataclass
@@ -61,7 +57,12 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
 
     console = console or Console(stderr=True, soft_wrap=True)
     started = time.time()
-    plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway, retry=retry)  # refuse before writing
+    try:  # refuse before writing
+        plan = plan_job(spec, overwrite=overwrite, resume_anyway=resume_anyway, retry=retry)
+    except JobError:
+        raise
+    except Exception as e:
+        raise NothingRan(e) from e
     store = OutputStore(spec.output.path)
     if retry is not None and not plan.work:
         console.print(f"Nothing to retry: no committed row of {redact_text(spec.output.path)} is selected by "
@@ -76,12 +77,16 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fal
         store.fs.create_dir(store.root, recursive=True)
         note = lock.acquire()  # OutputBusyError while another run writes here
     except OSError as e:
+        if isinstance(e, JobError):  # the store kept failing: not the job's fault
+            raise
         raise InputError(f"output.path {spec.output.path} is not writable: {e}") from None
     run = Run(spec, plan, run_id, store, lock, console, progress, engine_factory, started)
     try:
         if note:
             console.print(f"[yellow]{escape(redact_text(note))}[/yellow]", highlight=False)
         return _run_locked(run, overwrite=overwrite, resume_anyway=resume_anyway)
+    except KeyboardInterrupt as e:
+        raise RunInterrupted() from e
     finally:
         lock.release()
         store.release_reserve(run_id)
@@ -123,12 +128,13 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
         try:
             _execute(run)
         except Exception as e:
-            if _lost_lock(e):  # another run owns the output now: write nothing more
-                return _lost(run, _lost_lock(e))
+            lost = found(e, LostLockError)
+            if lost is not None:  # another run owns the output now: write nothing more
+                return _lost(run, lost)
             if os.environ.get("QWEN_BATCH_DEBUG"):
                 raise
-            stopped = _reason(e, run.spec.output.path)
-            invalid = isinstance(e, (SpecError, InputError))  # e.g. a replica no node can hold
+            stopped = _reason(e)
+            invalid = getattr(found(e, JobError), "exit_code", None) == EXIT_INVALID  # e.g. a replica no node can hold
     try:
         report = _conclude(run, manifest, stopped=stopped, invalid=invalid)
     except LostLockError as e:
@@ -250,19 +256,6 @@ def _print_outcome(run: Run, report: RunReport, *, invalid: bool) -> None:
         run.console.print(f"[red]{escape(report.message)}[/red]", highlight=False)
 
 
-def _lost_lock(e: BaseException | None) -> LostLockError | None:
-    """The LostLockError behind an error, also when a write task raised it inside Ray."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, LostLockError):
-            return e
-        if "LostLockError" in f"{type(e).__name__}: {e}":
-            text = str(e)
-            return LostLockError(text[text.find("run "):].splitlines()[0] if "run " in text else text)
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
 def _lost(run: Run, e: LostLockError) -> RunReport:
     from rich.markup import escape
 
@@ -272,31 +265,15 @@ def _lost(run: Run, e: LostLockError) -> RunReport:
                      exit_code=EXIT_CRASHED, message=message)
 
 
-def _reason(e: BaseException, output: str) -> str:
-    """One line for people: the last line of the error that stopped the run."""
-    if isinstance(e, (OutputWriteError, SpecError, InputError)):
-        return str(e)
-    if "No space left on device" in str(e) or "Permission denied" in str(e):  # also from a write task
-        why = "No space left on device" if "No space left" in str(e) else "Permission denied"
-        return f"cannot write to {output}: {why}. Free space or fix permissions there"
-    said = _stopped_by_worker(e)
-    if said:
-        return said
+def _reason(e: BaseException) -> str:
+    """One line for people: why the run stopped (the message of a typed failure, wherever
+    Ray carried it from), or the last line of an unexpected error."""
+    typed = found(e, JobError)
+    if typed is not None:
+        return str(typed)
     lines = [line for line in str(e).splitlines() if line.strip()]
     return (f"{type(e).__name__}: {lines[-1] if lines else ''} (details: rerun with "
             f"QWEN_BATCH_DEBUG=1 for the traceback, QWEN_BATCH_WORKER_LOGS=1 for engine logs)")
-
-
-def _stopped_by_worker(e: BaseException) -> str | None:
-    """The message of a RunStopped an engine actor raised (pipeline.worker), found in the
-    error Ray hands the driver (or its causes), or None."""
-    seen = 0
-    while e is not None and seen < 10:
-        for line in str(e).splitlines():
-            if "RunStopped: " in line:
-                return line.split("RunStopped: ", 1)[1].strip()
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
 
 
 def _execute(run: Run) -> None:
@@ -360,11 +337,7 @@ def _stream(run: Run, ds, committer: ShardCommitter) -> None:
                 elapsed = time.time() - first
                 bar.update(task, completed=done_rows, errors=errors,
                            tok=f"{out_tokens / elapsed:,.0f}" if elapsed > 1 else "-")
-                try:
-                    committer.add(parts)
-                except OSError as e:  # stop: the next shards would fail the same way
-                    raise OutputWriteError(f"cannot write to {spec.output.path}: {e}. Free space or fix "
-                                           f"permissions there") from e
+                committer.add(parts)  # OutputWriteError stops it: the next shards would fail the same way
         except BaseException:
             # Stopping early (a full disk): stop Ray Data's executor now, not when the iterator
             # is collected, and let its threads wind down, or one may call into Ray after the

@@ -63,7 +63,7 @@ def device(spec: JobSpec) -> str:
 def actor_env(spec: JobSpec, device: str, run_id: str) -> dict[str, str]:
     """Environment of the engine actors: the run mark (to find leftovers), quiet vLLM, and on
     the CPU build one core per tensor-parallel rank."""
-    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    devices = spec.model.devices_per_replica
     env = {**run_marks(spec, run_id), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu" and devices > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -82,7 +82,7 @@ def ray_session(spec: JobSpec, run_id: str):
     """Connected to Ray for the block; afterwards engines of this run are gone everywhere."""
     import ray
 
-    devices = spec.model.tensor_parallel_size * spec.model.pipeline_parallel_size
+    devices = spec.model.devices_per_replica
     # A local Ray's services and workers inherit the marks: if this driver is killed, the next
     # run on the same output finds what it left (pipeline.processes.reap_dead_runs).
     with environment(run_marks(spec, run_id)):

@@ -13,11 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.errors import InputError
 from pipeline.store_retry import StoreUnavailableError
-
-
-class InputError(ValueError):
-    """Input that cannot run; the message names each file and the fix."""
 
 
 @dataclass

@@ -23,9 +23,9 @@ from pipeline.metrics import RunTotals, merge_parts, part_summary
 from pipeline.output import OutputStore
 from pipeline.output_lock import check_holder
 from pipeline.schemas import arrow_schema
+from pipeline.shard_column import SHARD_COLUMN, path_key  # noqa: F401 (SHARD_COLUMN: re-exported)
 from pipeline.shards import NO_IDS, IdDigest, Shard, id_digest
 
-SHARD_COLUMN = "path"  # what Ray Data's read_parquet(include_paths=True) adds
 FAULT_AT = "QWEN_BATCH_FAULT_AT"  # tests: SIGKILL the driver at this commit step
 
 
@@ -33,11 +33,6 @@ def fault_point(step: str) -> None:
     """Kill this process at a named step of a commit, when a test asks for it."""
     if os.environ.get(FAULT_AT) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def path_key(path: str) -> str:
-    """A file path without scheme and leading slash (Ray may drop the filesystem's prefix)."""
-    return path.split("://", 1)[-1].lstrip("/")
 
 
 def split_stage(stage: pa.Table, head: str, id_type: pa.DataType,

@@ -13,12 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
+from pipeline.errors import SpecError
 from pipeline.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingValues  # noqa: F401 (re-exported)
 from pipeline.strict_config import StrictSection, explain_validation_error
-
-
-class SpecError(ValueError):
-    """A job spec that cannot run; the message says what to change."""
 
 
 class InputSpec(StrictSection):
@@ -157,6 +154,11 @@ class ModelSpec(StrictSection):
         "...); keys the spec sets elsewhere, or that change which model, tokenizer or code "
         "runs, are refused with the key to use instead.",
     )
+
+    @property
+    def devices_per_replica(self) -> int:
+        """Devices one model copy spans: tensor x pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @field_validator("engine_kwargs")
     @classmethod

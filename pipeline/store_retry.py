@@ -23,6 +23,8 @@ import time
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline.errors import JobError
+
 # A throttling burst lasts seconds to a minute: a call is retried for a time, not a count.
 RETRY_S = 60.0  # QWEN_BATCH_STORE_RETRY_S: how long one call keeps retrying before giving up
 BACKOFF_S = 0.25  # QWEN_BATCH_STORE_BACKOFF_S: the first backoff's bound; it doubles up to CAP_S
@@ -49,7 +51,7 @@ PERMANENT = ("ACCESS_DENIED", "AccessDenied", "NO_SUCH_BUCKET", "NoSuchBucket", 
              "Could not connect", "Couldn't resolve")
 
 
-class StoreUnavailableError(OSError):
+class StoreUnavailableError(JobError, OSError):
     """The store kept failing with transient errors after bounded retries: nothing is known
     to be wrong with the job, and a rerun resumes where this one stopped."""
 

@@ -10,12 +10,13 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.errors import EngineDead
 from pipeline.heads.base import Completion, RowError, Scores
 from pipeline.heads.classify import END_OF_TURN
 
 
-class EngineDeadError(RuntimeError):
-    """Named like vLLM's: the worker recognizes a dead engine by this name."""
+class EngineDeadError(EngineDead, RuntimeError):
+    """The fake engine's dead engine, as vLLM's EngineDeadError is the real one's."""
 
 
 class FakeEngine:

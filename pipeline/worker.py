@@ -13,10 +13,11 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.checkpoint import job_head
+from pipeline.errors import RunStopped, is_engine_dead
 from pipeline.heads import RowError
 from pipeline.ledger import EngineGate, batch_key
 from pipeline.schemas import arrow_schema
-from pipeline.sink import SHARD_COLUMN
+from pipeline.shard_column import SHARD_COLUMN
 from pipeline.spec import JobSpec
 
 STATUS_COLUMNS = [
@@ -40,10 +41,6 @@ def stage_schema(head, id_type: pa.DataType) -> pa.Schema:
     return pa.schema(fields + STATUS_COLUMNS + [pa.field(SHARD_COLUMN, pa.string())])
 
 
-def is_engine_dead(e: BaseException) -> bool:
-    return type(e).__name__ == "EngineDeadError"  # vLLM's; matched by name to stay engine-free
-
-
 def _reconstructed() -> bool:
     """Whether Ray restarted this actor after it died."""
     try:
@@ -52,11 +49,6 @@ def _reconstructed() -> bool:
         return ray.get_runtime_context().was_current_actor_reconstructed
     except Exception:  # outside Ray (unit tests)
         return False
-
-
-class RunStopped(RuntimeError):
-    """Raised in an engine actor to stop the run with this message for people (the runner
-    finds it in the error Ray hands the driver)."""
 
 
 LEDGER_GONE = ("the run's row ledger (the Ray actor that tracks batches for poison-row recovery and the engine "

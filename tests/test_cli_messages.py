@@ -49,7 +49,7 @@ def test_unknown_scheme_is_an_input_error(spec_file, capsys):
     assert "input.path nosuchfs://bucket/x cannot be read" in err and "crash" not in err
 
 
-def plan_job(*args, **kwargs):  # named like the real one: the CLI reads the traceback
+def plan_job(*args, **kwargs):  # stands in for the real one: an unexpected error while checking
     raise RuntimeError("something unexpected")
 
 
@@ -71,7 +71,7 @@ def test_an_unexpected_error_while_checking_claims_no_crash_or_commits(spec_file
             assert claim not in err, argv
 
 
-def _run_locked(*args, **kwargs):  # named like the runner's: the run had started writing
+def _run_locked(*args, **kwargs):  # stands in for the runner's: the run had started writing
     raise RuntimeError("engine fell over")
 
 
