@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         scratch = Path(scratch)
         model = args.model
         if not model:
-            from pipeline.tiny_model import make_tiny_model
+            from pipeline.ops.tiny_model import make_tiny_model
 
             model = str(make_tiny_model(scratch / "tiny-qwen3"))
         runs = []

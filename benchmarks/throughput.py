@@ -207,11 +207,11 @@ def _extract_head():
 
 
 def _structured_engine(engine: dict) -> dict:
-    """The engine settings qwen-batch gives every generative engine (pipeline.engine):
+    """The engine settings qwen-batch gives every generative engine (pipeline.engine.vllm_engine):
     xgrammar with compact JSON and Qwen3's reasoning parser, so all systems decode alike."""
     from vllm.config import StructuredOutputsConfig
 
-    from pipeline.engine_args import STRUCTURED_OUTPUTS
+    from pipeline.engine.engine_args import STRUCTURED_OUTPUTS
 
     return {**engine, "reasoning_parser": "qwen3",
             "structured_outputs_config": StructuredOutputsConfig(**STRUCTURED_OUTPUTS)}
@@ -294,7 +294,7 @@ def run_qwen_batch_extract(model: str, engine: dict, input_dir: str, out_dir: st
     result = run_qwen_batch(model, engine, input_dir, out_dir, sampling={"temperature": 0.0},
                             task={"head": "extract", "options": {"schema": EXTRACT_SCHEMA,
                                                                  "max_tokens": EXTRACT_MAX_TOKENS}})
-    from pipeline.output import OutputStore
+    from pipeline.io.output import OutputStore
 
     results = OutputStore(out_dir).read_committed("results")
     rows = results.num_rows if results is not None else 0
@@ -517,7 +517,7 @@ def main() -> None:
         runs = pq.read_table(args.from_runs).to_pylist()
         return report(runs, out, metric="rows_per_s" if args.mix in ("classify", "extract") else "output_tokens_per_s")
     if not args.model:
-        from pipeline.tiny_model import make_tiny_model
+        from pipeline.ops.tiny_model import make_tiny_model
 
         args.model = str(make_tiny_model(out / "model"))
     args.engine_kwargs = {"max_model_len": 1024, "gpu_memory_utilization": 0.25, "enforce_eager": True,

@@ -163,7 +163,7 @@ def main() -> None:
     args = p.parse_args()
     from throughput import SAMPLING, write_input
 
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     # py-spy is installed next to this interpreter (ray[default]); the venv need not be on PATH
     spy_bin = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")

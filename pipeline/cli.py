@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     import json
 
-    from pipeline.status import collect, render
+    from pipeline.ops.status import collect, render
 
     found = collect(args.output)
     if args.json:
@@ -175,10 +175,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     if getattr(args, "quantize", None):
-        from pipeline.quantize import make_quantized_tiny_model
+        from pipeline.engine.quantize import make_quantized_tiny_model
 
         if args.kind != "causal":
             console.print("--quantize writes a quantized causal tiny model; drop --kind")
@@ -192,14 +192,14 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import render_report
+    from pipeline.ops.report import render_report
 
     console.print(f"Report written to {render_report(args.output)}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.ops.demo import run_demo
 
     with quiet_stderr("demo"):
         return run_demo(args.dir, console=console)
@@ -279,8 +279,8 @@ def _failed(args, e: Exception) -> int:
     """The message and exit code of a command that raised e, by e's type."""
     from rich.markup import escape
 
+    from pipeline.io.store_retry import StoreUnavailableError  # pyarrow: imported when needed
     from pipeline.redact import redact_text
-    from pipeline.store_retry import StoreUnavailableError  # pyarrow: imported when needed
 
     store = found(e, StoreUnavailableError)
     if store is not None:  # an input or output check, or a write, the store failed to answer

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.placement import ReplicaPlacer
-from pipeline.session import actor_env
-from pipeline.shard_column import SHARD_COLUMN, path_key
-from pipeline.sink import write_parts
+from pipeline.engine.placement import ReplicaPlacer
+from pipeline.engine.session import actor_env
+from pipeline.io.shard_column import SHARD_COLUMN, path_key
+from pipeline.io.sink import write_parts
 from pipeline.worker import InferenceWorker
 
 
@@ -52,7 +52,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     """read_parquet -> batches -> engine actors -> write tasks -> part summaries."""
     import ray
 
-    from pipeline.ledger import RowLedger, read_poisoned
+    from pipeline.io.ledger import RowLedger, read_poisoned
 
     spec = plan.spec
     ctx = ray.data.DataContext.get_current()

@@ -9,13 +9,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.checkpoint import checkpoint_kind, job_head
+from pipeline.checkpoint import checkpoint_kind, job_head, read_config
 from pipeline.heads import head_class
-from pipeline.output import OutputStore
-from pipeline.shard_column import SHARD_COLUMN
-from pipeline.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
+from pipeline.io.output import OutputStore
+from pipeline.io.shard_column import SHARD_COLUMN
+from pipeline.io.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
+from pipeline.io.store_retry import StoreUnavailableError
 from pipeline.spec import JobSpec, SpecError, result_settings, spec_changes
-from pipeline.store_retry import StoreUnavailableError
 
 CHOICES = ("use another output path, pass --overwrite to replace it, or --resume-anyway to keep "
            "its committed shards and run only the others")
@@ -81,6 +81,7 @@ class Plan:
     head: Any = field(default=None, repr=False)  # the job's head for its checkpoint (checkpoint.job_head)
     results_schema: pa.Schema | None = field(default=None, repr=False)  # the job's results columns
     checkpoint_kind: str = "unknown"  # causal, moe, sequence_classification, ... (checkpoint.checkpoint_kind)
+    config: Any = field(default=None, repr=False)  # the checkpoint's config, read once (checkpoint.read_config)
     moved: dict[str, str] = field(default_factory=dict)  # shard -> the orphaned record of its content
 
     @property
@@ -112,9 +113,10 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     problem = head.check_options(spec.task.options)
     if problem:
         raise SpecError(problem)
-    config = _check_engine(spec)
+    config = read_config(spec.model)
+    job_engine_args(spec, device=spec.resources.device, config=config)  # auto: either device's quantization
     try:
-        head_obj = job_head(spec)  # a head that reads the checkpoint's config checks it here
+        head_obj = job_head(spec, config=config)  # a head that reads the checkpoint's config checks it here
     except ValueError as e:
         raise SpecError(f"task.options for head '{spec.task.head}': {e}") from None
     fs, shards = open_shards(spec.input.path)
@@ -135,7 +137,8 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
     plan = Plan(spec, fs, shards, id_type, columns, [], [], [], retry=retry, head=head_obj,
-                results_schema=head_obj.result_schema(id_type), checkpoint_kind=checkpoint_kind(config))
+                results_schema=head_obj.result_schema(id_type), checkpoint_kind=checkpoint_kind(config),
+                config=config)
     read_output_state(plan, overwrite=overwrite, resume_anyway=resume_anyway)
     return plan
 
@@ -291,31 +294,15 @@ def _changed_settings(spec: JobSpec, last_run: dict | None) -> str:
     return f" (changed since the last run: {'; '.join(changes[:5])})" if changes else ""
 
 
-def _check_engine(spec: JobSpec) -> Any:
-    """The checkpoint's config must load (weights are not touched), and the engine arguments
-    the workers will build must be valid. Returns the config."""
-    from pipeline.engine_args import hf_config
-
-    try:
-        config = hf_config(spec.model.source, spec.model.trust_remote_code)
-    except Exception as e:  # transformers raises OSError, ValueError, ... with long texts
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"model.source {spec.model.source}: cannot read the checkpoint's config "
-                        f"({first}); give a Hugging Face id such as Qwen/Qwen3-8B or a local "
-                        f"checkpoint directory") from None
-    # raises SpecError for contradictory model keys, or a checkpoint the head's engine task cannot use
-    # the spec's device (auto: quantization either device runs), before one is chosen
-    job_engine_args(spec, device=spec.resources.device)
-    return config
-
-
-def job_engine_args(spec: JobSpec, *, device: str) -> dict:
-    """The vLLM arguments of the job's engine: its model section and what its head asks."""
-    from pipeline.engine_args import engine_args
+def job_engine_args(spec: JobSpec, *, device: str, config: Any = None) -> dict:
+    """The vLLM arguments of the job's engine: its model section and what its head asks
+    (config: the checkpoint's, read when not given). SpecError for contradictory model keys,
+    or a checkpoint the head's engine task cannot use."""
+    from pipeline.engine.engine_args import engine_args
 
     head = head_class(spec.task.head)
     return engine_args(spec.model, device=device, task=head.engine_task, shares_prefixes=head.shares_prefixes,
-                       score_method=head.score_method(spec.task.options))
+                       score_method=head.score_method(spec.task.options), config=config)
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:

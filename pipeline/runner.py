@@ -1,11 +1,11 @@
 """run_job(spec): the flow of one run, step by step.
 
     plan     pipeline.plan      spec, inputs, what the output already holds (checked first)
-    lock     pipeline.output_lock   one run at a time per output folder, fenced writes
-    ray      pipeline.session   connect or start Ray; nothing left running afterwards
+    lock     pipeline.io.output_lock   one run at a time per output folder, fenced writes
+    ray      pipeline.engine.session   connect or start Ray; nothing left running afterwards
     flow     pipeline.dataflow  read -> engine actors (pipeline.worker) -> write tasks
-    commit   pipeline.sink      per shard, by metadata, exactly once (pipeline.output)
-    outcome  pipeline.manifest  the manifest and the exit code
+    commit   pipeline.io.sink      per shard, by metadata, exactly once (pipeline.io.output)
+    outcome  pipeline.io.manifest  the manifest and the exit code
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import dataflow
-from pipeline import manifest as manifests
 from pipeline.errors import InputError, JobError, LostLockError, NothingRan, RunInterrupted, found
-from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
-from pipeline.metrics import RunTotals, summary_table
-from pipeline.output import OutputStore, new_run_id
-from pipeline.output_lock import OutputLock
+from pipeline.io import manifest as manifests
+from pipeline.io.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
+from pipeline.io.output import OutputStore, new_run_id
+from pipeline.io.output_lock import OutputLock
+from pipeline.io.sink import ShardCommitter, fault_point
+from pipeline.ops.metrics import RunTotals, summary_table
 from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, job_engine_args, plan_job, read_output_state  # noqa: F401
 from pipeline.redact import redact_text
-from pipeline.sink import ShardCommitter, fault_point
 from pipeline.spec import JobSpec
 
 
@@ -146,7 +146,7 @@ def _run_locked(run: Run, *, overwrite: bool, resume_anyway: bool) -> RunReport:
 def _prepare(run: Run, *, overwrite: bool, resume_anyway: bool) -> dict:
     """Under the lock: the output's state read again, what dead runs left ended and deleted,
     the starting manifest written. Returns it."""
-    from pipeline.session import reap_dead_runs_everywhere
+    from pipeline.engine.session import reap_dead_runs_everywhere
 
     spec, store = run.spec, run.store
     try:
@@ -189,7 +189,7 @@ def _move_renamed(run: Run) -> None:
 def _forgive_retried_poison_rows(run: Run) -> None:
     """--retry-errors: rows condemned as poison (OUTPUT/_poison) that the selection redoes run
     again, searched for as before; a row that still kills every engine is condemned again."""
-    from pipeline.ledger import batch_key, forgive
+    from pipeline.io.ledger import batch_key, forgive
 
     if not run.plan.redo:
         return
@@ -278,13 +278,13 @@ def _reason(e: BaseException) -> str:
 
 def _execute(run: Run) -> None:
     """Start Ray, run the flow, commit each shard as its rows are all written."""
-    from pipeline import session
-    from pipeline.placement import ReplicaPlacer, replica_shape
+    from pipeline.engine import session
+    from pipeline.engine.placement import ReplicaPlacer, replica_shape
 
     spec, plan = run.spec, run.plan
     with session.ray_session(spec, run.run_id):
         device = session.device(spec)
-        args = job_engine_args(spec, device=device)
+        args = job_engine_args(spec, device=device, config=plan.config)
         placer = ReplicaPlacer(replica_shape(spec, device))
         placer.check()
         try:

@@ -140,7 +140,7 @@ class ModelSpec(StrictSection):
     dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16, float32.")
     quantization: str | None = Field(
         None, description="vLLM quantization method; default: none (a quantized checkpoint's own "
-        "method is read by vLLM). Checked against resources.device (pipeline/quantize.py): the CPU "
+        "method is read by vLLM). Checked against resources.device (pipeline/engine/quantize.py): the CPU "
         "build runs compressed-tensors (int8 W8A8), gptq and awq (4-bit, bfloat16/float16); GPUs also "
         "fp8, *_marlin, bitsandbytes (the model card's 4-bit NF4), ..."
     )

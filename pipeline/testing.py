@@ -91,7 +91,7 @@ class FakeEngine:
             self.rendered.append((messages, enable_thinking))
         self._note("render_chat", sum(len(m["content"]) for m in messages))
         if self.tokenizer is not None:
-            from pipeline.prompt_tokens import render_chat
+            from pipeline.engine.prompt_tokens import render_chat
 
             return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
         return self._encode(" ".join(f"<|im_start|> {m['role']} {m['content']} {END_OF_TURN}" for m in messages))
@@ -105,7 +105,7 @@ class FakeEngine:
         strings stay text, as VllmEngine.tokenize_text); without, whitespace words as tokenize."""
         self._note("tokenize_text", len(text))
         if self.tokenizer is not None:
-            from pipeline.prompt_tokens import plain_text_tokens
+            from pipeline.engine.prompt_tokens import plain_text_tokens
 
             return plain_text_tokens(self.tokenizer, text)
         return self._encode(text)
@@ -217,7 +217,7 @@ class FakeQaEngine(FakeEngine):
     def token_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         self._note("token_offsets", len(text))
         if self.tokenizer is not None:
-            from pipeline.prompt_tokens import plain_text_offsets
+            from pipeline.engine.prompt_tokens import plain_text_offsets
 
             return plain_text_offsets(self.tokenizer, text)
         import re
@@ -258,7 +258,7 @@ def recording_engine_factory(log_path: str):
     def build(args, *, device):
         import json
 
-        from pipeline.engine import VllmEngine
+        from pipeline.engine.vllm_engine import VllmEngine
 
         engine = VllmEngine(args, device=device)
         generate = engine.generate

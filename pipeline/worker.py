@@ -15,9 +15,9 @@ import pyarrow as pa
 from pipeline.checkpoint import job_head
 from pipeline.errors import RunStopped, is_engine_dead
 from pipeline.heads import RowError
-from pipeline.ledger import EngineGate, batch_key
-from pipeline.schemas import arrow_schema
-from pipeline.shard_column import SHARD_COLUMN
+from pipeline.io.ledger import EngineGate, batch_key
+from pipeline.io.schemas import arrow_schema
+from pipeline.io.shard_column import SHARD_COLUMN
 from pipeline.spec import JobSpec
 
 STATUS_COLUMNS = [
@@ -124,7 +124,7 @@ class InferenceWorker:
         self.schema = stage_schema(self.head, id_type)
         self.row_schema = pa.schema([f for f in self.schema if f.name not in PER_WORKER])
         if engine_factory is None:
-            from pipeline.engine import VllmEngine as engine_factory
+            from pipeline.engine.vllm_engine import VllmEngine as engine_factory
         self.reconstructed = _reconstructed()
         if ledger is not None and self.reconstructed:  # this actor died before: within budget?
             import ray
@@ -141,13 +141,13 @@ class InferenceWorker:
         self.engine_settings = getattr(self.engine, "settings", None)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
-        self.ended: list[str] = []  # blocks and batches done since the ledger was last told (pipeline.ledger)
+        self.ended: list[str] = []  # blocks and batches done since the ledger was last told (pipeline.io.ledger)
         self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
         self.batch_size = spec.resources.batch_size
         self.in_flight = asyncio.Semaphore(max(1, spec.resources.rows_in_flight // self.batch_size))
         self.gate = EngineGate()
         self.last_answer = 0.0  # when a row last finished on this engine (hung-engine check)
-        self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.ledger)
+        self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.io.ledger)
 
     def _start(self, row: dict[str, Any]) -> tuple[bool, Any]:
         """One row through the head, eagerly (start_eagerly): (True, its output row) when it
@@ -275,7 +275,7 @@ class InferenceWorker:
     async def _run_block(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A block's rows in batches of resources.batch_size, at most rows_in_flight rows on the
         engine at once (over all the blocks this actor holds). One ledger record for the block;
-        a retried block narrows down the row that killed the engine (pipeline.ledger)."""
+        a retried block narrows down the row that killed the engine (pipeline.io.ledger)."""
         if not rows:
             return []
         key = self._key(rows)

@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3")
 
@@ -107,7 +107,7 @@ def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | Non
 def read_dir(path: Path | str) -> pa.Table | None:
     """The committed rows of OUTPUT/KIND (results, errors or metrics), read as users are told
     to: through the commit records."""
-    from pipeline.output import OutputStore
+    from pipeline.io.output import OutputStore
 
     parent, kind = str(path).rstrip("/").rsplit("/", 1)
     return OutputStore(parent).read_committed(kind)
@@ -117,7 +117,7 @@ def vllm_processes(*, session: int | None = None, run_id: str | None = None,
                    ours: bool = True) -> list[psutil.Process]:
     """vLLM engine-core and worker processes started by this test session; only those of
     one process session (a CLI run) or of one run (its RUN_MARK) when given."""
-    from pipeline.processes import RUN_MARK
+    from pipeline.engine.processes import RUN_MARK
 
     found = []
     for p in psutil.process_iter(["name", "cmdline"]):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.output import OutputStore
+from pipeline.io.output import OutputStore
 from pipeline.spec import JobSpec, load_spec
 
 

@@ -10,7 +10,7 @@ path pattern, answer the next N of them with a fault instead:
     proxy.inject("503", seconds=10, method="PUT")   # every match for 10 s from the first one
 
 Bursts longer than the SDK's own retries are what the pipeline's own retries
-(pipeline.store_retry) must carry: a filesystem from pyarrow's FileSystem.from_uri (what the
+(pipeline.io.store_retry) must carry: a filesystem from pyarrow's FileSystem.from_uri (what the
 code before those retries used) retries one request about 30 times over about 6 s here, so
 only a burst that lasts longer (`seconds=10`) beats it; the pipeline sets 3 tries a call. `proxy.log` lists every
 request as (method, path, fault or None). Use `fault_proxy(server)` as a context manager, or

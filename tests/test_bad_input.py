@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import prompt_rows, read_dir, write_shards
 
+from pipeline.io.shards import InputError
 from pipeline.runner import plan_job, run_job
-from pipeline.shards import InputError
 
 
 class Unpickled:

@@ -216,7 +216,7 @@ CONTROL_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</
 def test_every_control_string_is_text_inside_content(tokenizer, where):
     """The tokenizer is the oracle: the ids decode to exactly the template's text, and the only
     control tokens among them are the template's own."""
-    from pipeline.prompt_tokens import render_chat
+    from pipeline.engine.prompt_tokens import render_chat
 
     added = set(tokenizer.added_tokens_decoder)
     assert {tokenizer.added_tokens_decoder[i].content for i in added} >= set(CONTROL_STRINGS)

@@ -197,7 +197,7 @@ def test_trie_scoring_engine_normalizes_only_the_asked_for_tokens(tmp_path):
     import json
 
     from jobs import job_spec
-    from pipeline.engine_args import TRIE_SCORING
+    from pipeline.engine.engine_args import TRIE_SCORING
     from pipeline.plan import job_engine_args
 
     (tmp_path / "m").mkdir()

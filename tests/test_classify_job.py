@@ -13,7 +13,7 @@ from conftest import read_dir, write_shards
 from test_plain_text import control_rows, plain_oracle
 
 from jobs import spec_maker
-from pipeline.processes import descendants
+from pipeline.engine.processes import descendants
 from pipeline.runner import run_job
 
 LABELS = ["positive", "negative", "neutral"]
@@ -106,7 +106,7 @@ def test_sequence_classification_checkpoint_matches_transformers(tmp_path, token
     tokenizer (and rows 4-5 of TEXTS) keeps it as text, on the oracle's plain tokenization."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     ckpt = make_tiny_model(tmp_path / "seq", architecture="Qwen3ForSequenceClassification",
                            id2label={0: "negative", 1: "neutral", 2: "positive"})
@@ -133,7 +133,7 @@ def test_token_classification_checkpoint_matches_transformers(tmp_path, tokenize
     from transformers import AutoModelForTokenClassification
 
     from pipeline.heads.checkpoint_classify import entities
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     names = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
     ckpt = make_tiny_model(tmp_path / "tok", architecture="Qwen3ForTokenClassification", id2label=names)
@@ -198,8 +198,8 @@ CASES = {
 def engine(request, tiny_model):
     """A real vLLM engine (no Ray) on the float32 tiny Qwen3 set up for one scoring method
     (as a job's engine is), and the loop it runs on."""
-    from pipeline.engine import VllmEngine
-    from pipeline.engine_args import engine_args
+    from pipeline.engine.engine_args import engine_args
+    from pipeline.engine.vllm_engine import VllmEngine
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()

@@ -22,7 +22,7 @@ import yaml
 from conftest import REPO, read_dir, run_cli, vllm_processes, write_shards
 
 from jobs import ids_out, job_spec, merged
-from pipeline.processes import RUN_MARK
+from pipeline.engine.processes import RUN_MARK
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SLOT = "engine_slot"  # a custom resource: one per node, one per replica -> one replica a node
@@ -253,7 +253,7 @@ def test_where_each_engine_runs_its_model(tmp_path):
     """One CPU device: the model runs in vLLM's engine-core process (no worker process that its
     scheduler spin-waits on); tensor- or pipeline-parallel ranks: worker processes; GPU pipeline
     stages, which may span nodes: Ray; one GPU: vLLM's default (in-process as well)."""
-    from pipeline.engine_args import engine_args
+    from pipeline.engine.engine_args import engine_args
     from pipeline.spec import ModelSpec
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
@@ -269,7 +269,7 @@ def test_where_each_engine_runs_its_model(tmp_path):
 
 
 def test_replica_shapes_and_what_the_cluster_can_hold():
-    from pipeline.placement import replica_shape, unplaceable
+    from pipeline.engine.placement import replica_shape, unplaceable
 
     h100_node = {"CPU": 192, "GPU": 8, "accelerator_type:H100": 1}
     tp4 = replica_shape(_spec(tensor_parallel_size=4), "cuda")

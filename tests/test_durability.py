@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.sink as sink
-from pipeline.metrics import RunTotals
-from pipeline.output import OutputStore, new_run_id
-from pipeline.shards import check_shards, open_shards
+import pipeline.io.sink as sink
+from pipeline.io.output import OutputStore, new_run_id
+from pipeline.io.shards import check_shards, open_shards
+from pipeline.ops.metrics import RunTotals
 
 pytestmark = pytest.mark.unit  # no Ray: the write stage and the driver run in this process
 

@@ -20,7 +20,7 @@ EOT = 151643  # <|endoftext|>
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    from pipeline.tiny_model import build_qwen3_tokenizer
+    from pipeline.ops.tiny_model import build_qwen3_tokenizer
 
     return build_qwen3_tokenizer()
 
@@ -100,7 +100,7 @@ def test_options_are_checked():
 
 
 def test_engine_args_ask_for_the_pooling_runner(tmp_path):
-    from pipeline.engine_args import engine_args
+    from pipeline.engine.engine_args import engine_args
     from pipeline.spec import ModelSpec, SpecError
 
     def model(arch):

@@ -30,7 +30,7 @@ job = spec_maker(head="embed", model={"max_model_len": 256, "dtype": "float32",
 
 @pytest.fixture(scope="module")
 def embed_model(tmp_path_factory):
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-embed", kind="embed")
 

@@ -29,12 +29,12 @@ from conftest import local_ray, run_cli, write_shards
 from rich.console import Console
 
 from jobs import ids_out, spec_maker
-from pipeline.output import KINDS, OutputStore
-from pipeline.output_lock import LOCK, OutputBusyError
+from pipeline.io.output import KINDS, OutputStore
+from pipeline.io.output_lock import LOCK, OutputBusyError
+from pipeline.io.shards import InputError
+from pipeline.io.sink import FAULT_AT
 from pipeline.plan import plan_job
 from pipeline.runner import EXIT_CRASHED, EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
-from pipeline.shards import InputError
-from pipeline.sink import FAULT_AT
 from pipeline.testing import fake_engine_factory
 
 FAULT_POINTS = ("before-metrics", "before-record", "after-record", "before-manifest")

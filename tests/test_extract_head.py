@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.heads import RowError, head_class
 from pipeline.heads.extract import ExtractHead, SchemaError, coerce, fields_schema
-from pipeline.sink import split_stage
+from pipeline.io.sink import split_stage
 from pipeline.spec import SpecError, load_spec
 from pipeline.testing import FakeEngine
 from pipeline.worker import stage_schema

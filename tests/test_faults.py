@@ -15,8 +15,8 @@ from conftest import read_dir, write_shards
 from rich.console import Console
 
 from jobs import ids_out, job_spec, spec_maker
-from pipeline.output import OutputStore
-from pipeline.output_lock import OutputBusyError
+from pipeline.io.output import OutputStore
+from pipeline.io.output_lock import OutputBusyError
 from pipeline.runner import run_job
 from pipeline.testing import fake_engine_factory
 
@@ -112,7 +112,7 @@ def test_real_engine_actor_sigkilled_mid_run(tmp_path, tiny_model):
 
     from conftest import SESSION_MARK, vllm_processes
 
-    from pipeline.processes import RUN_MARK
+    from pipeline.engine.processes import RUN_MARK
 
     rows = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(12)] for s in range(5)]
     write_shards(tmp_path / "in", rows)
@@ -217,7 +217,7 @@ def test_poison_row_in_a_block_of_several_batches_is_found_in_steps(tmp_path, ti
 def test_ledger_counts_a_retried_block_that_dies_again_as_a_poison_row():
     """The budget: a block's first death is the run's; once retried, further deaths are the
     poison row's (up to three), and what ends is no longer counted."""
-    from pipeline.ledger import PER_POISON_ROW, RowLedger
+    from pipeline.io.ledger import PER_POISON_ROW, RowLedger
 
     ledger = RowLedger(restart_budget=0)
     assert ledger.begin("block") == 0
@@ -315,7 +315,7 @@ def test_a_hung_request_becomes_an_engine_timeout_row(tmp_path, tiny_model):
 def test_processes_of_a_killed_driver_are_ended_by_the_next_run(tmp_path, tiny_model):
     """Kill only the driver's PID (as a scheduler's timeout would), count what it left
     running, and check that the next run on the same output ends all of it."""
-    from pipeline.processes import RUN_MARK
+    from pipeline.engine.processes import RUN_MARK
 
     write_shards(tmp_path / "in", [[{"id": s * 100 + i, "prompt": f"row {i}"} for i in range(10)] for s in range(6)])
     spec, proc = start_slow_run(tmp_path, tiny_model)

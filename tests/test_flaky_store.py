@@ -1,5 +1,5 @@
 """A flaky object store is ridden through (issue #27, item 6): every store call of the driver
-and the workers retries transient errors (pipeline.store_retry); a lock is lost only on
+and the workers retries transient errors (pipeline.io.store_retry); a lock is lost only on
 evidence of another holder; a store that keeps failing exits 3, never 2.
 
 The store is the session's moto server behind tests/s3_fault_proxy.py, which answers chosen
@@ -23,11 +23,11 @@ from conftest import local_ray, run_cli, write_shards
 from s3_fault_proxy import fault_proxy
 
 from jobs import ids_out
-from pipeline.output import OutputStore
-from pipeline.output_lock import LOCK, LostLockError, OutputLock, check_holder
+from pipeline.io.output import OutputStore
+from pipeline.io.output_lock import LOCK, LostLockError, OutputLock, check_holder
+from pipeline.io.store_retry import StoreUnavailableError
 from pipeline.runner import EXIT_CRASHED, EXIT_OK, run_job
 from pipeline.spec import load_spec
-from pipeline.store_retry import StoreUnavailableError
 from pipeline.testing import fake_engine_factory
 
 pytestmark = pytest.mark.datapath

@@ -1,8 +1,8 @@
-"""The requests that read the labels' token trie (pipeline.label_trie): every node once."""
+"""The requests that read the labels' token trie (pipeline.engine.label_trie): every node once."""
 
 from collections import Counter
 
-from pipeline.label_trie import children, edges, node_reads, walks
+from pipeline.engine.label_trie import children, edges, node_reads, walks
 
 EOT = 99
 LABELS = [[1, EOT], [1, 2, EOT], [1, 2, 3, EOT], [4, 5, EOT], [4, 6, EOT], [7, EOT]]

@@ -1,5 +1,5 @@
 """The run's RowLedger actor killed mid-run (issue #12): the ledger is a Ray actor every
-engine actor calls per batch (pipeline.ledger). Its process dying is recovered: Ray restarts
+engine actor calls per batch (pipeline.io.ledger). Its process dying is recovered: Ray restarts
 it (max_restarts=-1), the calls in flight are retried, the poison rows it condemned are read
 back from OUTPUT/_poison, and the run finishes with every id once. A ledger ended for good
 (ray.kill without restart) stops the run with exit 3 and a message saying so; the same command
@@ -21,7 +21,7 @@ from rich.console import Console
 
 from jobs import ids_out, spec_maker
 from pipeline.dataflow import ledger_name
-from pipeline.output import OutputStore
+from pipeline.io.output import OutputStore
 from pipeline.runner import EXIT_CRASHED, EXIT_OK, run_job
 from pipeline.testing import fake_engine_factory
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.engine_args import engine_args
+from pipeline.engine.engine_args import engine_args
 from pipeline.spec import ModelSpec, SpecError
 
 
@@ -32,7 +32,7 @@ def test_max_model_len_above_long_context_is_refused(tiny_model):
 
 
 def test_vllm_accepts_the_yarn_config(tiny_model):
-    from pipeline.engine import vllm_engine_args
+    from pipeline.engine.vllm_engine import vllm_engine_args
 
     args = engine_args(ModelSpec(source=str(tiny_model), long_context=131072), device="cpu")
     config = vllm_engine_args(args).create_engine_config()

@@ -16,9 +16,9 @@ from conftest import local_ray, write_shards
 
 from jobs import ids_out, spec_maker
 from pipeline.cli import main
-from pipeline.output import OutputStore
+from pipeline.io.output import OutputStore
+from pipeline.io.shards import InputError
 from pipeline.runner import EXIT_OK, run_job
-from pipeline.shards import InputError
 from pipeline.testing import fake_engine_factory
 
 pytestmark = pytest.mark.datapath

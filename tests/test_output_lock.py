@@ -8,9 +8,9 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline import output_lock
-from pipeline.output_lock import LOCK, OutputBusyError, OutputLock
-from pipeline.processes import process_identity
+from pipeline.engine.processes import process_identity
+from pipeline.io import output_lock
+from pipeline.io.output_lock import LOCK, OutputBusyError, OutputLock
 
 
 def lock(tmp_path, run_id):

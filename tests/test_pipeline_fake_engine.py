@@ -10,8 +10,8 @@ from conftest import local_ray, read_dir, write_shards
 from rich.console import Console
 
 from jobs import spec_maker
+from pipeline.io.shards import InputError
 from pipeline.runner import EXIT_OK, EXIT_TOO_MANY_ERRORS, run_job
-from pipeline.shards import InputError
 from pipeline.testing import fake_engine_factory
 
 
@@ -80,7 +80,7 @@ def test_error_rows_say_why(first_run):
 
 
 def test_a_folder_per_shard_holding_exactly_the_committed_files(first_run):
-    from pipeline.output import OutputStore
+    from pipeline.io.output import OutputStore
 
     tmp = first_run[0]
     records = OutputStore(str(tmp / "out")).records()

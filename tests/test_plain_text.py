@@ -78,7 +78,7 @@ def check_offsets(tokenizer, text, ids, offsets):
 
 def test_engine_tokenize_text_and_offsets_match_the_oracle(tokenizer):
     """VllmEngine's methods (on the real tokenizer, no vLLM needed) and the fake engine's."""
-    from pipeline.engine import VllmEngine
+    from pipeline.engine.vllm_engine import VllmEngine
 
     engine = SimpleNamespace(tokenizer=tokenizer)
     fake = FakeEngine(tokenizer=tokenizer)

@@ -7,7 +7,7 @@ import subprocess
 import psutil
 import pytest
 
-from pipeline.processes import (
+from pipeline.engine.processes import (
     DRIVER_MARK,
     OUTPUT_MARK,
     RUN_MARK,

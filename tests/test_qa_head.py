@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    from pipeline.tiny_model import build_qwen3_tokenizer
+    from pipeline.ops.tiny_model import build_qwen3_tokenizer
 
     return build_qwen3_tokenizer()
 
@@ -127,7 +127,7 @@ def test_control_strings_stay_text(qwen_tokenizer):
     out = run(QaHead(), {"question": question, "context": context}, engine)
     ids = engine.qa_inputs[0]
     assert not added & set(ids)
-    from pipeline.prompt_tokens import plain_text_ids
+    from pipeline.engine.prompt_tokens import plain_text_ids
 
     assert ids == plain_text_ids(qwen_tokenizer, question) + plain_text_ids(qwen_tokenizer, context)
     assert out["answer"] == "Rome" and context[out["start"]:out["end"]] == "Rome"
@@ -187,8 +187,8 @@ def test_a_long_context_is_read_in_pieces_that_a_deadline_can_stop(qwen_tokenize
     """A long context is tokenized piece by piece with the same tokens and offsets as in one
     go, and the row lets the event loop run between pieces, so the worker's row timeout ends a
     row still reading its context."""
+    from pipeline.engine.prompt_tokens import plain_text_offsets
     from pipeline.heads.qa import context_tokens
-    from pipeline.prompt_tokens import plain_text_offsets
 
     context = "Ada wrote the first program. Ünïcödé 🙂 e\u0301 and more   text.\n" * 4_000
     engine = FakeQaEngine(tokenizer=qwen_tokenizer)
@@ -232,7 +232,7 @@ def test_the_engine_batches_windows_in_flight(monkeypatch):
     of at most QA_BATCH_TOKENS padded tokens, each gets its own logits back unpadded, and a
     failing forward fails only its batch's rows."""
 
-    from pipeline import engine as E
+    from pipeline.engine import vllm_engine as E
 
     calls = []
 

@@ -33,7 +33,7 @@ job = spec_maker(head="qa", model={"dtype": "float32"})
 
 @pytest.fixture(scope="module")
 def qa_model(tmp_path_factory):
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qa", kind="qa")
 
@@ -95,8 +95,8 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
     over plain_text_ids(question) + plain_text_ids(context) give, with the head's selection."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
+    from pipeline.engine.prompt_tokens import plain_text_ids, plain_text_offsets
     from pipeline.heads.qa import best_span
-    from pipeline.prompt_tokens import plain_text_ids, plain_text_offsets
 
     tmp, _ = qa_job
     got = {r["id"]: r for r in read_dir(tmp / "out" / "results").to_pylist()}[len(ROWS)]
@@ -116,8 +116,8 @@ def test_control_strings_stay_text_on_the_real_engine(qa_job, qa_model):
 
 
 def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):
+    from pipeline.engine.prompt_tokens import render_chat
     from pipeline.heads.qa import QaHead
-    from pipeline.prompt_tokens import render_chat
 
     context = "The Eiffel Tower is in Paris. It opened in 1889."
     write_shards(tmp_path / "in", [[{"id": 1, "question": "Where is the tower?", "context": context}]])
@@ -141,7 +141,7 @@ def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):
 def test_plan_time_checks(qa_model, tiny_model, tmp_path):
     """validate refuses what run would: extract on a causal checkpoint, generate on a QA one,
     and vLLM-only model keys on a QA checkpoint; a QA checkpoint gets the transformers runner."""
-    from pipeline.engine_args import QA_RUNNER, engine_args
+    from pipeline.engine.engine_args import QA_RUNNER, engine_args
     from pipeline.plan import plan_job
     from pipeline.spec import SpecError
 

@@ -1,6 +1,6 @@
 """Quantized checkpoints run for real on the CPU build of vLLM (issue #17): the tiny Qwen3
 quantized by `make-tiny-model --quantize` (compressed-tensors int8 W8A8, GPTQ 4-bit), run
-through pipeline.engine.VllmEngine; their prompt log-probabilities against transformers'
+through pipeline.engine.vllm_engine.VllmEngine; their prompt log-probabilities against transformers'
 float32 on the unquantized weights (and, for GPTQ, on the dequantized 4-bit weights).
 
 Tolerances, per prompt token, |log p(quantized engine) - log p(oracle)| in nats, measured
@@ -21,9 +21,9 @@ import asyncio
 import pytest
 import torch
 
-from pipeline.quantize import cpu_has_amx
+from pipeline.engine.quantize import cpu_has_amx
 
-# vLLM runs int8 W8A8 on an AMX CPU with bfloat16/float16 activations only (pipeline.quantize)
+# vLLM runs int8 W8A8 on an AMX CPU with bfloat16/float16 activations only (pipeline.engine.quantize)
 W8A8_DTYPE = "bfloat16" if cpu_has_amx() else "float32"
 
 PROMPTS = ["Tell me about rivers and glaciers in the north, and how they carve the valleys we walk in.",
@@ -38,7 +38,7 @@ def prompt_ids(tokenizer):
 
 
 def quantized_checkpoint(tiny_model, tmp_path_factory, method):
-    from pipeline.quantize import quantize_checkpoint
+    from pipeline.engine.quantize import quantize_checkpoint
 
     return quantize_checkpoint(tiny_model, tmp_path_factory.mktemp(method) / f"tiny-{method}", method)
 
@@ -50,8 +50,8 @@ def engine_logprobs(source, dtype, prompt_ids):
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    from pipeline.engine import VllmEngine
-    from pipeline.engine_args import engine_args
+    from pipeline.engine.engine_args import engine_args
+    from pipeline.engine.vllm_engine import VllmEngine
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()
@@ -153,7 +153,7 @@ def test_gptq_runs_the_4bit_weights_within_tolerance(gptq_run, unquantized, tiny
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from pipeline.quantize import LINEAR, dequantize_gptq
+    from pipeline.engine.quantize import LINEAR, dequantize_gptq
 
     path, (lps, method, dtype) = gptq_run
     assert method in ("gptq", "auto_gptq") and dtype == "torch.bfloat16"  # vLLM names it auto_gptq

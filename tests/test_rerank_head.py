@@ -24,7 +24,7 @@ CARD_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    from pipeline.tiny_model import build_qwen3_tokenizer
+    from pipeline.ops.tiny_model import build_qwen3_tokenizer
 
     return build_qwen3_tokenizer()
 
@@ -101,8 +101,8 @@ def test_options_are_checked():
 
 
 def test_validate_refuses_shards_without_both_columns(tmp_path):
+    from pipeline.io.shards import InputError
     from pipeline.plan import plan_job
-    from pipeline.shards import InputError
     from pipeline.spec import load_spec
 
     model = tmp_path / "model"

@@ -27,7 +27,7 @@ job = spec_maker(head="rerank", model={"max_model_len": 512, "dtype": "float32",
 
 @pytest.fixture(scope="module")
 def rerank_model(tmp_path_factory):
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-reranker", kind="rerank")
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import local_ray, read_dir, write_shards
 
 from jobs import spec_maker
-from pipeline.output import OutputStore
+from pipeline.io.output import OutputStore
 from pipeline.plan import RetrySelection
 from pipeline.runner import run_job
 from pipeline.testing import fake_engine_factory

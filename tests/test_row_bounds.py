@@ -15,7 +15,7 @@ from pipeline import worker as worker_module
 from pipeline.heads import head_class
 from pipeline.heads.base import RowError
 from pipeline.heads.summarize import SummarizeHead, split_text
-from pipeline.shard_column import SHARD_COLUMN
+from pipeline.io.shard_column import SHARD_COLUMN
 from pipeline.testing import FakeEngine, FakeQaEngine
 from pipeline.worker import InferenceWorker
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import local_ray, run_cli, write_shards
 
 from jobs import ids_out
-from pipeline.output import OutputStore
+from pipeline.io.output import OutputStore
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory

@@ -1,7 +1,7 @@
 """The local S3 server fixture works the way the pipeline uses S3, and what pyarrow's S3 does.
 
 Facts the commit protocol relies on are asserted here, measured against moto_server:
-- `FileSystem.from_uri("s3://...")` (as `pipeline.shards.resolve_filesystem` does) reaches the
+- `FileSystem.from_uri("s3://...")` (as `pipeline.io.shards.resolve_filesystem` does) reaches the
   server through AWS_ENDPOINT_URL=http://..., nothing else configured.
 - `open_output_stream` is a multipart upload: the object is invisible while the stream is
   open and appears whole at close; a writer SIGKILLed before close leaves nothing. But close
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from s3_server import _stop, start_server
 
-from pipeline.shards import list_shard_paths, resolve_filesystem
+from pipeline.io.shards import list_shard_paths, resolve_filesystem
 
 
 def _run_py(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -51,7 +51,7 @@ def test_env_points_at_the_server(s3_server, s3_bucket):
     assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
     assert s3_server.started_in < 30
     fs, path = resolve_filesystem(f"{s3_bucket}/x/a.parquet")
-    # S3, behind the retries of transient errors every store call gets (pipeline.store_retry)
+    # S3, behind the retries of transient errors every store call gets (pipeline.io.store_retry)
     assert isinstance(fs.raw, pafs.S3FileSystem) and path == f"{s3_bucket[5:]}/x/a.parquet"
     # a child process (the CLI, Ray's workers) finds the server through the same variables
     done = _run_py(f"""

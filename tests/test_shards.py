@@ -3,8 +3,8 @@
 import pytest
 from conftest import prompt_rows, write_shards
 
+from pipeline.io.shards import list_shard_paths
 from pipeline.runner import plan_job
-from pipeline.shards import list_shard_paths
 from pipeline.spec import SpecError
 
 

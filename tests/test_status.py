@@ -14,7 +14,7 @@ from conftest import local_ray, read_dir, run_cli, write_shards
 from rich.console import Console
 
 from pipeline.cli import main
-from pipeline.processes import process_identity
+from pipeline.engine.processes import process_identity
 from pipeline.runner import EXIT_OK, run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory

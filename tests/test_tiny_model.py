@@ -34,7 +34,7 @@ def test_earlier_reasoning_is_stripped(tokenizer):
 def test_checkpoint_is_deterministic_qwen3(tiny_model, tmp_path):
     import hashlib
 
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3"

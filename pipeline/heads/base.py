@@ -143,7 +143,7 @@ class Head:
     # What the head needs of the engine, declared (the engine knows no head by name): None
     # runs the checkpoint as it is (a generative Qwen3, or a classification checkpoint's own
     # pooling runner); "embed" asks for vLLM's pooling runner with last-token, normalised
-    # embeddings (engine.embed). pipeline.engine_args.engine_args merges it, at plan time too, so
+    # embeddings (engine.embed). pipeline.engine.engine_args.engine_args merges it, at plan time too, so
     # `validate` refuses a checkpoint that cannot serve it.
     engine_task: ClassVar[str | None] = None
     # True when the head sends many requests that extend one prompt (label scoring): the
@@ -182,12 +182,12 @@ class Head:
     def result_schema(self, id_type: Any) -> Any:
         """The Arrow schema of this job's results: schemas/results_<head>.json unless the
         head's columns depend on its options."""
-        from pipeline.schemas import arrow_schema
+        from pipeline.io.schemas import arrow_schema
 
         return arrow_schema(f"results_{self.name}", id_type=id_type)
 
     def use_model(self, config: Any) -> None:
-        """Learn what the head needs of the checkpoint's config (pipeline.engine_args.hf_config:
+        """Learn what the head needs of the checkpoint's config (pipeline.engine.engine_args.hf_config:
         hidden_size, architectures, ...) before result_schema or run; called wherever a job's
         head is built (plan, workers, results schema) for heads that override it. Raise
         ValueError, naming the option, if the head cannot run on this checkpoint."""

@@ -84,7 +84,7 @@ class EmbedHead(Head):
         return self.hidden_size
 
     def result_schema(self, id_type: Any) -> Any:
-        from pipeline.schemas import arrow_schema
+        from pipeline.io.schemas import arrow_schema
 
         return arrow_schema("results_embed", id_type=id_type, sizes={"N": self.size})
 

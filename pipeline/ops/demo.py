@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from pipeline.spec import load_spec
 
-JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
+JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 DEMO_JOBS = {"demo-chat.yaml": "chat", "demo-summarize.yaml": "documents",
              "demo-classify.yaml": "reviews", "demo-extract.yaml": "reviews"}
 
@@ -116,8 +116,8 @@ def run_demo(workdir: str, *, console=None) -> int:
     """Build the tiny model, write sample inputs and run every demo job; the worst exit code."""
     from rich.console import Console
 
+    from pipeline.ops.tiny_model import make_tiny_model
     from pipeline.runner import run_job
-    from pipeline.tiny_model import make_tiny_model
 
     console = console or Console(stderr=True)
     work = Path(workdir)

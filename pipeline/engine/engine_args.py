@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from typing import Any
 
-from pipeline.quantize import bitsandbytes_args
+from pipeline.checkpoint import hf_config
+from pipeline.engine.quantize import bitsandbytes_args
 from pipeline.spec import ModelSpec
 
 # On the CPU build vLLM's KV cache takes this share of host memory unless engine_kwargs say
@@ -21,17 +20,17 @@ STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # the prompt's last <32 tokens (with 128, a prompt under 128 tokens is recomputed each time).
 CPU_SHARED_PREFIX_BLOCK = 32
 # An engine that scores labels by engine.score's "trie" method: the log-probabilities of the
-# few tokens each request names come from pipeline.token_logprobs (one logsumexp pass a row)
+# few tokens each request names come from pipeline.engine.token_logprobs (one logsumexp pass a row)
 # instead of vLLM's log-softmax over the whole vocabulary; in this mode vLLM's other
 # log-probabilities (prompt log-probabilities, top-k) would be raw logits, so only then.
-TRIE_SCORING = {"logits_processors": ["pipeline.token_logprobs:TokenLogprobs"],
+TRIE_SCORING = {"logits_processors": ["pipeline.engine.token_logprobs:TokenLogprobs"],
                 "logprobs_mode": "processed_logits"}
 # vLLM's CPU build runs the model in a worker process of its own even for one device: its
 # scheduler process then spin-waits on the worker (shared-memory queue, sched_yield) and is
 # reserved a core, so on a 2-core machine the scheduler burned ~80% of a core and the model
 # ran on one thread. With one device the model runs in the engine-core process instead, as
 # vLLM does on one GPU ("uni"); the CPU build allows it only when
-# VLLM_ENABLE_V1_MULTIPROCESSING is 0 where the engine is made (pipeline.engine sets it).
+# VLLM_ENABLE_V1_MULTIPROCESSING is 0 where the engine is made (pipeline.engine.vllm_engine sets it).
 IN_PROCESS_WORKER = "uni"
 
 
@@ -45,12 +44,14 @@ ENGINE_TASKS = {
 }
 
 
-def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
-                shares_prefixes: bool = False, score_method: str | None = None) -> dict[str, Any]:
+def engine_args(model: ModelSpec, *, device: str, task: str | None = None, shares_prefixes: bool = False,
+                score_method: str | None = None, config: Any = None) -> dict[str, Any]:
     """vLLM engine arguments for a model section (engine_kwargs win); task: what the job's
     head needs of the engine (Head.engine_task), None for the checkpoint as it is;
     shares_prefixes: the head sends many requests that extend one prompt (Head.shares_prefixes);
-    score_method: how its rows call engine.score (Head.score_method)."""
+    score_method: how its rows call engine.score (Head.score_method); config: the checkpoint's
+    (pipeline.checkpoint.hf_config), read here when not given."""
+    config = hf_config(model.source, model.trust_remote_code) if config is None else config
     args: dict[str, Any] = {
         "model": model.source,
         "tensor_parallel_size": model.tensor_parallel_size,
@@ -61,12 +62,12 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
     if model.max_model_len:
         args["max_model_len"] = model.max_model_len
     if model.long_context:
-        args.update(long_context_args(model))
+        args.update(long_context_args(model, config))
     if task is not None:
-        args.update(engine_task_args(model, task))
-    elif question_answering(model):
+        args.update(engine_task_args(model, task, config))
+    elif question_answering(config):
         return qa_engine_args(model, args, device=device)
-    elif pooling_task(model) is not None:
+    elif pooling_task(config) is not None:
         args["runner"] = "pooling"
     else:
         # Structured outputs (the sampling key structured_json): xgrammar, compact JSON (no
@@ -79,14 +80,14 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
             args["block_size"] = CPU_SHARED_PREFIX_BLOCK
         if score_method == "trie":
             args.update(json.loads(json.dumps(TRIE_SCORING)))
-    check_quantization(model, device)
+    check_quantization(model, device, config)
     if model.quantization:
         args["quantization"] = model.quantization
         args.update(bitsandbytes_args(model.quantization))
     if device == "cpu":
         args["gpu_memory_utilization"] = CPU_KV_CACHE_SHARE
     if model.devices_per_replica > 1:
-        # Matches pipeline.placement: one node per replica, ranks as this actor's children;
+        # Matches pipeline.engine.placement: one node per replica, ranks as this actor's children;
         # GPU pipeline stages may span nodes, one Ray worker per GPU bundle.
         cross_node = device == "cuda" and model.pipeline_parallel_size > 1
         args["distributed_executor_backend"] = "ray" if cross_node else "mp"
@@ -96,31 +97,27 @@ def engine_args(model: ModelSpec, *, device: str, task: str | None = None,
     return args
 
 
-def check_quantization(model: ModelSpec, device: str) -> None:
+def check_quantization(model: ModelSpec, device: str, config: Any) -> None:
     """SpecError unless the device (cpu, cuda; auto at plan time: either) runs the job's
     quantization: model.quantization, else the one the checkpoint's config declares."""
-    from pipeline.quantize import checkpoint_quantization, quantization_problem
+    from pipeline.engine.quantize import checkpoint_quantization, quantization_problem
     from pipeline.spec import SpecError
 
     method, where = model.quantization, "model.quantization"
     if not method:
-        method = checkpoint_quantization(hf_config(model.source, model.trust_remote_code))
+        method = checkpoint_quantization(config)
         where = f"model.source {model.source} is quantized: its quant_method"
     if not method:
         return
-    problem = quantization_problem(method, device, dtype=run_dtype(model), where=where)
+    problem = quantization_problem(method, device, dtype=run_dtype(model, config), where=where)
     if problem:
         raise SpecError(problem)
 
 
-def run_dtype(model: ModelSpec) -> str:
+def run_dtype(model: ModelSpec, config: Any) -> str:
     """The dtype vLLM runs: model.dtype, or under auto the checkpoint's own (auto if unknown)."""
     if model.dtype != "auto":
         return model.dtype
-    try:
-        config = hf_config(model.source, model.trust_remote_code)
-    except Exception:  # unreadable here (a hub id offline): the engine will say
-        return "auto"
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "auto"
     return str(dtype).removeprefix("torch.")
 
@@ -129,27 +126,9 @@ MAX_YARN_FACTOR = 4.0
 POOLING_TASKS = {"ForSequenceClassification": "classify", "ForTokenClassification": "token_classify"}
 
 
-@functools.cache  # the driver asks for it several times per run (checks, pooling, YaRN)
-def hf_config(source: str, trust_remote_code: bool = False):
-    """The checkpoint's config. A local config.json is read as JSON (importing transformers
-    costs seconds on the driver); hub ids go through AutoConfig."""
-    from types import SimpleNamespace
-
-    local = os.path.join(source, "config.json")
-    if os.path.isfile(local):
-        with open(local) as f:
-            data = json.load(f)
-        data.setdefault("architectures", [])
-        data.setdefault("id2label", {})
-        return SimpleNamespace(**data)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-
-
-def pooling_task(model: ModelSpec) -> str | None:
+def pooling_task(config: Any) -> str | None:
     """vLLM's pooling task for a classification checkpoint, None for a generative model."""
-    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    archs = getattr(config, "architectures", None) or []
     for suffix, task in POOLING_TASKS.items():
         if any(a.endswith(suffix) for a in archs):
             return task
@@ -159,10 +138,10 @@ def pooling_task(model: ModelSpec) -> str | None:
 QA_RUNNER = "transformers-qa"  # engine_args' runner for *ForQuestionAnswering: not a vLLM runner
 
 
-def question_answering(model: ModelSpec) -> bool:
+def question_answering(config: Any) -> bool:
     """A *ForQuestionAnswering checkpoint (start/end logits per token)? vLLM has no runner for
     it: VllmEngine runs it in transformers inside the actor (README, the qa head)."""
-    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    archs = getattr(config, "architectures", None) or []
     return any(a.endswith("ForQuestionAnswering") for a in archs)
 
 
@@ -180,14 +159,14 @@ def qa_engine_args(model: ModelSpec, args: dict[str, Any], *, device: str) -> di
     return {**args, "runner": QA_RUNNER}
 
 
-def engine_task_args(model: ModelSpec, task: str) -> dict[str, Any]:
+def engine_task_args(model: ModelSpec, task: str, config: Any) -> dict[str, Any]:
     """The vLLM arguments of an engine task (ENGINE_TASKS), or a SpecError when the
     checkpoint cannot serve it (a classification checkpoint has its own head)."""
     from pipeline.spec import SpecError
 
     if task not in ENGINE_TASKS:
         raise ValueError(f"unknown engine task {task!r}; known: {', '.join(ENGINE_TASKS)}")
-    archs = getattr(hf_config(model.source, model.trust_remote_code), "architectures", None) or []
+    archs = getattr(config, "architectures", None) or []
     if not any(a.endswith(("ForCausalLM", "Model")) for a in archs):
         raise SpecError(f"model.source {model.source} is a {', '.join(archs) or 'checkpoint without architectures'}; "
                         f"task.head needs vLLM's pooling runner ({task}) over a language model's hidden states "
@@ -195,7 +174,7 @@ def engine_task_args(model: ModelSpec, task: str) -> dict[str, Any]:
     return json.loads(json.dumps(ENGINE_TASKS[task]))  # a copy: engine args stay plain data
 
 
-def long_context_args(model: ModelSpec) -> dict[str, Any]:
+def long_context_args(model: ModelSpec, config: Any) -> dict[str, Any]:
     """max_model_len and, past the native context, YaRN rope scaling via vLLM's hf_overrides.
 
     vLLM expects a YaRN model's max_position_embeddings to be already scaled (as
@@ -203,7 +182,6 @@ def long_context_args(model: ModelSpec) -> dict[str, Any]:
     """
     from pipeline.spec import SpecError
 
-    config = hf_config(model.source, model.trust_remote_code)
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if "rope_theta" not in rope and getattr(config, "rope_theta", None):
         rope["rope_theta"] = config.rope_theta  # configs written before transformers 5

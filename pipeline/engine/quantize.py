@@ -214,7 +214,7 @@ def make_quantized_tiny_model(out_dir: str | Path, method: str, *, seed: int = 0
     """The tiny causal Qwen3 of make_tiny_model(seed), quantized with method (TINY_QUANTIZE)."""
     import tempfile
 
-    from pipeline.tiny_model import make_tiny_model
+    from pipeline.ops.tiny_model import make_tiny_model
 
     if method not in TINY_QUANTIZE:
         raise ValueError(f"unknown quantization {method!r}; one of {', '.join(TINY_QUANTIZE)}")

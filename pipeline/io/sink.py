@@ -4,7 +4,7 @@
 and error rows to attempt-unique files and hands the driver one small summary per shard
 (files, row counts, an id digest, token sums). `ShardCommitter`, on the driver, adds up the
 summaries of each shard and commits the shard once its ids are exactly the input's, with a
-metrics row and a commit record (pipeline.output). No result row passes through the driver,
+metrics row and a commit record (pipeline.io.output). No result row passes through the driver,
 so its memory and speed do not depend on how many rows a job has.
 """
 
@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.metrics import RunTotals, merge_parts, part_summary
-from pipeline.output import OutputStore
-from pipeline.output_lock import check_holder
-from pipeline.schemas import arrow_schema
-from pipeline.shard_column import SHARD_COLUMN, path_key  # noqa: F401 (SHARD_COLUMN: re-exported)
-from pipeline.shards import NO_IDS, IdDigest, Shard, id_digest
+from pipeline.io.output import OutputStore
+from pipeline.io.output_lock import check_holder
+from pipeline.io.schemas import arrow_schema
+from pipeline.io.shard_column import SHARD_COLUMN, path_key  # noqa: F401 (SHARD_COLUMN: re-exported)
+from pipeline.io.shards import NO_IDS, IdDigest, Shard, id_digest
+from pipeline.ops.metrics import RunTotals, merge_parts, part_summary
 
 FAULT_AT = "QWEN_BATCH_FAULT_AT"  # tests: SIGKILL the driver at this commit step
 

@@ -5,7 +5,7 @@
     OUTPUT/errors/NAME/RUN-UID.parquet        error rows     to input.path)
     OUTPUT/metrics/NAME/RUN-UID.parquet       one metrics row
     OUTPUT/_manifest.json                     the last run: settings, outcome, per-shard status
-    OUTPUT/_lock.json                         the run writing here now (pipeline.output_lock)
+    OUTPUT/_lock.json                         the run writing here now (pipeline.io.output_lock)
 
 Object stores have no atomic rename and no atomic multi-file commit, so nothing is renamed:
 workers write data files under names no other attempt can use, and a shard becomes visible
@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import JobError, OutputWriteError
-from pipeline.shards import resolve_filesystem
+from pipeline.io.shards import resolve_filesystem
 
 KINDS = ("results", "errors", "metrics")
 COMMITS = "_commits"
@@ -315,7 +315,7 @@ class OutputStore:
         """Remove every committed shard, commit records first (a crash half-way then leaves
         files no record names, which the next run deletes, never records without files).
         Files qwen-batch did not write stay."""
-        from pipeline.ledger import POISON
+        from pipeline.io.ledger import POISON
 
         folders = self._shard_folders(self.records(), shard_names)
         self.fs.delete_dir_contents(self.abs(COMMITS), missing_dir_ok=True)

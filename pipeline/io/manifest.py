@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.errors import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS  # noqa: F401 (re-exported)
-from pipeline.metrics import RunTotals
+from pipeline.ops.metrics import RunTotals
 from pipeline.redact import redact
 from pipeline.spec import spec_changes
 

@@ -21,9 +21,9 @@ import time
 
 import pyarrow.fs as pafs
 
+from pipeline.engine.processes import identity_alive, process_identity
 from pipeline.errors import InputError, LostLockError  # noqa: F401 (LostLockError: re-exported)
-from pipeline.processes import identity_alive, process_identity
-from pipeline.store_retry import Policy, StoreUnavailableError
+from pipeline.io.store_retry import Policy, StoreUnavailableError
 
 LOCK = "_lock.json"
 HEARTBEAT_S = 30.0

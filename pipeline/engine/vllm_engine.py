@@ -1,5 +1,5 @@
 """The vLLM engine behind the narrow handle heads use (the adapter); knows no head by name.
-Its arguments come from pipeline.engine_args, its prompts from pipeline.prompt_tokens."""
+Its arguments come from pipeline.engine.engine_args, its prompts from pipeline.engine.prompt_tokens."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import label_trie
-from pipeline.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING, hf_config
+from pipeline.checkpoint import hf_config
+from pipeline.engine import label_trie
+from pipeline.engine.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING
+from pipeline.engine.processes import descendants, environment, kill_started_since
+from pipeline.engine.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
 from pipeline.heads.base import Completion, RowError, Scores
-from pipeline.processes import descendants, environment, kill_started_since
-from pipeline.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
 
 # Label scoring: "trie" (one engine step per node of the labels' token trie, reading the
 # prefix cache) or "per_label" (prompt log-probabilities of prompt + label, one full prefill
@@ -94,7 +95,7 @@ class VllmEngine:
             self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
-        # label scoring walks the labels' branches only where pipeline.token_logprobs runs
+        # label scoring walks the labels' branches only where pipeline.engine.token_logprobs runs
         self.walks = TRIE_SCORING["logits_processors"][0] in (args.get("logits_processors") or ())
         self.tokenizer = AutoTokenizer.from_pretrained(
             args["model"], trust_remote_code=args.get("trust_remote_code", False)
@@ -230,7 +231,7 @@ class VllmEngine:
         method "trie" (default): every node of the continuations' token trie (the prompt, then
         the prompt plus each prefix that has children) gives the log-probabilities of exactly
         its children (`logprob_token_ids`, normalized over the full vocabulary), each node read
-        once. On an engine started with TRIE_SCORING (pipeline.token_logprobs: one logsumexp
+        once. On an engine started with TRIE_SCORING (pipeline.engine.token_logprobs: one logsumexp
         pass a row instead of vLLM's log-softmax) one request per label at most walks its
         branch from where it leaves earlier ones, a decode step a node (label_trie.walks);
         otherwise one single-step request per node. The requests read the prefix cache, so
@@ -242,11 +243,12 @@ class VllmEngine:
         if method == "per_label":
             if self.args.get("logprobs_mode") == "processed_logits":
                 raise ValueError("this engine was started for scoring 'trie' (its prompt log-probabilities "
-                                 "are raw logits); start one without pipeline.engine_args.TRIE_SCORING for 'per_label'")
+                                 "are raw logits); start one without pipeline.engine.engine_args.TRIE_SCORING "
+                                 "for 'per_label'")
             return await self._score_per_label(prompt_token_ids, continuations)
         if method != "trie":
             raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")
-        # Walks need pipeline.token_logprobs in the engine; without it, one request per node.
+        # Walks need pipeline.engine.token_logprobs in the engine; without it, one request per node.
         # The root first: requests queued in one engine step read the blocks its predecessors
         # in that step write, so every other request finds the prompt cached.
         kids, reads = label_trie.plan(tuple(map(tuple, continuations)), walk=self.walks, cap=MAX_LOGPROB_IDS)

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.store_retry import StoreUnavailableError
+from pipeline.io.store_retry import StoreUnavailableError
 
 
 @dataclass
@@ -75,8 +75,8 @@ def footer_hash(f: pa.NativeFile) -> str:
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or any URI pyarrow understands. A remote
-    filesystem retries transient errors (pipeline.store_retry)."""
-    from pipeline.store_retry import Policy, retrying
+    filesystem retries transient errors (pipeline.io.store_retry)."""
+    from pipeline.io.store_retry import Policy, retrying
 
     if "://" in uri:
         policy = Policy()

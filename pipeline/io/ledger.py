@@ -26,7 +26,7 @@ import hashlib
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pipeline.shard_column import path_key
+from pipeline.io.shard_column import path_key
 
 POISON = "_poison"
 PER_POISON_ROW = 3  # restarts a poison row may cost: its block, its batch, itself alone
@@ -44,7 +44,7 @@ def read_poisoned(output: str) -> set[str]:
 
     import pyarrow.fs as pafs
 
-    from pipeline.shards import resolve_filesystem
+    from pipeline.io.shards import resolve_filesystem
 
     fs, root = resolve_filesystem(output)
     infos = fs.get_file_info(pafs.FileSelector(posixpath.join(root, POISON), allow_not_found=True))
@@ -57,7 +57,7 @@ def poison_rows(output: str) -> list[dict]:
     import json
     import posixpath
 
-    from pipeline.shards import resolve_filesystem
+    from pipeline.io.shards import resolve_filesystem
 
     fs, root = resolve_filesystem(output)
     rows = []
@@ -76,7 +76,7 @@ def forgive(output: str, keys: set[str]) -> int:
     rows again (and condemns them again if they still kill every engine); how many."""
     import posixpath
 
-    from pipeline.shards import resolve_filesystem
+    from pipeline.io.shards import resolve_filesystem
 
     fs, root = resolve_filesystem(output)
     gone = sorted(keys & read_poisoned(output))
@@ -149,7 +149,7 @@ class RowLedger:
         import json
         import posixpath
 
-        from pipeline.shards import resolve_filesystem
+        from pipeline.io.shards import resolve_filesystem
 
         fs, root = resolve_filesystem(self.output)
         try:

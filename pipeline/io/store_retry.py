@@ -4,7 +4,7 @@
 reads, whole-object writes, deletes, moves) is retried with exponential backoff and full
 jitter while the error is transient, and raises StoreUnavailableError once the attempts are
 spent. Not found, access denied, no such bucket and an endpoint that refuses connections are
-not transient: they are raised at once, as before. pipeline.shards.resolve_filesystem
+not transient: they are raised at once, as before. pipeline.io.shards.resolve_filesystem
 applies it to every non-local URI, so the driver, the engine actors and the write tasks all
 go through it.
 

@@ -6,7 +6,7 @@ vLLM computes `logprob_token_ids` by a log-softmax over the whole vocabulary of 
 request (151,936 floats a row for Qwen3, written out), then a greedy pick and that pick's rank.
 Label scoring wants a handful of tokens a row: one logsumexp pass over the row gives the same
 numbers. With the engine's `logprobs_mode` set to "processed_logits"
-(pipeline.engine_args.TRIE_SCORING) vLLM skips its own log-softmax and returns the values this
+(pipeline.engine.engine_args.TRIE_SCORING) vLLM skips its own log-softmax and returns the values this
 processor leaves in the logits. Only for engines that serve label scoring: in that mode every
 other log-probability vLLM returns (prompt log-probabilities, top-k) is a raw logit.
 
@@ -25,7 +25,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from pipeline.label_trie import WALK
+from pipeline.engine.label_trie import WALK
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from pipeline.ledger import poison_rows
-from pipeline.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS
-from pipeline.output import OutputStore
-from pipeline.output_lock import OutputLock, read_holder
+from pipeline.io.ledger import poison_rows
+from pipeline.io.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS
+from pipeline.io.output import OutputStore
+from pipeline.io.output_lock import OutputLock, read_holder
+from pipeline.io.shards import InputError
 from pipeline.redact import redact_text
-from pipeline.shards import InputError
 
 OUTCOMES = {  # (manifest status, exit code) -> outcome
     EXIT_OK: "complete",

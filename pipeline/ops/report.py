@@ -1,6 +1,6 @@
 """`qwen-batch report OUTPUT`: a run's metrics as PNG charts and a small HTML page.
 
-It reads what readers are told to trust, the committed shards (pipeline.output), from a
+It reads what readers are told to trust, the committed shards (pipeline.io.output), from a
 local folder or an object store alike, and writes OUTPUT/report/ through the same
 filesystem (so on S3 the report lands next to the output, as s3://.../OUTPUT/report/)."""
 
@@ -10,7 +10,7 @@ import html
 import io
 from collections import Counter
 
-from pipeline.output import OutputStore
+from pipeline.io.output import OutputStore
 from pipeline.redact import redact_text
 
 REPORT = "report"
@@ -68,7 +68,7 @@ def render_report(output: str) -> str:
             per = windows.setdefault(w["worker"] or "?", {})
             per[w["at"]] = per.get(w["at"], 0) + w["completion_tokens"]
     if windows:
-        from pipeline.metrics import TIMELINE_S
+        from pipeline.ops.metrics import TIMELINE_S
 
         fig, ax = plt.subplots(figsize=(8, 3.5))
         start = min(at for per in windows.values() for at in per)

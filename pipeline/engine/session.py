@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from pipeline.processes import (
+from pipeline.engine.processes import (
     DRIVER_MARK,
     OUTPUT_MARK,
     RUN_MARK,
@@ -73,7 +73,7 @@ def actor_env(spec: JobSpec, device: str, run_id: str) -> dict[str, str]:
 
 
 def run_marks(spec: JobSpec, run_id: str) -> dict[str, str]:
-    """The environment marks of a run's processes (pipeline.processes): run, output, driver."""
+    """The environment marks of a run's processes (pipeline.engine.processes): run, output, driver."""
     return {RUN_MARK: run_id, OUTPUT_MARK: output_id(spec.output.path), DRIVER_MARK: driver_mark()}
 
 
@@ -84,7 +84,7 @@ def ray_session(spec: JobSpec, run_id: str):
 
     devices = spec.model.devices_per_replica
     # A local Ray's services and workers inherit the marks: if this driver is killed, the next
-    # run on the same output finds what it left (pipeline.processes.reap_dead_runs).
+    # run on the same output finds what it left (pipeline.engine.processes.reap_dead_runs).
     with environment(run_marks(spec, run_id)):
         connected = connect(spec, devices)
     try:
@@ -101,7 +101,7 @@ def _reap_dead_runs_on_node(output: str, run_id: str, dead: tuple[str, ...]) -> 
     """reap_dead_runs on the node this task runs on: (the node's id, how many it killed)."""
     import ray
 
-    from pipeline import processes
+    from pipeline.engine import processes
 
     return ray.get_runtime_context().get_node_id(), processes.reap_dead_runs(output, run_id, dead=dead)
 
@@ -130,7 +130,7 @@ def reap_dead_runs_on_every_node(output: str, run_id: str, *, dead: tuple[str, .
 
 def reap_dead_runs_everywhere(spec: JobSpec, run_id: str, *, dead: tuple[str, ...] = ()) -> int:
     """End what earlier runs on this output left running when their driver was killed (Ray's
-    agents and workers, vLLM's processes, marked by pipeline.processes): on this machine,
+    agents and workers, vLLM's processes, marked by pipeline.engine.processes): on this machine,
     those whose driver is gone; and when an earlier run is known dead (dead: its stale lock
     was taken over, or its manifest still says running with no lock), on every node of the
     cluster. That is the Ray this process is connected to, or else spec.ray.address /
