@@ -100,8 +100,7 @@ def _finished(plan: Plan) -> bool:
     def kept(entries):
         return sorted((k["name"], repr(k.get("input"))) for k in entries or [])
 
-    return bool(last_run) and last_run.get("status") in ("complete", "failed") \
-        and last_run.get("exit_code") != EXIT_CRASHED \
+    return manifests.outcome_recorded(last_run) \
         and sorted(last_run.get("orphaned") or []) == sorted(plan.orphaned) \
         and kept(last_run.get("kept")) == kept(plan.kept)
 

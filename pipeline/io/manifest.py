@@ -45,6 +45,13 @@ def start(spec, plan, run_id: str, *, started: float) -> dict:
     }
 
 
+def outcome_recorded(manifest: dict | None) -> bool:
+    """The run a manifest describes ended and recorded its outcome, and is no crash to resume
+    (the rule both `run`'s nothing-to-do and `status` apply)."""
+    return bool(manifest) and manifest.get("status") in ("complete", "failed") \
+        and manifest.get("exit_code") != EXIT_CRASHED
+
+
 def shard_entries(plan, records: dict[str, dict]) -> list[dict]:
     """One entry per input shard: committed (by which run, with how many rows) or pending."""
     entries = []

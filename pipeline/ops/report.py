@@ -18,11 +18,6 @@ REPORT = "report"
 
 def render_report(output: str) -> str:
     """Write OUTPUT/report/{index.html, *.png}; returns the HTML page's path or URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = str(output)
     store = OutputStore(out)
     records = store.records()
@@ -31,25 +26,51 @@ def render_report(output: str) -> str:
         raise FileNotFoundError(f"{out} has no committed shards: run the job first")
     results, errors = store.read_committed("results", records), store.read_committed("errors", records)
     m = metrics.to_pylist()
-    charts = []
-    pages: dict[str, bytes] = {}
+    charts = [c for c in (_shard_throughput(m), _replicas_timeline(m), _tokens_over_time(m), _errors(errors),
+                          _token_lengths(results)) if c is not None]
+    headline = _headline(m)
+    pages = {name: png for name, _, png in charts}
+    pages["index.html"] = _page(out, headline, m, (store.read_manifest() or {}).get("status", "unknown"), charts)
+    if store.local:
+        store.fs.create_dir(store.abs(REPORT), recursive=True)
+    for name, data in pages.items():
+        with store.fs.open_output_stream(store.abs(f"{REPORT}/{name}")) as f:
+            f.write(data)
+    print(headline)
+    index = f"{REPORT}/index.html"
+    return store.abs(index) if store.local else f"{out.rstrip('/')}/{index}"
 
-    def save(fig, name, caption):
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        pages[name] = buf.getvalue()
-        charts.append((name, caption))
 
+def _figure(size=(8, 3.5)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def _png(fig, name: str, caption: str) -> tuple[str, str, bytes]:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return name, caption, buf.getvalue()
+
+
+def _shard_throughput(m: list[dict]):
     names = [r["shard"].rsplit("/", 1)[-1].removesuffix(".parquet") for r in m]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = _figure()
     ax.bar(range(len(m)), [r["output_tokens_per_s"] or 0 for r in m], color="#4c78a8")
     ax.set_xticks(range(len(m)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("output tokens/s")
-    save(fig, "shard_throughput.png", "Output tokens/s per shard (first row started to last row finished).")
+    return _png(fig, "shard_throughput.png", "Output tokens/s per shard (first row started to last row finished).")
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+
+def _replicas_timeline(m: list[dict]):
+    fig, ax = _figure()
     t0 = min(r["started_at"] for r in m if r["started_at"])
     workers = sorted({w for r in m for w in (r["workers"] or [])})
     for i, w in enumerate(workers):
@@ -60,74 +81,79 @@ def render_report(output: str) -> str:
             ax.text(start, i, f"{rate:,.0f}", va="center", fontsize=7)
     ax.set_yticks(range(len(workers)), workers, fontsize=7)
     ax.set_xlabel("seconds since the first row started")
-    save(fig, "replicas_timeline.png", "Shards over time per engine replica, labeled with output tokens/s.")
+    return _png(fig, "replicas_timeline.png", "Shards over time per engine replica, labeled with output tokens/s.")
+
+
+def _tokens_over_time(m: list[dict]):
+    from pipeline.ops.metrics import TIMELINE_S
 
     windows: dict[str, dict[float, int]] = {}  # worker -> window start -> tokens
     for r in m:
         for w in r.get("timeline") or []:
             per = windows.setdefault(w["worker"] or "?", {})
             per[w["at"]] = per.get(w["at"], 0) + w["completion_tokens"]
-    if windows:
-        from pipeline.ops.metrics import TIMELINE_S
+    if not windows:
+        return None
+    fig, ax = _figure()
+    start = min(at for per in windows.values() for at in per)
+    total: dict[float, int] = {}
+    for worker, per in sorted(windows.items()):
+        xs = sorted(per)
+        ax.step([x - start for x in xs], [per[x] / TIMELINE_S for x in xs], where="post", marker=".",
+                label=worker)
+        for x in xs:
+            total[x] = total.get(x, 0) + per[x]
+    if len(windows) > 1:
+        xs = sorted(total)
+        ax.step([x - start for x in xs], [total[x] / TIMELINE_S for x in xs], where="post", color="black",
+                label="all replicas")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds since the first window with finished rows")
+    ax.set_ylabel("output tokens/s")
+    ax.legend(fontsize=7)
+    return _png(fig, "tokens_over_time.png",
+                f"Output tokens/s over time per engine replica: tokens of the rows finished in each "
+                f"{TIMELINE_S:.0f}-second window since the run started (the last window may be partial).")
 
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        start = min(at for per in windows.values() for at in per)
-        total: dict[float, int] = {}
-        for worker, per in sorted(windows.items()):
-            xs = sorted(per)
-            ax.step([x - start for x in xs], [per[x] / TIMELINE_S for x in xs], where="post", marker=".",
-                    label=worker)
-            for x in xs:
-                total[x] = total.get(x, 0) + per[x]
-        if len(windows) > 1:
-            xs = sorted(total)
-            ax.step([x - start for x in xs], [total[x] / TIMELINE_S for x in xs], where="post", color="black",
-                    label="all replicas")
-        ax.set_xlim(left=0)
-        ax.set_xlabel("seconds since the first window with finished rows")
-        ax.set_ylabel("output tokens/s")
-        ax.legend(fontsize=7)
-        save(fig, "tokens_over_time.png",
-             f"Output tokens/s over time per engine replica: tokens of the rows finished in each "
-             f"{TIMELINE_S:.0f}-second window since the run started (the last window may be partial).")
 
+def _errors(errors):
     kinds = Counter(errors.column("error_type").to_pylist()) if errors is not None else Counter()
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = _figure((6, 3))
     ax.bar(list(kinds) or ["none"], list(kinds.values()) or [0], color="#e45756")
     ax.set_ylabel("error rows")
-    save(fig, "errors.png", "Error rows by error_type.")
+    return _png(fig, "errors.png", "Error rows by error_type.")
 
-    if results is not None and "prompt_tokens" in results.column_names:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        for col, color in (("prompt_tokens", "#4c78a8"), ("completion_tokens", "#f58518")):
-            values = [v for v in results.column(col).to_pylist() if v is not None]
-            if values:
-                ax.hist(values, bins=30, alpha=0.6, label=col, color=color)
-        ax.set_xlabel("tokens per row")
-        ax.legend()
-        save(fig, "token_lengths.png", "Prompt and completion tokens per result row.")
 
+def _token_lengths(results):
+    if results is None or "prompt_tokens" not in results.column_names:
+        return None
+    fig, ax = _figure((6, 3))
+    for col, color in (("prompt_tokens", "#4c78a8"), ("completion_tokens", "#f58518")):
+        values = [v for v in results.column(col).to_pylist() if v is not None]
+        if values:
+            ax.hist(values, bins=30, alpha=0.6, label=col, color=color)
+    ax.set_xlabel("tokens per row")
+    ax.legend()
+    return _png(fig, "token_lengths.png", "Prompt and completion tokens per result row.")
+
+
+def _headline(m: list[dict]) -> str:
     rows = sum(r["rows"] for r in m)
     errs = sum(r["errors"] for r in m)
     out_tok = sum(r["completion_tokens"] for r in m)
+    t0 = min(r["started_at"] for r in m if r["started_at"])
     wall = max(r["finished_at"] for r in m if r["finished_at"]) - t0
+    return (f"{len(m)} shards, {rows:,} rows, {errs:,} errors, {out_tok:,} output tokens; "
+            f"{out_tok / wall if wall > 0 else 0:,.0f} output tokens/s over {wall:,.1f} s of inference")
+
+
+def _page(out: str, headline: str, m: list[dict], status: str, charts) -> bytes:
     settings = next((r["engine_settings"] for r in m if r.get("engine_settings")), None)
-    headline = (f"{len(m)} shards, {rows:,} rows, {errs:,} errors, {out_tok:,} output tokens; "
-                f"{out_tok / wall if wall > 0 else 0:,.0f} output tokens/s over {wall:,.1f} s of inference")
-    status = (store.read_manifest() or {}).get("status", "unknown")
     body = "".join(f'<figure><img src="{n}"><figcaption>{html.escape(c)}</figcaption></figure>'
-                   for n, c in charts)
-    page = (f"<!doctype html><meta charset=utf-8><title>qwen-batch report</title>"
+                   for n, c, _ in charts)
+    return (f"<!doctype html><meta charset=utf-8><title>qwen-batch report</title>"
             f"<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}img{{max-width:100%}}</style>"
             f"<h1>qwen-batch report</h1><p>{html.escape(redact_text(out))} &mdash; "
             f"status <b>{html.escape(str(status))}</b></p>"
-            f"<p>{html.escape(headline)}</p><p>Engine settings: <code>{html.escape(str(settings))}</code></p>{body}")
-    pages["index.html"] = page.encode()
-    if store.local:
-        store.fs.create_dir(store.abs(REPORT), recursive=True)
-    for name, data in pages.items():
-        with store.fs.open_output_stream(store.abs(f"{REPORT}/{name}")) as f:
-            f.write(data)
-    print(headline)
-    index = f"{REPORT}/index.html"
-    return store.abs(index) if store.local else f"{out.rstrip('/')}/{index}"
+            f"<p>{html.escape(headline)}</p><p>Engine settings: <code>{html.escape(str(settings))}</code></p>"
+            f"{body}").encode()

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 
 from pipeline.io.ledger import poison_rows
-from pipeline.io.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS
+from pipeline.io.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, outcome_recorded
 from pipeline.io.output import OutputStore
 from pipeline.io.output_lock import OutputLock, read_holder
 from pipeline.io.shards import InputError
@@ -75,6 +75,58 @@ def _throughput(metrics: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["started_at"] or 0)
 
 
+def _lock(store: OutputStore, holder: dict | None) -> dict | None:
+    """Who holds the lock, how fresh, and whether a run would take it over (None: free)."""
+    if holder is None:
+        return None
+    stale = OutputLock(store.fs, store.root, "status").stale_reason(holder)
+    beat = holder.get("heartbeat_at")
+    return {"run_id": holder.get("run_id"), "host": holder.get("host"), "pid": holder.get("pid"),
+            "heartbeat_at": beat, "age_seconds": (time.time() - float(beat)) if beat else None,
+            "readable": bool(holder), "stale": stale}
+
+
+def _outcome(manifest: dict, lock: dict | None) -> str:
+    """The last run's outcome (OUTCOMES, running, interrupted, partial, unknown)."""
+    status, code = manifest.get("status"), manifest.get("exit_code")
+    if not manifest:
+        return "unknown"
+    if status == "running":
+        live = lock is not None and lock["stale"] is None
+        return "running" if live and lock["run_id"] == manifest.get("run_id") else "interrupted"
+    if code == EXIT_OK:
+        return "partial" if (manifest.get("totals") or {}).get("errors") else "complete"
+    return OUTCOMES.get(code, status or "unknown")
+
+
+def _rerun(manifest: dict, lock: dict | None, *, pending: int, pending_rows: int, committed: int) -> dict:
+    """What `qwen-batch run` with the same spec would do now."""
+    live = lock is not None and lock["stale"] is None
+    if live:
+        who = f"run {lock['run_id']} (pid {lock['pid']} on {lock['host']})" if lock["readable"] else "another run"
+        return {"action": "refused", "shards": 0, "rows": 0, "exit_code": EXIT_INVALID,
+                "text": f"refused (exit {EXIT_INVALID}): {who} holds the lock; nothing would be touched"}
+    if not manifest:
+        return {"action": "unknown", "shards": None, "rows": None, "exit_code": None,
+                "text": "unknown: there is no manifest (no run has started here with this qwen-batch)"}
+    if pending:
+        rerun = {"action": "run", "shards": pending, "rows": pending_rows, "exit_code": None,
+                 "text": f"run {pending} pending shard(s), {pending_rows:,} rows; the "
+                         f"{committed} committed shard(s) are kept"}
+    elif outcome_recorded(manifest):
+        code = manifest.get("exit_code")
+        return {"action": "nothing", "shards": 0, "rows": 0, "exit_code": code,
+                "text": f"nothing to do (no model loads): every shard is committed; it exits {code} "
+                        f"as the last run did"}
+    else:  # every shard committed, but the last run did not record its end
+        rerun = {"action": "finish", "shards": 0, "rows": 0, "exit_code": None,
+                 "text": "run no shard: every shard is committed, but the last run did not record its "
+                         "end; a rerun records the outcome in the manifest"}
+    if lock is not None:
+        rerun["text"] += " (it takes over the stale lock)"
+    return rerun
+
+
 def collect(output: str) -> dict:
     """Everything `status` shows, as plain data (what --json prints)."""
     store = OutputStore(output)
@@ -98,56 +150,18 @@ def collect(output: str) -> dict:
     orphaned = sorted(n for n in records if entries and n not in in_manifest)
     counted = [records[n] for n in committed]
 
-    # Lock: who holds it, how fresh, and whether a run would take it over.
-    lock = None
-    if holder is not None:
-        stale = OutputLock(store.fs, store.root, "status").stale_reason(holder)
-        beat = holder.get("heartbeat_at")
-        lock = {"run_id": holder.get("run_id"), "host": holder.get("host"), "pid": holder.get("pid"),
-                "heartbeat_at": beat, "age_seconds": (time.time() - float(beat)) if beat else None,
-                "readable": bool(holder), "stale": stale}
-    live_lock = lock is not None and lock["stale"] is None
-
-    # The last run's outcome.
+    lock = _lock(store, holder)
     status, code = manifest.get("status"), manifest.get("exit_code")
     errors = sum(r["errors"] for r in counted)
-    if not manifest:
-        outcome = "unknown"
-    elif status == "running":
-        outcome = "running" if live_lock and lock["run_id"] == manifest.get("run_id") else "interrupted"
-    elif code == EXIT_OK:
-        outcome = "partial" if (manifest.get("totals") or {}).get("errors") else "complete"
-    else:
-        outcome = OUTCOMES.get(code, status or "unknown")
+    outcome = _outcome(manifest, lock)
 
     metrics_table = store.read_committed("metrics", {n: records[n] for n in committed})
     metrics = metrics_table.to_pylist() if metrics_table is not None else []
     runs = _throughput(metrics)
     last = next((r for r in reversed(runs) if r["run_id"] == manifest.get("run_id")), runs[-1] if runs else None)
 
-    # What `qwen-batch run` with the same spec would do now.
     pending_rows = sum((e.get("input") or {}).get("rows", 0) for e in pending)
-    if live_lock:
-        who = f"run {lock['run_id']} (pid {lock['pid']} on {lock['host']})" if lock["readable"] else "another run"
-        rerun = {"action": "refused", "shards": 0, "rows": 0, "exit_code": EXIT_INVALID,
-                 "text": f"refused (exit {EXIT_INVALID}): {who} holds the lock; nothing would be touched"}
-    elif not manifest:
-        rerun = {"action": "unknown", "shards": None, "rows": None, "exit_code": None,
-                 "text": "unknown: there is no manifest (no run has started here with this qwen-batch)"}
-    elif pending:
-        rerun = {"action": "run", "shards": len(pending), "rows": pending_rows, "exit_code": None,
-                 "text": f"run {len(pending)} pending shard(s), {pending_rows:,} rows; the "
-                         f"{len(committed)} committed shard(s) are kept"}
-    elif status in ("complete", "failed") and code != EXIT_CRASHED:
-        rerun = {"action": "nothing", "shards": 0, "rows": 0, "exit_code": code,
-                 "text": f"nothing to do (no model loads): every shard is committed; it exits {code} "
-                         f"as the last run did"}
-    else:  # every shard committed, but the last run did not record its end
-        rerun = {"action": "finish", "shards": 0, "rows": 0, "exit_code": None,
-                 "text": "run no shard: every shard is committed, but the last run did not record its "
-                         "end; a rerun records the outcome in the manifest"}
-    if lock is not None and not live_lock and rerun["action"] in ("run", "finish"):
-        rerun["text"] += " (it takes over the stale lock)"
+    rerun = _rerun(manifest, lock, pending=len(pending), pending_rows=pending_rows, committed=len(committed))
 
     totals = {k: sum(r[k] for r in counted) for k in ("rows", "results")}
     return {
