@@ -284,22 +284,24 @@ class OutputStore:
         folder, _, base = rest.rpartition("/")
         return kind in KINDS and folder in folders and bool(DATA_FILE.match(base))
 
+    def _unnamed(self, records: dict[str, dict] | None, shard_names) -> tuple[list[str], list[str]]:
+        """(files of ours no record names, files we did not write) under the data folders."""
+        records = self.records() if records is None else records
+        named = {f for r in records.values() for kind in KINDS for f in r["files"][kind]}
+        folders = self._shard_folders(records, shard_names)
+        unnamed = [f for f in self.files() if f not in named]
+        return [f for f in unnamed if self._is_ours(f, folders)], [f for f in unnamed if not self._is_ours(f, folders)]
+
     def garbage(self, records: dict[str, dict] | None = None, shard_names=()) -> list[str]:
         """Data files of ours that no commit record names: left by killed or superseded
         attempts. Ours: a name our writers produce, in a shard's folder (shard_names: the
         plan's shards, besides the committed ones and the manifest's); nothing else is touched."""
-        records = self.records() if records is None else records
-        named = {f for r in records.values() for kind in KINDS for f in r["files"][kind]}
-        folders = self._shard_folders(records, shard_names)
-        return [f for f in self.files() if f not in named and self._is_ours(f, folders)]
+        return self._unnamed(records, shard_names)[0]
 
     def foreign(self, records: dict[str, dict] | None = None, shard_names=()) -> list[str]:
         """Files under results/, errors/ and metrics/ that qwen-batch did not write (kept, never
         deleted; `status` lists them)."""
-        records = self.records() if records is None else records
-        named = {f for r in records.values() for kind in KINDS for f in r["files"][kind]}
-        folders = self._shard_folders(records, shard_names)
-        return [f for f in self.files() if f not in named and not self._is_ours(f, folders)]
+        return self._unnamed(records, shard_names)[1]
 
     def delete(self, rels: list[str]) -> None:
         def rm(rel):
