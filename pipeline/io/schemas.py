@@ -1,15 +1,15 @@
-"""The on-disk contract, read from the JSON files in schemas/ (one per table kind)."""
+"""The on-disk contract, read from the JSON files in schemas/ (one per table kind; the package's
+copy when installed from a wheel, see pipeline.resources)."""
 
 from __future__ import annotations
 
 import json
 import re
 from functools import cache
-from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+from pipeline.resources import data_path
 
 
 def parse_type(text: str) -> pa.DataType:
@@ -51,7 +51,7 @@ def _split_top(text: str) -> list[str]:
 @cache
 def load_contract(name: str) -> dict:
     """The JSON document schemas/NAME.json."""
-    return json.loads((SCHEMA_DIR / f"{name}.json").read_text())
+    return json.loads(data_path("schemas", f"{name}.json").read_text())
 
 
 def arrow_schema(name: str, *, id_type: pa.DataType | None = None, sizes: dict[str, int] | None = None) -> pa.Schema:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.resources import data_path
 from pipeline.spec import load_spec
 
-JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 DEMO_JOBS = {"demo-chat.yaml": "chat", "demo-summarize.yaml": "documents",
              "demo-classify.yaml": "reviews", "demo-extract.yaml": "reviews"}
 
@@ -131,7 +131,7 @@ def run_demo(workdir: str, *, console=None) -> int:
     write_qa_shards(work / "inputs" / "qa")
     worst = 0
     for job, inputs in DEMO_JOBS.items():
-        spec = load_spec(JOBS_DIR / job, overrides=[
+        spec = load_spec(data_path("jobs", job), overrides=[
             f"model.source={model}", f"input.path={work / 'inputs' / inputs}",
             f"output.path={work / 'outputs' / Path(job).stem}"])
         console.rule(f"{job}: {spec.task.head} job")
