@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.engine.placement import ReplicaPlacer
 from pipeline.engine.session import actor_env
+from pipeline.io.read import read_inputs
 from pipeline.io.shard_column import SHARD_COLUMN, path_key
 from pipeline.io.sink import write_parts
 from pipeline.worker import InferenceWorker
@@ -49,7 +50,7 @@ def ledger_name(run_id: str) -> str:
 
 def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine_factory,
           placer: ReplicaPlacer, origin: float):
-    """read_parquet -> batches -> engine actors -> write tasks -> part summaries."""
+    """read the shards -> batches -> engine actors -> write tasks -> part summaries."""
     import ray
 
     from pipeline.io.ledger import RowLedger, read_poisoned
@@ -65,13 +66,8 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     # (and an engine that cannot start fails the run now, not after the others finished).
     ctx.wait_for_min_actors_s = int(spec.resources.start_timeout_s)
     todo = plan.work
-    # Exactly the plan's files, as they are: no columns made of key=value folders, and no file
-    # skipped for its name. Ray's newer Parquet reader drops files without a Parquet extension
-    # whatever file_extensions says (Hive writes 000000_0, Spark part-00000): then the older
-    # reader, which reads every path it is given.
-    ctx.use_datasource_v2 = all(s.path.lower().endswith(".parquet") for s in todo)
-    ds = ray.data.read_parquet([s.path for s in todo], filesystem=plan.input_fs, include_paths=True,
-                               file_extensions=None, partitioning=None)
+    # Exactly the plan's files, as they are (Parquet or JSON lines), each row with its file's path.
+    ds = read_inputs(todo, plan.input_fs, plan.columns)
     if plan.redo:  # --retry-errors: of committed shards, only the rows to redo
         ds = ds.map_batches(keep_rows_to_redo, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
             "redo": {path_key(s.path): plan.redo[s.name] for s in todo if s.name in plan.redo},
