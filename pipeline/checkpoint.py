@@ -1,15 +1,22 @@
-"""The job's checkpoint, read once at planning: its config and what kind of model it is, and
-the head that runs the job on it (the registry's variant for its kind, Head.use_model)."""
+"""The job's checkpoint, resolved once at planning: its config, what kind of model it is, the
+head that runs the job on it, and the engine arguments that head needs. The plan carries the
+result; the runner, the dataflow and the workers read it and never rebuild it."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
+import socket
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
+from pipeline.engine.engine_args import engine_args
 from pipeline.errors import SpecError
-from pipeline.heads import Head, has_variants, head_class
+from pipeline.heads import Head
+from pipeline.registry import head_class
 
 # Architecture name suffix -> the kind of checkpoint (Qwen3ForCausalLM, Qwen3MoeForCausalLM, ...).
 KINDS = {
@@ -20,12 +27,49 @@ KINDS = {
     "ForQuestionAnswering": "question_answering",
     "Model": "embedding",
 }
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-@functools.cache  # one read per process, whoever asks (plan, engine arguments, the engine)
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the job's checkpoint is and the head that runs on it (see resolve)."""
+
+    model: Any  # the job's ModelSpec
+    config: Any  # the checkpoint's config (config.json's keys as attributes)
+    kind: str  # causal, moe, sequence_classification, ... (checkpoint_kind)
+    head: Head  # the job's head for this checkpoint, with its options and sampling
+    options: dict[str, Any]  # the head's options (task.options)
+
+    def engine_args(self, device: str) -> dict[str, Any]:
+        """The vLLM arguments of the job's engine on DEVICE: its model section and what its
+        head asks. SpecError for contradictory model keys."""
+        head = type(self.head)
+        return engine_args(self.model, device=device, config=self.config, task=head.engine_task,
+                           shares_prefixes=head.shares_prefixes, score_method=head.score_method(self.options))
+
+
+def resolve(spec) -> Checkpoint:
+    """Read the checkpoint once and build the job's head on it; SpecError says what is wrong
+    (a checkpoint the head cannot run on, contradictory model keys)."""
+    config = read_config(spec.model)
+    kind = checkpoint_kind(config)
+    cls = head_class(spec.task.head, kind)  # its options were checked as the spec loaded
+    try:
+        head = cls(spec.task.options, sampling=spec.sampling.merged())
+        head.use_model(config)
+    except ValueError as e:
+        raise SpecError(f"task.options for head '{spec.task.head}': {e}") from None
+    engine_args(spec.model, device=spec.resources.device, config=config,  # auto: either device's quantization
+                task=cls.engine_task, shares_prefixes=cls.shares_prefixes,
+                score_method=cls.score_method(spec.task.options))
+    return Checkpoint(spec.model, config, kind, head, spec.task.options)
+
+
+@functools.cache  # one read per process, whoever asks
 def hf_config(source: str, trust_remote_code: bool = False):
     """The checkpoint's config. A local config.json is read as JSON (importing transformers
-    costs seconds on the driver); hub ids go through AutoConfig. No vLLM."""
+    costs seconds on the driver); hub ids go through AutoConfig, from the local cache first.
+    No vLLM."""
     from types import SimpleNamespace
 
     local = os.path.join(source, "config.json")
@@ -36,19 +80,72 @@ def hf_config(source: str, trust_remote_code: bool = False):
         data.setdefault("id2label", {})
         return SimpleNamespace(**data)
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the hub's retries and warnings are ours to explain
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except OSError:
+        if _offline():
+            raise
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def read_config(model) -> Any:
-    """The config of model.source (weights are not touched), or SpecError saying why not."""
+    """The config of model.source (weights are not touched), or SpecError saying why not:
+    in seconds, without the hub library's retries, when the hub cannot be reached."""
+    source = model.source
+    hub = HUB_ID.match(source) is not None and not os.path.exists(source)
+    if not hub and not os.path.isdir(source) and "://" not in source:
+        raise SpecError(f"model.source {source}: cannot read the checkpoint's config (no such directory); "
+                        f"give a local checkpoint directory holding config.json and the weights, or a "
+                        f"Hugging Face id (organisation/name)")
+    if hub and not _offline() and _cached(source) is None and not _hub_reachable():
+        raise SpecError(f"model.source {source}: the Hugging Face hub ({_hub_host()}) cannot be reached "
+                        f"from this machine, {source} is not in the local cache and no local directory has that "
+                        f"name. Run offline: "
+                        f"download it where there is network (`huggingface-cli download {source}`, then "
+                        f"copy ~/.cache/huggingface or set HF_HOME) and set HF_HUB_OFFLINE=1, or give a "
+                        f"local checkpoint directory as model.source")
     try:
-        return hf_config(model.source, model.trust_remote_code)
+        return hf_config(source, model.trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, ... with long texts
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"model.source {model.source}: cannot read the checkpoint's config "
-                        f"({first}); give a Hugging Face id such as Qwen/Qwen3-8B or a local "
-                        f"checkpoint directory") from None
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if hub and _offline() else ""
+        raise SpecError(f"model.source {source}: cannot read the checkpoint's config{offline} ({first}); "
+                        f"check the id, or give a local checkpoint directory holding config.json") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cached(source: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json")
+    except Exception:
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub: seconds at worst, where the library retries for half a
+    minute. Behind a proxy the library's own request decides."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def checkpoint_kind(config: Any) -> str:
@@ -59,17 +156,3 @@ def checkpoint_kind(config: Any) -> str:
         if any(a.endswith(suffix) for a in archs):
             return kind
     return "unknown"
-
-
-def job_head(spec, *, config: Any = None, sampling: dict | None = None) -> Head:
-    """The job's head with its options, for the job's checkpoint (config: the checkpoint's,
-    read here only for a task whose head depends on the checkpoint's kind or uses the config)."""
-    cls = head_class(spec.task.head)
-    if config is None and (has_variants(spec.task.head) or cls.use_model is not Head.use_model):
-        config = hf_config(spec.model.source, spec.model.trust_remote_code)
-    if config is not None:
-        cls = head_class(spec.task.head, checkpoint_kind(config))
-    head = cls(spec.task.options, sampling=sampling)
-    if config is not None and type(head).use_model is not Head.use_model:
-        head.use_model(config)
-    return head

@@ -155,7 +155,7 @@ def cmd_validate(args) -> int:
     todo_rows = sum(s.rows for s in plan.todo)
     devices = spec.model.devices_per_replica
     console.print(f"OK: {len(plan.shards)} shard(s), {rows:,} rows, head '{spec.task.head}', "
-                  f"model {spec.model.source} ({plan.checkpoint_kind.replace('_', ' ')} checkpoint).",
+                  f"model {spec.model.source} ({plan.checkpoint.kind.replace('_', ' ')} checkpoint).",
                   highlight=False)
     low, high = spec.resources.replica_range
     console.print(f"Plan: {len(plan.todo)} shard(s) and {todo_rows:,} rows to run "

@@ -10,7 +10,7 @@ from pipeline.engine.session import actor_env
 from pipeline.io.read import read_inputs
 from pipeline.io.shard_column import SHARD_COLUMN, path_key
 from pipeline.io.sink import write_parts
-from pipeline.worker import InferenceWorker
+from pipeline.worker import InferenceWorker, worker_settings
 
 
 def keep_rows_to_redo(batch, *, redo: dict, id_column: str):
@@ -87,7 +87,7 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         spec.output.path, spec.resources.max_engine_restarts)
     ds = ds.map_batches(
         InferenceWorker,
-        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "id_type": plan.id_type,
+        fn_constructor_kwargs={**worker_settings(spec, plan.head), "id_type": plan.id_type,
                                "engine_args": engine_args, "device": device, "engine_factory": engine_factory,
                                "ledger": ledger, "poisoned": frozenset(read_poisoned(spec.output.path))},
         batch_size=block,

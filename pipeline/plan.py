@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
 
-from pipeline.checkpoint import checkpoint_kind, job_head, read_config
-from pipeline.heads import head_class
+from pipeline.checkpoint import Checkpoint, resolve
 from pipeline.io.output import OutputStore
 from pipeline.io.shard_column import SHARD_COLUMN
 from pipeline.io.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
@@ -78,11 +76,14 @@ class Plan:
     retry: RetrySelection | None = None
     redo: dict[str, pa.Array] = field(default_factory=dict, repr=False)  # committed shard -> ids to redo
     records: dict[str, dict] = field(default_factory=dict, repr=False)  # commit records found
-    head: Any = field(default=None, repr=False)  # the job's head for its checkpoint (checkpoint.job_head)
+    checkpoint: Checkpoint | None = field(default=None, repr=False)  # config, kind, head: read once
     results_schema: pa.Schema | None = field(default=None, repr=False)  # the job's results columns
-    checkpoint_kind: str = "unknown"  # causal, moe, sequence_classification, ... (checkpoint.checkpoint_kind)
-    config: Any = field(default=None, repr=False)  # the checkpoint's config, read once (checkpoint.read_config)
     moved: dict[str, str] = field(default_factory=dict)  # shard -> the orphaned record of its content
+
+    @property
+    def head(self):
+        """The job's head for its checkpoint, with its options and sampling."""
+        return self.checkpoint.head
 
     @property
     def todo(self) -> list[Shard]:
@@ -109,21 +110,13 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
         raise SpecError("--overwrite and --resume-anyway contradict each other; pick one")
     if retry is not None and overwrite:
         raise SpecError("--retry-errors redoes rows of committed shards; --overwrite removes them: pick one")
-    head = head_class(spec.task.head)
-    problem = head.check_options(spec.task.options)
-    if problem:
-        raise SpecError(problem)
-    config = read_config(spec.model)
-    job_engine_args(spec, device=spec.resources.device, config=config)  # auto: either device's quantization
-    try:
-        head_obj = job_head(spec, config=config)  # a head that reads the checkpoint's config checks it here
-    except ValueError as e:
-        raise SpecError(f"task.options for head '{spec.task.head}': {e}") from None
-    fs, shards = open_shards(spec.input.path)
+    checkpoint = resolve(spec)
+    head = checkpoint.head
     _check_output_outside_input(spec)
-    reads = head_obj.input_columns()
-    check_shards(fs, shards, id_column=spec.input.id_column, any_of=head_obj.required_any(), reads=reads)
-    for column in head_obj.required_all():
+    fs, shards = open_shards(spec.input.path)
+    reads = head.input_columns()
+    check_shards(fs, shards, id_column=spec.input.id_column, any_of=head.required_any(), reads=reads)
+    for column in head.required_all():
         lacking = [s for s in shards if column not in s.schema.names]
         if lacking:
             more = f" ({len(lacking)} shards lack it)" if len(lacking) > 1 else ""
@@ -136,9 +129,8 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
                          f"with each row's file name; rename that column (or the head's column option)")
     id_type = shards[0].schema.field(spec.input.id_column).type
     columns = [spec.input.id_column] + [c for c in reads if c in shards[0].schema.names]
-    plan = Plan(spec, fs, shards, id_type, columns, [], [], [], retry=retry, head=head_obj,
-                results_schema=head_obj.result_schema(id_type), checkpoint_kind=checkpoint_kind(config),
-                config=config)
+    plan = Plan(spec, fs, shards, id_type, columns, [], [], [], retry=retry, checkpoint=checkpoint,
+                results_schema=head.result_schema(id_type))
     read_output_state(plan, overwrite=overwrite, resume_anyway=resume_anyway)
     return plan
 
@@ -292,17 +284,6 @@ def _changed_settings(spec: JobSpec, last_run: dict | None) -> str:
         return ""
     changes = spec_changes(result_settings(before), result_settings(redact(spec.model_dump(mode="json"))))
     return f" (changed since the last run: {'; '.join(changes[:5])})" if changes else ""
-
-
-def job_engine_args(spec: JobSpec, *, device: str, config: Any = None) -> dict:
-    """The vLLM arguments of the job's engine: its model section and what its head asks
-    (config: the checkpoint's, read when not given). SpecError for contradictory model keys,
-    or a checkpoint the head's engine task cannot use."""
-    from pipeline.engine.engine_args import engine_args
-
-    head = head_class(spec.task.head)
-    return engine_args(spec.model, device=device, task=head.engine_task, shares_prefixes=head.shares_prefixes,
-                       score_method=head.score_method(spec.task.options), config=config)
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:

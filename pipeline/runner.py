@@ -23,7 +23,7 @@ from pipeline.io.output import OutputStore, new_run_id
 from pipeline.io.output_lock import OutputLock
 from pipeline.io.sink import ShardCommitter, fault_point
 from pipeline.ops.metrics import RunTotals, summary_table
-from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, job_engine_args, plan_job, read_output_state  # noqa: F401
+from pipeline.plan import Plan, RetrySelection, estimate_input_tokens, plan_job, read_output_state  # noqa: F401
 from pipeline.redact import redact_text
 from pipeline.spec import JobSpec
 
@@ -283,7 +283,7 @@ def _execute(run: Run) -> None:
     spec, plan = run.spec, run.plan
     with session.ray_session(spec, run.run_id):
         device = session.device(spec)
-        args = job_engine_args(spec, device=device, config=plan.config)
+        args = plan.checkpoint.engine_args(device)
         placer = ReplicaPlacer(replica_shape(spec, device))
         placer.check()
         try:

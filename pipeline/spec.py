@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.errors import SpecError
+from pipeline.registry import checked_options, head_names
 from pipeline.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingValues  # noqa: F401 (re-exported)
 from pipeline.strict_config import StrictSection, explain_validation_error
 
@@ -192,7 +193,7 @@ class SamplingSpec(SamplingValues):
 
 class TaskSpec(StrictSection):
     head: str = Field(description="Which task head turns each row into a result: one of the "
-                      "names in pipeline.heads.HEADS (chat, summarize, classify, extract, embed, rerank, qa).")
+                      "names in pipeline.registry.HEADS (chat, summarize, classify, extract, embed, rerank, qa).")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="The head's own options (see the README's head sections); checked strictly.",
@@ -201,8 +202,6 @@ class TaskSpec(StrictSection):
     @field_validator("head")
     @classmethod
     def _head_is_registered(cls, v: str) -> str:
-        from pipeline.heads import head_names
-
         if v not in head_names():
             close = difflib.get_close_matches(v, head_names(), n=1, cutoff=0.6)
             names = [repr(n) for n in head_names()]
@@ -213,11 +212,9 @@ class TaskSpec(StrictSection):
     @field_validator("options")
     @classmethod
     def _resolve_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """Options that name a file (extract's schema) are read in now, so the workers, the
-        fingerprint and the manifest hold the content."""
-        from pipeline.heads import head_class
-
-        return head_class(info.data["head"]).resolve_options(v) if "head" in info.data else v
+        """The head's options, checked when the spec loads; a file they name (extract's schema) is
+        read in now, so the workers, the fingerprint and the manifest hold the content."""
+        return checked_options(info.data["head"], v) if "head" in info.data else v
 
 
 class ResourcesSpec(StrictSection):

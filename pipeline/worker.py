@@ -12,9 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.checkpoint import job_head
 from pipeline.errors import RunStopped, is_engine_dead
-from pipeline.heads import RowError
+from pipeline.heads import Head, RowError
 from pipeline.io.ledger import EngineGate, batch_key
 from pipeline.io.schemas import arrow_schema
 from pipeline.io.shard_column import SHARD_COLUMN
@@ -113,14 +112,21 @@ def _delegate(coro, value):
                 return stop.value
 
 
+def worker_settings(spec: JobSpec, head: Head) -> dict[str, Any]:
+    """InferenceWorker's arguments from the job: its head (the plan's) and the spec's row bounds."""
+    return {"head": head, "id_column": spec.input.id_column, "batch_size": spec.resources.batch_size,
+            "row_timeout": spec.resources.row_timeout(spec.sampling.max_tokens),
+            "rows_in_flight": spec.resources.rows_in_flight}
+
+
 class InferenceWorker:
     """Holds one engine for the actor's life; each call runs a head on a block of rows."""
 
-    def __init__(self, *, spec_json: str, id_type: pa.DataType, engine_args: dict[str, Any],
-                 device: str, engine_factory=None, ledger=None, poisoned: frozenset = frozenset()):
-        spec = JobSpec.model_validate_json(spec_json)
-        self.id_column = spec.input.id_column
-        self.head = job_head(spec, sampling=spec.sampling.merged())
+    def __init__(self, *, head: Head, id_column: str, row_timeout: float, batch_size: int, rows_in_flight: int,
+                 id_type: pa.DataType, engine_args: dict[str, Any], device: str, engine_factory=None, ledger=None,
+                 poisoned: frozenset = frozenset()):
+        self.id_column = id_column
+        self.head = head  # the plan's (pipeline.checkpoint.Checkpoint.head)
         self.schema = stage_schema(self.head, id_type)
         self.row_schema = pa.schema([f for f in self.schema if f.name not in PER_WORKER])
         if engine_factory is None:
@@ -142,9 +148,9 @@ class InferenceWorker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}@{_node_id()}"
         self.ledger = ledger  # a RowLedger actor handle, or None (no poison-row recovery)
         self.ended: list[str] = []  # blocks and batches done since the ledger was last told (pipeline.io.ledger)
-        self.timeout = spec.resources.row_timeout(spec.sampling.max_tokens)
-        self.batch_size = spec.resources.batch_size
-        self.in_flight = asyncio.Semaphore(max(1, spec.resources.rows_in_flight // self.batch_size))
+        self.timeout = row_timeout
+        self.batch_size = batch_size
+        self.in_flight = asyncio.Semaphore(max(1, rows_in_flight // self.batch_size))
         self.gate = EngineGate()
         self.last_answer = 0.0  # when a row last finished on this engine (hung-engine check)
         self.poisoned = poisoned  # row keys condemned in earlier runs (pipeline.io.ledger)

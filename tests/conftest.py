@@ -94,6 +94,14 @@ def local_ray():
         ray.shutdown()
 
 
+def checkpoint_engine_args(model, *, device: str, **head) -> dict:
+    """vLLM arguments for a model section's checkpoint (head: what a head asks, e.g. task)."""
+    from pipeline.checkpoint import read_config
+    from pipeline.engine.engine_args import engine_args
+
+    return engine_args(model, device=device, config=read_config(model), **head)
+
+
 def write_shards(folder: Path, shards: list[list[dict]], schema: pa.Schema | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -151,7 +151,7 @@ def test_classify_runs_the_checkpoints_own_head_on_a_classification_checkpoint(t
     import json
 
     from jobs import job_spec
-    from pipeline.checkpoint import job_head
+    from pipeline.checkpoint import resolve
     from pipeline.heads.checkpoint_classify import SequenceClassifyHead, TokenClassifyHead
 
     kinds = {"Qwen3ForSequenceClassification": SequenceClassifyHead,
@@ -161,7 +161,7 @@ def test_classify_runs_the_checkpoints_own_head_on_a_classification_checkpoint(t
         model.mkdir()
         (model / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "qwen3"}))
         spec = job_spec(tmp_path, model=str(model), head="classify", task={"options": {"labels": ["a", "b"]}})
-        assert type(job_head(spec)) is expected, arch
+        assert type(resolve(spec).head) is expected, arch
 
 
 def test_label_scoring_engine_shares_prompts_in_small_blocks_on_cpu(tmp_path):
@@ -171,7 +171,7 @@ def test_label_scoring_engine_shares_prompts_in_small_blocks_on_cpu(tmp_path):
     import json
 
     from jobs import job_spec
-    from pipeline.plan import job_engine_args
+    from pipeline.checkpoint import resolve
 
     for arch in ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"):
         (tmp_path / arch).mkdir()
@@ -181,7 +181,7 @@ def test_label_scoring_engine_shares_prompts_in_small_blocks_on_cpu(tmp_path):
     def block(arch, head="classify", device="cpu", **model):
         spec = job_spec(tmp_path, model={"source": str(tmp_path / arch), **model}, head=head,
                         task=labels if head == "classify" else {})
-        return job_engine_args(spec, device=device).get("block_size")
+        return resolve(spec).engine_args(device).get("block_size")
 
     assert block("Qwen3ForCausalLM") == 32
     assert block("Qwen3ForCausalLM", engine_kwargs={"block_size": 64}) == 64
@@ -197,8 +197,8 @@ def test_trie_scoring_engine_normalizes_only_the_asked_for_tokens(tmp_path):
     import json
 
     from jobs import job_spec
+    from pipeline.checkpoint import resolve
     from pipeline.engine.engine_args import TRIE_SCORING
-    from pipeline.plan import job_engine_args
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(
@@ -207,7 +207,7 @@ def test_trie_scoring_engine_normalizes_only_the_asked_for_tokens(tmp_path):
     def args(head, **options):
         spec = job_spec(tmp_path, model={"source": str(tmp_path / "m")}, head=head,
                         task={"options": options} if options else {})
-        return job_engine_args(spec, device="cpu")
+        return resolve(spec).engine_args("cpu")
 
     for trie in (args("classify", labels=["a", "b"]), args("rerank", query="q")):
         assert {k: trie[k] for k in TRIE_SCORING} == TRIE_SCORING

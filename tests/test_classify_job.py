@@ -198,12 +198,13 @@ CASES = {
 def engine(request, tiny_model):
     """A real vLLM engine (no Ray) on the float32 tiny Qwen3 set up for one scoring method
     (as a job's engine is), and the loop it runs on."""
-    from pipeline.engine.engine_args import engine_args
+    from conftest import checkpoint_engine_args
+
     from pipeline.engine.vllm_engine import VllmEngine
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()
-    args = engine_args(ModelSpec(source=str(tiny_model), max_model_len=1024, dtype="float32",
+    args = checkpoint_engine_args(ModelSpec(source=str(tiny_model), max_model_len=1024, dtype="float32",
                                  engine_kwargs={"enforce_eager": True, "block_size": BLOCK}), device="cpu",
                        score_method=request.param)
 

@@ -253,13 +253,15 @@ def test_where_each_engine_runs_its_model(tmp_path):
     """One CPU device: the model runs in vLLM's engine-core process (no worker process that its
     scheduler spin-waits on); tensor- or pipeline-parallel ranks: worker processes; GPU pipeline
     stages, which may span nodes: Ray; one GPU: vLLM's default (in-process as well)."""
-    from pipeline.engine.engine_args import engine_args
+    from conftest import checkpoint_engine_args
+
     from pipeline.spec import ModelSpec
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
 
     def backend(device, **model):
-        return engine_args(ModelSpec(source=str(tmp_path), **model), device=device).get("distributed_executor_backend")
+        args = checkpoint_engine_args(ModelSpec(source=str(tmp_path), **model), device=device)
+        return args.get("distributed_executor_backend")
 
     assert backend("cpu") == "uni"
     assert backend("cpu", tensor_parallel_size=2) == "mp"

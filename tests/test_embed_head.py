@@ -100,7 +100,8 @@ def test_options_are_checked():
 
 
 def test_engine_args_ask_for_the_pooling_runner(tmp_path):
-    from pipeline.engine.engine_args import engine_args
+    from conftest import checkpoint_engine_args
+
     from pipeline.spec import ModelSpec, SpecError
 
     def model(arch):
@@ -109,12 +110,12 @@ def test_engine_args_ask_for_the_pooling_runner(tmp_path):
         (d / "config.json").write_text(json.dumps({"architectures": [arch], "hidden_size": 64}))
         return ModelSpec(source=str(d))
 
-    args = engine_args(model("Qwen3ForCausalLM"), device="cpu", task="embed")
+    args = checkpoint_engine_args(model("Qwen3ForCausalLM"), device="cpu", task="embed")
     assert args["runner"] == "pooling" and args["convert"] == "embed"
     assert args["pooler_config"] == {"seq_pooling_type": "LAST", "use_activation": True}
     assert "reasoning_parser" not in args and "structured_outputs_config" not in args
-    assert engine_args(model("Qwen3Model"), device="cpu", task="embed")["convert"] == "embed"
-    generative = engine_args(ModelSpec(source=str(tmp_path / "Qwen3ForCausalLM")), device="cpu")
+    assert checkpoint_engine_args(model("Qwen3Model"), device="cpu", task="embed")["convert"] == "embed"
+    generative = checkpoint_engine_args(ModelSpec(source=str(tmp_path / "Qwen3ForCausalLM")), device="cpu")
     assert "runner" not in generative and "pooler_config" not in generative
     with pytest.raises(SpecError, match="Qwen3ForSequenceClassification"):
-        engine_args(model("Qwen3ForSequenceClassification"), device="cpu", task="embed")
+        checkpoint_engine_args(model("Qwen3ForSequenceClassification"), device="cpu", task="embed")

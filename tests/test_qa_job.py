@@ -141,13 +141,15 @@ def test_generate_mode_on_a_causal_checkpoint(tiny_model, tokenizer, tmp_path):
 def test_plan_time_checks(qa_model, tiny_model, tmp_path):
     """validate refuses what run would: extract on a causal checkpoint, generate on a QA one,
     and vLLM-only model keys on a QA checkpoint; a QA checkpoint gets the transformers runner."""
-    from pipeline.engine.engine_args import QA_RUNNER, engine_args
+    from conftest import checkpoint_engine_args
+
+    from pipeline.engine.engine_args import QA_RUNNER
     from pipeline.plan import plan_job
     from pipeline.spec import SpecError
 
     write_shards(tmp_path / "in", [[{"id": 1, "question": "q", "context": "c"}]])
     spec = job(tmp_path, model={"source": str(qa_model)})
-    assert engine_args(spec.model, device="cpu")["runner"] == QA_RUNNER
+    assert checkpoint_engine_args(spec.model, device="cpu")["runner"] == QA_RUNNER
     with pytest.raises(SpecError, match="extract' needs a \\*ForQuestionAnswering"):
         plan_job(job(tmp_path, model={"source": str(tiny_model)}))
     with pytest.raises(SpecError, match="generate' needs a generative"):

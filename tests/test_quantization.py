@@ -46,16 +46,16 @@ def quantized_checkpoint(tiny_model, tmp_path_factory, method):
 def engine_logprobs(source, dtype, prompt_ids):
     """Start a VllmEngine on source, read each prompt's token log-probabilities, stop it:
     (per prompt: log p of tokens 1..n, vLLM's quantization of the model, its dtype)."""
+    from conftest import checkpoint_engine_args
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    from pipeline.engine.engine_args import engine_args
     from pipeline.engine.vllm_engine import VllmEngine
     from pipeline.spec import ModelSpec
 
     loop = asyncio.new_event_loop()
-    args = engine_args(ModelSpec(source=str(source), max_model_len=256, dtype=dtype,
+    args = checkpoint_engine_args(ModelSpec(source=str(source), max_model_len=256, dtype=dtype,
                                  engine_kwargs={"enforce_eager": True}), device="cpu")
 
     async def run():

@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import checkpoint_engine_args
 
-from pipeline.engine.engine_args import engine_args
 from pipeline.spec import ModelSpec, SpecError, load_spec
 
 pytestmark = pytest.mark.unit
@@ -28,7 +28,7 @@ def checkpoint(tmp_path, quantization_config=None, name="ckpt", **config):
 
 
 def args(tmp_path, device, **model):
-    return engine_args(ModelSpec(source=checkpoint(tmp_path), **model), device=device)
+    return checkpoint_engine_args(ModelSpec(source=checkpoint(tmp_path), **model), device=device)
 
 
 def test_cpu_refuses_a_gpu_method_and_lists_what_it_runs(tmp_path):
@@ -64,7 +64,7 @@ def test_w8a8_in_float32_is_refused_on_a_cpu_with_amx_and_runs_elsewhere(tmp_pat
         source = checkpoint(tmp_path, name=f"amx-{dtype}", torch_dtype="float32")
         model = ModelSpec(source=source, quantization="compressed-tensors", dtype=dtype)
         with pytest.raises(SpecError, match="AMX tiles.*set model.dtype: bfloat16"):
-            engine_args(model, device="cpu")
+            checkpoint_engine_args(model, device="cpu")
     assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["dtype"] == "bfloat16"
     assert args(tmp_path, "cuda", quantization="compressed-tensors", dtype="float32")["dtype"] == "float32"
     monkeypatch.setattr(quantize, "cpu_has_amx", lambda: False)
@@ -97,7 +97,8 @@ def test_bitsandbytes_is_the_gpu_mapping_of_nf4(tmp_path, monkeypatch):
     assert got["quantization"] == "bitsandbytes" and got["load_format"] == "bitsandbytes"
     monkeypatch.setattr(quantize, "vllm_has_bitsandbytes", lambda: False)  # vllm 0.32, as installed here
     with pytest.raises(SpecError, match="the installed vLLM no longer has it.*AWQ or GPTQ"):
-        engine_args(ModelSpec(source=checkpoint(tmp_path, name="b"), quantization="bitsandbytes"), device="cuda")
+        checkpoint_engine_args(ModelSpec(source=checkpoint(tmp_path, name="b"), quantization="bitsandbytes"),
+                               device="cuda")
 
 
 def test_installed_vllm_has_no_bitsandbytes():
@@ -110,9 +111,9 @@ def test_a_checkpoints_own_quant_method_is_checked(tmp_path):
     fp8 = checkpoint(tmp_path, {"quant_method": "fp8"}, name="fp8")
     with pytest.raises(SpecError, match=r"model.source .*fp8 is quantized: its quant_method 'fp8' does not run on "
                                         r"resources.device cpu"):
-        engine_args(ModelSpec(source=fp8), device="cpu")
+        checkpoint_engine_args(ModelSpec(source=fp8), device="cpu")
     ct = checkpoint(tmp_path, {"quant_method": "compressed-tensors"}, name="ct")
-    assert "quantization" not in engine_args(ModelSpec(source=ct), device="cpu")  # vLLM reads it itself
+    assert "quantization" not in checkpoint_engine_args(ModelSpec(source=ct), device="cpu")  # vLLM reads it itself
 
 
 def test_validate_refuses_with_the_message(tmp_path, capsys):

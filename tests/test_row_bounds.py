@@ -12,12 +12,13 @@ import pytest
 
 from jobs import job_spec
 from pipeline import worker as worker_module
+from pipeline.checkpoint import resolve
 from pipeline.heads import head_class
 from pipeline.heads.base import RowError
 from pipeline.heads.summarize import SummarizeHead, split_text
 from pipeline.io.shard_column import SHARD_COLUMN
 from pipeline.testing import FakeEngine, FakeQaEngine
-from pipeline.worker import InferenceWorker
+from pipeline.worker import InferenceWorker, worker_settings
 
 pytestmark = pytest.mark.unit
 
@@ -88,7 +89,8 @@ def test_a_row_whose_own_cpu_work_outlasts_the_row_timeout_becomes_an_error_row(
     monkeypatch.setattr(worker_module, "_node_id", lambda: "local")
     spec = job_spec(tmp_path, model=tiny_model, head="summarize", sampling={"max_tokens": 16},
                     resources={"row_timeout_s": 1, "batch_size": 2})
-    worker = InferenceWorker(spec_json=spec.model_dump_json(), id_type=pa.int64(), engine_args={}, device="cpu",
+    worker = InferenceWorker(**worker_settings(spec, resolve(spec).head), id_type=pa.int64(), engine_args={},
+                             device="cpu",
                              engine_factory=lambda args, device: FakeEngine(tokenizer=tokenizer, max_model_len=2048,
                                                                              record=False))
     # about 4M characters: several seconds of tokenizing and cutting on one core

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.checkpoint import hf_config
 from pipeline.engine.quantize import bitsandbytes_args
 from pipeline.spec import ModelSpec
 
@@ -44,14 +43,13 @@ ENGINE_TASKS = {
 }
 
 
-def engine_args(model: ModelSpec, *, device: str, task: str | None = None, shares_prefixes: bool = False,
-                score_method: str | None = None, config: Any = None) -> dict[str, Any]:
+def engine_args(model: ModelSpec, *, device: str, config: Any, task: str | None = None,
+                shares_prefixes: bool = False, score_method: str | None = None) -> dict[str, Any]:
     """vLLM engine arguments for a model section (engine_kwargs win); task: what the job's
     head needs of the engine (Head.engine_task), None for the checkpoint as it is;
     shares_prefixes: the head sends many requests that extend one prompt (Head.shares_prefixes);
     score_method: how its rows call engine.score (Head.score_method); config: the checkpoint's
-    (pipeline.checkpoint.hf_config), read here when not given."""
-    config = hf_config(model.source, model.trust_remote_code) if config is None else config
+    (pipeline.checkpoint.hf_config). The job's own come from pipeline.checkpoint.Checkpoint."""
     args: dict[str, Any] = {
         "model": model.source,
         "tensor_parallel_size": model.tensor_parallel_size,

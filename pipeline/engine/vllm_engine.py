@@ -10,7 +10,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.checkpoint import hf_config
 from pipeline.engine import label_trie
 from pipeline.engine.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING
 from pipeline.engine.processes import descendants, environment, kill_started_since
@@ -105,7 +104,7 @@ class VllmEngine:
         if args.get("convert") == "embed":
             self.pooling_task = "embed"
         elif args.get("runner") == "pooling":
-            config = hf_config(args["model"], args.get("trust_remote_code", False))
+            config = self._llm.model_config.hf_config  # the checkpoint's, as vLLM read it
             self.id2label = {int(k): v for k, v in config.id2label.items()}
             self.pooling_task = next(t for suffix, t in POOLING_TASKS.items()
                                      if any(a.endswith(suffix) for a in config.architectures))

@@ -187,7 +187,7 @@ class Head:
         return arrow_schema(f"results_{self.name}", id_type=id_type)
 
     def use_model(self, config: Any) -> None:
-        """Learn what the head needs of the checkpoint's config (pipeline.engine.engine_args.hf_config:
+        """Learn what the head needs of the checkpoint's config (pipeline.checkpoint.hf_config:
         hidden_size, architectures, ...) before result_schema or run; called wherever a job's
         head is built (plan, workers, results schema) for heads that override it. Raise
         ValueError, naming the option, if the head cannot run on this checkpoint."""
