@@ -16,7 +16,6 @@ from pipeline.errors import (
     EXIT_CRASHED,
     EXIT_INVALID,
     InputError,
-    JobError,
     NothingRan,
     RunInterrupted,
     SpecError,
@@ -96,32 +95,20 @@ def quiet_stderr(name: str):
 
 
 def _load(args):
-    from pipeline.spec import load_spec
+    from pipeline.api import load
 
-    try:
-        spec = load_spec(args.spec, overrides=args.set or [])
-    except JobError:
-        raise
-    except Exception as e:  # the spec could not even be read: nothing ran
-        raise NothingRan(e) from e
-    if getattr(args, "address", None):
-        spec.ray.address = args.address
-    return spec
+    return load(args.spec, overrides=args.set or [], address=getattr(args, "address", None))
 
 
 def cmd_run(args) -> int:
-    from pipeline.runner import run_job
+    from pipeline.api import run
 
     if args.dry_run:
         return cmd_validate(args)
-    from pipeline.plan import RetrySelection
-
     spec = _load(args)
-    retry = (RetrySelection.parse(args.retry_where or [], all_errors=args.retry_errors)
-             if (args.retry_errors or args.retry_where) else None)
     with quiet_stderr(spec.name):
-        report = run_job(spec, overwrite=args.overwrite, resume_anyway=args.resume_anyway, retry=retry,
-                         progress=not args.no_progress, console=console)
+        report = run(spec, overwrite=args.overwrite, resume_anyway=args.resume_anyway, retry_errors=args.retry_errors,
+                     retry_where=args.retry_where or [], progress=not args.no_progress, console=console)
     return report.exit_code
 
 

@@ -78,28 +78,15 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
     # with at most rows_in_flight rows on its engine; one more block waits at each actor.
     block = rows_per_block(spec, sum(plan.rows_to_run(s) for s in todo))
     ds = ds.select_columns(plan.columns + [SHARD_COLUMN]).repartition(target_num_rows_per_block=block)
-    low, high = spec.resources.replica_range
     # Actors restart without Ray's bound: the ledger keeps the budget, per poison row. The
     # ledger too restarts when its process dies (its calls are retried; the poison rows it
     # condemned are read back from OUTPUT/_poison); named, so that it can be found.
     ledger = ray.remote(RowLedger).options(name=ledger_name(run_id), num_cpus=0, max_restarts=-1,
                                            max_task_retries=-1).remote(
         spec.output.path, spec.resources.max_engine_restarts)
-    ds = ds.map_batches(
-        InferenceWorker,
-        fn_constructor_kwargs={**worker_settings(spec, plan.head), "id_type": plan.id_type,
-                               "engine_args": engine_args, "device": device, "engine_factory": engine_factory,
-                               "ledger": ledger, "poisoned": frozenset(read_poisoned(spec.output.path))},
-        batch_size=block,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(
-            min_size=low, max_size=high,
-            max_tasks_in_flight_per_actor=1 + max(1, -(-spec.resources.rows_in_flight // block))),
-        ray_remote_args_fn=placer.remote_args_fn,
-        **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
-        max_restarts=-1, max_task_retries=-1,
-    )
+    ds = infer(ds, spec=spec, head=plan.head, id_type=plan.id_type, device=device, engine_args=engine_args,
+               engine_factory=engine_factory, placer=placer, block=block, run_id=run_id, ledger=ledger,
+               poisoned=frozenset(read_poisoned(spec.output.path)))
     # Write tasks bundle the actors' small batches into files of about rows_per_file rows.
     return ds.map_batches(
         write_parts,
@@ -110,4 +97,31 @@ def build(plan, *, run_id: str, device: str, engine_args: dict[str, Any], engine
         batch_format="pyarrow",
         zero_copy_batch=True,
         num_cpus=0.25,
+    )
+
+
+def infer(ds, *, spec, head, id_type, device: str, engine_args: dict[str, Any], engine_factory,
+          placer: ReplicaPlacer, block: int, run_id: str, ledger=None, poisoned: frozenset = frozenset()):
+    """The engine actors' stage: HEAD on every row of DS (blocks of BLOCK rows, each with its
+    shard column), one engine per actor. With a ledger (pipeline.io.ledger) actors restart
+    without Ray's bound, the ledger keeping the budget per poison row; without one Ray's
+    bound is resources.max_engine_restarts."""
+    import ray
+
+    low, high = spec.resources.replica_range
+    restarts = -1 if ledger is not None else spec.resources.max_engine_restarts
+    return ds.map_batches(
+        InferenceWorker,
+        fn_constructor_kwargs={**worker_settings(spec, head), "id_type": id_type, "engine_args": engine_args,
+                               "device": device, "engine_factory": engine_factory, "ledger": ledger,
+                               "poisoned": poisoned},
+        batch_size=block,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high,
+            max_tasks_in_flight_per_actor=1 + max(1, -(-spec.resources.rows_in_flight // block))),
+        ray_remote_args_fn=placer.remote_args_fn,
+        **placer.shape.actor, runtime_env={"env_vars": actor_env(spec, device, run_id)},
+        max_restarts=restarts, max_task_retries=restarts,
     )

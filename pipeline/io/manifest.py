@@ -13,6 +13,9 @@ from pipeline.spec import spec_changes
 
 @dataclass
 class RunReport:
+    """What a run did: its exit code (0 ok, 1 too many error rows, 2 invalid, 3 crashed), where
+    its output is, and its row counts (this run's; shards committed before are skipped)."""
+
     output: str
     run_id: str
     totals: RunTotals
@@ -20,6 +23,21 @@ class RunReport:
     skipped_shards: int = 0
     exit_code: int = EXIT_OK
     message: str = ""
+
+    @property
+    def rows(self) -> int:
+        """Input rows this run computed."""
+        return self.totals.rows
+
+    @property
+    def results(self) -> int:
+        """Of them, rows that ended as a result row."""
+        return self.totals.results
+
+    @property
+    def errors(self) -> int:
+        """Of them, rows that ended as an error row (with its reason)."""
+        return self.totals.errors
 
 
 def start(spec, plan, run_id: str, *, started: float) -> dict:
