@@ -22,7 +22,25 @@ from pipeline.errors import (
     found,
 )
 
-console = Console(stderr=True, soft_wrap=True)  # paths stay whole for copy and paste
+
+class _Terminal:
+    """Where the console writes: sys.stderr as it is at each write (pytest's capture, a live
+    progress bar), or the terminal's own descriptor while quiet_stderr sends fd 2 to a log."""
+
+    target = None  # set by quiet_stderr
+
+    def _stream(self):
+        return self.target or sys.stderr
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream(), name)
+
+
+terminal_output = _Terminal()
+console = Console(file=terminal_output, stderr=True, soft_wrap=True)  # paths stay whole for copy and paste
 
 
 def log_dir() -> Path:
@@ -59,8 +77,7 @@ def quiet_stderr(name: str):
     saved_fd = os.dup(2)
     terminal = os.fdopen(saved_fd, "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
                          errors="replace", closefd=False)
-    previous = console._file
-    console.file = terminal
+    previous, terminal_output.target = terminal_output.target, terminal
     os.dup2(log_fd, 2)
     os.close(log_fd)
     # Python warnings go to the log by name, not through sys.stderr: a live progress bar
@@ -83,7 +100,7 @@ def quiet_stderr(name: str):
         terminal.flush()
         os.dup2(saved_fd, 2)
         os.close(saved_fd)
-        console.file = previous
+        terminal_output.target = previous
         try:
             empty = path.stat().st_size == 0
         except OSError:
