@@ -202,6 +202,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_run_batch(args) -> int:
+    from pipeline.io.store_retry import StoreUnavailableError
+    from pipeline.ops.openai_batch import run_batch
+
+    try:
+        with quiet_stderr("run-batch"):
+            report = run_batch(args.input_file, args.output_file, model=args.model, overrides=args.set or [],
+                               work_dir=args.output_tmp_dir, served_model_name=args.served_model_name,
+                               max_model_len=args.max_model_len, dtype=args.dtype,
+                               tensor_parallel_size=args.tensor_parallel_size, address=args.address,
+                               overwrite=args.overwrite, progress=not args.no_progress, console=console)
+    except (SpecError, InputError, NothingRan, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if found(e, StoreUnavailableError) is not None or os.environ.get("QWEN_BATCH_DEBUG"):
+            raise
+        from rich.markup import escape
+
+        from pipeline.redact import redact_text
+
+        console.print(f"[red]error:[/red] run-batch crashed: {type(e).__name__}: {escape(redact_text(str(e)))}\n"
+                      f"Committed work is kept; rerun the same command to resume.", highlight=False)
+        return EXIT_CRASHED
+    if report.exit_code == EXIT_CRASHED:
+        console.print("The job stopped before every request ran; no output file was written. Rerun the same "
+                      "command to resume.", highlight=False)
+    return report.exit_code
+
+
 def cmd_demo(args) -> int:
     from pipeline.ops.demo import run_demo
 
@@ -250,10 +279,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("output", help="the job's output.path")
     s = sub.add_parser("demo", help="build the tiny model, write sample shards, run the demo jobs")
     s.add_argument("--dir", default="demo", help="working folder (default: ./demo)")
+    s = sub.add_parser("run-batch", help="run an OpenAI Batch file (as vLLM's run-batch): chat completions or "
+                                         "embeddings, written as OpenAI's output file; a rerun resumes")
+    s.add_argument("-i", "--input-file", required=True, help="the batch file (JSON lines; local or s3://)")
+    s.add_argument("-o", "--output-file", required=True, help="where the output file goes (local or s3://)")
+    s.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    s.add_argument("--served-model-name", help="the model name written in each response (default: --model)")
+    s.add_argument("--output-tmp-dir", help="work folder: the job's input shard and committed rows, which a "
+                                            "rerun resumes from (default: OUTPUT_FILE.work)")
+    s.add_argument("--max-model-len", type=int, help="model.max_model_len")
+    s.add_argument("--dtype", help="model.dtype (auto, bfloat16, float16, float32)")
+    s.add_argument("--tensor-parallel-size", type=int, help="model.tensor_parallel_size")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of the job's spec, e.g. --set sampling.max_tokens=64 (repeatable)")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--overwrite", action="store_true", help="start over: replace the work folder's committed rows")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
     handler = {"run": cmd_run, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model,
-               "demo": cmd_demo, "report": cmd_report, "status": cmd_status}[args.command]
+               "demo": cmd_demo, "run-batch": cmd_run_batch, "report": cmd_report, "status": cmd_status}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt as e:
