@@ -264,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kind", choices=("causal", "embed", "rerank", "qa"), default="causal",
+    s.add_argument("--kind", choices=("causal", "embed", "rerank", "qa", "moe"), default="causal",
                    help="causal: Qwen3ForCausalLM (default); embed: Qwen3-Embedding's layout (Qwen3Model "
                         "weights under a Qwen3ForCausalLM config); rerank: Qwen3-Reranker's (a causal LM); "
-                        "qa: Qwen3ForQuestionAnswering (extractive question answering)")
+                        "qa: Qwen3ForQuestionAnswering (extractive question answering); moe: Qwen3-30B-A3B's "
+                        "layout, Qwen3MoeForCausalLM (8 experts, top-2)")
     s.add_argument("--quantize", choices=("w8a8", "gptq"), default=None,
                    help="write it quantized (the causal kind): w8a8: compressed-tensors int8 weights and "
                         "activations; gptq: GPTQ 4-bit, group 32, bfloat16 (both run on the CPU build of vLLM)")

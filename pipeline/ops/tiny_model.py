@@ -84,6 +84,21 @@ TINY_SHAPE = dict(
     eos_token_id=151645,
     pad_token_id=151643,
 )
+# Qwen3-30B-A3B's layout (as Qwen3-235B-A22B's), shrunk: every layer's MLP sparse (decoder_sparse_step 1,
+# no mlp_only_layers), a router choosing top-2 of 8 experts with renormalised weights (30B-A3B: top-8
+# of 128), router logits not returned, an lm_head of its own (not tied to the embeddings).
+TINY_MOE_SHAPE = dict(
+    TINY_SHAPE,
+    tie_word_embeddings=False,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    norm_topk_prob=True,
+    output_router_logits=False,
+    router_aux_loss_coef=0.001,
+)
 
 
 def build_qwen3_tokenizer():
@@ -122,9 +137,10 @@ def build_qwen3_tokenizer():
 # causal: Qwen3ForCausalLM (chat, summarize, classify, extract); embed: Qwen3-Embedding's
 # layout, the bare Qwen3Model weights (no lm_head, no "model." prefix) under a config that
 # names Qwen3ForCausalLM; rerank: Qwen3-Reranker's, a plain Qwen3ForCausalLM; qa: an extractive
-# question-answering checkpoint, Qwen3ForQuestionAnswering (qa_outputs: 2 logits a token).
+# question-answering checkpoint, Qwen3ForQuestionAnswering (qa_outputs: 2 logits a token);
+# moe: Qwen3-30B-A3B's, Qwen3MoeForCausalLM (TINY_MOE_SHAPE; every generative head runs on it).
 KINDS = {"causal": "Qwen3ForCausalLM", "embed": "Qwen3Model", "rerank": "Qwen3ForCausalLM",
-         "qa": "Qwen3ForQuestionAnswering"}
+         "qa": "Qwen3ForQuestionAnswering", "moe": "Qwen3MoeForCausalLM"}
 
 
 def make_tiny_model(
@@ -151,20 +167,27 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_kwargs = dict(TINY_SHAPE)
+    moe = architecture.startswith("Qwen3Moe")
+    config_kwargs = dict(TINY_MOE_SHAPE if moe else TINY_SHAPE)
     if id2label:
         config_kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
         config_kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
-    config = transformers.Qwen3Config(**config_kwargs, architectures=[architecture])
+    config_cls = transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config
+    config = config_cls(**config_kwargs, architectures=[architecture])
     torch.manual_seed(seed)
     model_cls = getattr(transformers, architecture)
     model = model_cls(config).to(getattr(torch, dtype))
     model.eval()
     model.save_pretrained(out)
+    # (transformers saves each expert's gate_proj, up_proj and down_proj under its own name,
+    # model.layers.N.mlp.experts.E.*, and the router as mlp.gate, as Qwen3-30B-A3B ships them.)
+    config_path = out / "config.json"
+    saved = original = json.loads(config_path.read_text())
     if kind == "embed":  # Qwen3-Embedding's config.json names the causal LM over Qwen3Model weights
-        config_path = out / "config.json"
-        saved = json.loads(config_path.read_text())
         saved["architectures"] = ["Qwen3ForCausalLM"]
+    if "num_local_experts" in saved:  # Qwen3-30B-A3B's config.json says num_experts (both libraries read it)
+        saved = {("num_experts" if k == "num_local_experts" else k): v for k, v in saved.items()}
+    if saved is not original or kind == "embed":
         config_path.write_text(json.dumps(saved, indent=2))
     build_qwen3_tokenizer().save_pretrained(out)
     generation_config = {"bos_token_id": 151643, "eos_token_id": [151645, 151643]}
