@@ -32,14 +32,14 @@ class SequenceClassifyHead(ClassifyHead):
         probs = await engine.classify(prompt)
         names = [engine.id2label[i] for i in range(len(probs))]
         best = max(range(len(probs)), key=probs.__getitem__)
-        return {
+        return self.graded(row, {
             "label": names[best],
             "labels": None,
             "confidence": probs[best],
             "label_probs": label_probs(names, probs),
             "prompt_tokens": len(prompt),
             "completion_tokens": 0,
-        }
+        })
 
 
 class TokenClassifyHead(ClassifyHead):

@@ -14,6 +14,11 @@ the second costs K prefills a row.
 
 On a *ForSequenceClassification or *ForTokenClassification checkpoint `task.head: classify`
 runs the heads of pipeline.heads.checkpoint_classify instead (pipeline.heads.VARIANTS).
+
+Graded runs (`gold_column`): a result row carries the row's gold label as text (`gold`) and
+whether the label is it (`correct`; null when the row has no gold label, or one that is not
+among the labels: a gold_unknown row, counted apart, never graded). `abstain_below: P` flags
+rows whose top probability is under P (`review`). pipeline.ops.metrics adds them up per shard.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_placeholders, require_text
 
@@ -72,6 +77,17 @@ class ClassifyOptions(HeadOptions):
         "once and reads each node of the labels' token trie once (one request per label at most, "
         "a decode step a node); 'per_label' runs one full prompt with prompt log-probabilities per "
         "label (K prefills a row).")
+    gold_column: str | None = Field(
+        None, description="Graded runs: a column of the input holding each row's gold (true) label, compared as "
+        "text with surrounding whitespace ignored; null or blank: the row is not graded. Results get `gold` and "
+        "`correct`; metrics/ and `status` get accuracy, macro-F1, the confusion matrix and the expected "
+        "calibration error, `report` a reliability diagram and the confusion matrix. A gold value that is not one "
+        "of the labels is kept in `gold` with `correct` null and counted as gold_unknown, not graded. Every "
+        "input shard must have the column. Single-label only.")
+    abstain_below: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Routing for review: rows whose top label's probability (`confidence`) "
+        "is under this get `review: true` (false otherwise), counted in metrics/ and `status`; unset: no "
+        "`review` column. Single-label only.")
 
     @field_validator("labels")
     @classmethod
@@ -82,6 +98,13 @@ class ClassifyOptions(HeadOptions):
         if any(not str(n).strip() for n in names):
             raise ValueError("labels must be non-empty text")
         return v
+
+    @model_validator(mode="after")
+    def _single_label_only(self):
+        for name in ("gold_column", "abstain_below"):
+            if self.multi_label and getattr(self, name) is not None:
+                raise ValueError(f"{name} works with single-label classification only; drop it or multi_label")
+        return self
 
 
 def softmax(logprobs: list[float]) -> list[float]:
@@ -94,6 +117,19 @@ def softmax(logprobs: list[float]) -> list[float]:
 def computed(scored) -> int | None:
     """Prompt tokens the engine computed (not read from its prefix cache), if it says."""
     return getattr(scored, "computed_tokens", None)
+
+
+GOLD_COLUMNS = ("gold", "correct")  # results columns of a graded run (gold_column)
+REVIEW_COLUMN = "review"  # results column of abstain_below
+
+
+def gold_text(value: Any) -> str | None:
+    """A gold label as the results hold it: text, surrounding whitespace dropped; None for a
+    null or blank value (the row is not graded)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 def label_probs(labels: list[str], probs: list[float]) -> list[dict]:
@@ -113,7 +149,40 @@ class ClassifyHead(Head):
         return cls.Options.model_validate(options or {}).scoring
 
     def input_columns(self) -> list[str]:
+        o = self.options
+        return [o.text_column] + ([o.gold_column] if o.gold_column and o.gold_column != o.text_column else [])
+
+    def required_any(self) -> list[str]:
         return [self.options.text_column]
+
+    def required_all(self) -> list[str]:
+        """The gold column, when graded: a misspelt name would grade nothing."""
+        return [self.options.gold_column] if self.options.gold_column else []
+
+    def result_schema(self, id_type: Any) -> Any:
+        """schemas/results_classify.json; gold and correct only with gold_column, review only
+        with abstain_below."""
+        import pyarrow as pa
+
+        fixed = super().result_schema(id_type)
+        drop = set(GOLD_COLUMNS if self.options.gold_column is None else ()) | \
+            ({REVIEW_COLUMN} if self.options.abstain_below is None else set())
+        return pa.schema([f for f in fixed if f.name not in drop])
+
+    def graded(self, row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """result with the grading columns the options ask for: gold and correct (gold_column),
+        review (abstain_below). The labels are those of result's label_probs."""
+        o = self.options
+        if o.gold_column is not None:
+            gold = gold_text(row.get(o.gold_column))
+            names = {d["label"] for d in result.get("label_probs") or []}
+            known = gold is not None and gold in names and result.get("label") is not None
+            result["gold"] = gold
+            result["correct"] = (result["label"] == gold) if known else None
+        if o.abstain_below is not None:
+            conf = result.get("confidence")
+            result["review"] = None if conf is None else conf < o.abstain_below
+        return result
 
     @property
     def labels(self) -> list[str]:
@@ -165,7 +234,7 @@ class ClassifyHead(Head):
         scored = await engine.score(prompt, answers, method=self.options.scoring)
         probs = softmax(scored.logprobs)
         best = max(range(len(probs)), key=probs.__getitem__)
-        return {
+        return self.graded(row, {
             "label": self.labels[best],
             "labels": None,
             "confidence": probs[best],
@@ -173,7 +242,7 @@ class ClassifyHead(Head):
             "prompt_tokens": scored.prompt_tokens,
             "prompt_tokens_computed": computed(scored),
             "completion_tokens": 0,
-        }
+        })
 
     async def _run_multi(self, text: str, engine: Engine) -> dict[str, Any]:
         o = self.options

@@ -11,6 +11,7 @@ import io
 from collections import Counter
 
 from pipeline.io.output import OutputStore
+from pipeline.ops.metrics import ECE_BINS, run_grading
 from pipeline.redact import redact_text
 
 REPORT = "report"
@@ -26,9 +27,10 @@ def render_report(output: str) -> str:
         raise FileNotFoundError(f"{out} has no committed shards: run the job first")
     results, errors = store.read_committed("results", records), store.read_committed("errors", records)
     m = metrics.to_pylist()
+    grading = run_grading(m)
     charts = [c for c in (_shard_throughput(m), _replicas_timeline(m), _tokens_over_time(m), _errors(errors),
-                          _token_lengths(results)) if c is not None]
-    headline = _headline(m)
+                          _token_lengths(results), _reliability(grading), _confusion(grading)) if c is not None]
+    headline = _headline(m) + _grading_headline(grading)
     pages = {name: png for name, _, png in charts}
     pages["index.html"] = _page(out, headline, m, (store.read_manifest() or {}).get("status", "unknown"), charts)
     if store.local:
@@ -135,6 +137,76 @@ def _token_lengths(results):
     ax.set_xlabel("tokens per row")
     ax.legend()
     return _png(fig, "token_lengths.png", "Prompt and completion tokens per result row.")
+
+
+def _graded(grading: dict | None) -> bool:
+    return bool(grading and grading.get("graded"))
+
+
+def _reliability(grading: dict | None):
+    """Reliability diagram of a graded classify run: accuracy against mean confidence per bin."""
+    if not _graded(grading):
+        return None
+    fig, ax = _figure((5, 4.5))
+    width = 1 / ECE_BINS
+    bins = [b for b in grading["calibration"] if b["rows"]]
+    lefts = [b["bin"] * width for b in grading["calibration"]]
+    accuracy = [b["correct"] / b["rows"] if b["rows"] else 0 for b in grading["calibration"]]
+    ax.bar(lefts, accuracy, width=width, align="edge", color="#4c78a8", edgecolor="white", label="accuracy")
+    ax.plot([b["confidence_sum"] / b["rows"] for b in bins], [b["correct"] / b["rows"] for b in bins], "o",
+            color="#f58518", label="mean confidence, accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    for b, left, acc in zip(grading["calibration"], lefts, accuracy):
+        if b["rows"]:
+            ax.text(left + width / 2, acc + 0.01, str(b["rows"]), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("confidence (top label's probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig, "reliability.png",
+                f"Reliability diagram: accuracy of the graded rows per {ECE_BINS} equal-width confidence bins "
+                f"(row counts above the bars); ECE {grading['ece']:.3f}.")
+
+
+def _confusion(grading: dict | None):
+    """Confusion matrix of a graded classify run: gold labels by row, predictions by column."""
+    if not _graded(grading):
+        return None
+    labels = grading["labels"]
+    counts = {(c["gold"], c["predicted"]): c["count"] for c in grading["confusion"]}
+    grid = [[counts.get((g, p), 0) for p in labels] for g in labels]
+    size = min(2.5 + 0.45 * len(labels), 12)
+    fig, ax = _figure((size + 1, size))
+    image = ax.imshow(grid, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    if len(labels) <= 20:
+        top = max(max(row) for row in grid) or 1
+        for i, row in enumerate(grid):
+            for j, n in enumerate(row):
+                ax.text(j, i, f"{n:,}", ha="center", va="center", fontsize=7,
+                        color="white" if n > top / 2 else "black")
+    return _png(fig, "confusion.png",
+                f"Confusion matrix of the {grading['graded']:,} graded rows: accuracy {grading['accuracy']:.3f}, "
+                f"macro-F1 {grading['macro_f1']:.3f}.")
+
+
+def _grading_headline(grading: dict | None) -> str:
+    if grading is None:
+        return ""
+    out = ""
+    if _graded(grading):
+        out += (f"; graded {grading['graded']:,} rows: accuracy {grading['accuracy']:.3f}, "
+                f"macro-F1 {grading['macro_f1']:.3f}, ECE {grading['ece']:.3f}")
+    if grading.get("gold_unknown"):
+        out += f"; {grading['gold_unknown']:,} gold labels not among the labels"
+    if grading.get("review") is not None:
+        out += f"; {grading['review']:,} rows flagged for review"
+    return out
 
 
 def _headline(m: list[dict]) -> str:

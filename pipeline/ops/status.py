@@ -20,6 +20,7 @@ from pipeline.io.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_M
 from pipeline.io.output import OutputStore
 from pipeline.io.output_lock import OutputLock, read_holder
 from pipeline.io.shards import InputError
+from pipeline.ops.metrics import run_grading
 from pipeline.redact import redact_text
 
 OUTCOMES = {  # (manifest status, exit code) -> outcome
@@ -185,11 +186,49 @@ def collect(output: str) -> dict:
         "tokens": {"prompt": sum(m.get("prompt_tokens") or 0 for m in metrics),
                    "completion": sum(m.get("completion_tokens") or 0 for m in metrics)},
         "throughput": {"last_run": last, "runs": runs},
+        "grading": _grading(metrics, manifest),
         "lock": lock,
         "rerun": rerun,
         "foreign_files": foreign,
         "poison_rows": poison,
     }
+
+
+def _grading(metrics: list[dict], manifest: dict) -> dict | None:
+    """classify's graded-run scores and review count over the committed shards (metrics rows
+    summed: pipeline.ops.metrics.run_grading), with the options that asked for them; None
+    when the job asked for neither."""
+    g = run_grading(metrics)
+    if g is None:
+        return None
+    options = ((manifest.get("spec") or {}).get("task") or {}).get("options") or {}
+    return {"gold_column": options.get("gold_column"), "abstain_below": options.get("abstain_below"), **g}
+
+
+def _grading_lines(g: dict | None) -> list[str]:
+    if g is None:
+        return []
+    out = []
+    if g.get("graded") is not None:
+        unknown = f"; {g['gold_unknown']:,} with a gold label not among the labels (not graded)" \
+            if g.get("gold_unknown") else ""
+        if g["graded"]:
+            out.append(f"Graded: {g['graded']:,} rows with a gold label{unknown}: accuracy {g['accuracy']:.3f}, "
+                       f"macro-F1 {g['macro_f1']:.3f}, ECE {g['ece']:.3f} (10 bins)")
+            labels = g["labels"]
+            if len(labels) <= 12:
+                counts = {(c["gold"], c["predicted"]): c["count"] for c in g["confusion"]}
+                width = max(6, *(len(x) for x in labels))
+                out.append("  confusion (rows: gold, columns: predicted):")
+                out.append("  " + " " * width + " " + " ".join(f"{x:>{width}}" for x in labels))
+                out += ["  " + f"{gold:>{width}} " + " ".join(f"{counts.get((gold, p), 0):>{width},}" for p in labels)
+                        for gold in labels]
+        else:
+            out.append(f"Graded: no row with a gold label among the labels yet{unknown}")
+    if g.get("review") is not None:
+        below = f" (confidence under {g['abstain_below']})" if g.get("abstain_below") is not None else ""
+        out.append(f"Review: {g['review']:,} rows flagged for review{below}")
+    return out
 
 
 def _when(t: float | None) -> str:
@@ -248,6 +287,7 @@ def render(s: dict) -> list[str]:
                    f"{r['generation_seconds']:,.1f} s from first row started to last finished)")
     if last is None:
         out.append("Throughput: - (no committed metrics)")
+    out += _grading_lines(s.get("grading"))
     lock = s["lock"]
     if lock is None:
         out.append("Lock: free")
