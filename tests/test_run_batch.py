@@ -55,7 +55,7 @@ def test_a_chat_request_becomes_messages_and_sampling():
 def test_bad_lines_become_errors_naming_their_line():
     b = batch_of(chat("ok"), "{not json", json.dumps({"method": "POST", "url": CHAT_URL, "body": {}}),
                  line("u", url="/v1/completions"), chat("k", logprobs=True), chat("t", temperature=5),
-                 chat("f", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+                 chat("f", response_format={"type": "json_object"}),
                  chat("n", n=2), chat("x", tools=[]), line("m", {"messages": []}), "[1]",
                  line("g", method="GET"))
     assert [r["custom_id"] for r in b.rows] == ["ok"]
@@ -91,6 +91,35 @@ def test_mixed_endpoints_are_refused_and_blank_lines_skipped():
         batch_of(chat("a"), line("e", {"input": "x"}, url=EMBED_URL))
     b = parse_batch(b"\n" + chat("a").encode() + b"\n\n")
     assert [r.line for r in b.requests] == [2]
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name"]}
+
+
+def schema_format(schema):
+    return {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": schema}}
+
+
+@pytest.mark.unit
+def test_a_json_schema_batch_runs_on_the_extract_head(tmp_path):
+    from pipeline.api import load
+    from pipeline.ops.openai_format import output_line
+
+    other = {"type": "object", "properties": {"x": {"type": "number"}}}
+    b = batch_of(chat("a", response_format=schema_format(SCHEMA)), chat("b", response_format=schema_format(SCHEMA)),
+                 chat("plain"), chat("other", response_format=schema_format(other)),
+                 chat("bad", response_format=schema_format({"type": "array"})))
+    assert b.schema == SCHEMA and [r["custom_id"] for r in b.rows] == ["a", "b"]
+    assert "differs from line 1's" in error_of(b, "plain").message
+    assert "differs from line 1's" in error_of(b, "other").message
+    assert "response_format.json_schema.schema" in error_of(b, "bad").message
+    spec = load(job_spec(b, model=str(tmp_path), work=str(tmp_path / "w")))
+    assert spec.task.head == "extract" and spec.task.options["schema"] == SCHEMA
+    done = output_line(b, b.requests[0], result={"raw": '{"name": "Ada"}', "name": "Ada", "reasoning": None,
+                                                 "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 6},
+                       error=None, model="m", created=0)
+    assert done["response"]["body"]["choices"][0]["message"]["content"] == '{"name": "Ada"}'
 
 
 @pytest.mark.unit

@@ -101,7 +101,12 @@ def job_spec(batch: Batch, *, model: str, work: str, max_model_len: int | None =
     spec = {"name": "run-batch", "input": {"path": posixpath.join(work, SHARD), "id_column": "id"},
             "output": {"path": posixpath.join(work, JOB)}, "model": model_section,
             "task": {"head": HEADS[batch.url or CHAT_URL]}}
-    if batch.url == CHAT_URL:
+    if batch.url == CHAT_URL and batch.schema is not None:  # response_format json_schema: the extract head
+        spec["task"] = {"head": "extract", "options": {"schema": batch.schema, "messages_column": "messages",
+                                                       "sampling_column": "sampling"}}
+        if batch.max_tokens:
+            spec["sampling"] = {"row_max_tokens": batch.max_tokens}
+    elif batch.url == CHAT_URL:
         spec["task"]["options"] = {"messages_column": "messages", "sampling_column": "sampling"}
         if batch.max_tokens:  # a request may ask for as many tokens as the file's largest request
             spec["sampling"] = {"row_max_tokens": batch.max_tokens}

@@ -65,6 +65,7 @@ class Batch:
     digest: str
     max_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    schema: dict[str, Any] | None = None  # the json_schema every request asks for: the extract head runs it
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -94,13 +95,15 @@ def parse_batch(data: bytes, *, options: dict[str, Any] | None = None) -> Batch:
                          + "); a batch runs one endpoint, as OpenAI's does: split the file by url")
     _refuse_duplicates(requests)
     url = urls[0] if urls else None
+    schema = _one_schema(requests) if url == CHAT_URL else None
     max_tokens = max((r.row["_max_tokens"] for r in requests
                       if r.error is None and r.row is not None and r.row.get("_max_tokens")),
                      default=None)
     for r in requests:
         if r.row is not None:
             r.row.pop("_max_tokens", None)
-    return Batch(requests, url, digest, max_tokens=max_tokens, options=options)
+            r.row.pop("_schema", None)
+    return Batch(requests, url, digest, max_tokens=max_tokens, options=options, schema=schema)
 
 
 def _refuse_duplicates(requests: list[Request]) -> None:
@@ -180,6 +183,7 @@ def chat_row(body: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
             raise LineError("invalid_request", f"body.messages[{i}].role must be one of {', '.join(ROLES)}")
         out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"body.messages[{i}].content")})
     sampling: dict[str, Any] = {}
+    row: dict[str, Any] = {}
     for key, value in body.items():
         if key in ("messages",) or key in CHAT_IGNORED or value is None:
             continue
@@ -197,8 +201,9 @@ def chat_row(body: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
             if value:
                 raise LineError("unsupported", f"{key} is not supported yet")
         elif key == "response_format":
-            if not (isinstance(value, dict) and value.get("type") == "text"):
-                raise LineError("unsupported", "response_format is not supported yet (only {\"type\": \"text\"})")
+            schema = response_schema(value)
+            if schema is not None:
+                row["_schema"] = schema
         elif key == "chat_template_kwargs":
             thinking = bool(options.get("enable_thinking", False))
             if not isinstance(value, dict) or set(value) - {"enable_thinking"} \
@@ -209,10 +214,47 @@ def chat_row(body: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         else:
             raise LineError("unsupported", f"body.{key} is not supported")
     _check_sampling(sampling)
-    row = {"messages": out, "sampling": json.dumps(sampling, sort_keys=True)}
+    row.update(messages=out, sampling=json.dumps(sampling, sort_keys=True))
     if "max_tokens" in sampling:
         row["_max_tokens"] = sampling["max_tokens"]
     return row
+
+
+def response_schema(value: Any) -> dict[str, Any] | None:
+    """The JSON Schema a response_format asks for (None for {"type": "text"}), checked as the
+    extract head checks its schema."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_schema"):
+        raise LineError("unsupported", "response_format is not supported yet (only {\"type\": \"text\"} and "
+                                       "{\"type\": \"json_schema\", ...})")
+    if value["type"] == "text":
+        return None
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise LineError("invalid_request", "response_format.json_schema.schema must be a JSON Schema object")
+    from pipeline.heads.extract import SchemaError, check_schema
+
+    try:
+        check_schema(spec["schema"])
+    except SchemaError as e:
+        raise LineError("unsupported", f"response_format.json_schema.schema: {e}") from None
+    return spec["schema"]
+
+
+def _one_schema(requests: list[Request]) -> dict[str, Any] | None:
+    """A batch runs one head: when a request asks for a json_schema, every runnable request must
+    ask for the same one (the extract head's job-wide schema); the others become errors."""
+    runnable = [r for r in requests if r.error is None and r.row is not None]
+    first = next((r for r in runnable if "_schema" in r.row), None)
+    if first is None:
+        return None
+    schema = first.row["_schema"]
+    key = json.dumps(schema, sort_keys=True)
+    for r in runnable:
+        if json.dumps(r.row.get("_schema"), sort_keys=True) != key:
+            r.error = LineError("unsupported", f"line {r.line}: its response_format differs from line {first.line}'s; "
+                                               f"a batch runs one json_schema for every request: split the file")
+            r.row = None
+    return schema
 
 
 def _check_sampling(sampling: dict[str, Any]) -> None:
@@ -289,7 +331,8 @@ def output_line(batch: Batch, req: Request, *, result: dict | None, error: dict 
 
 def chat_body(batch: Batch, req: Request, result: dict, model: str, created: int) -> dict[str, Any]:
     """A chat.completion object as OpenAI's (and vLLM's) server returns it."""
-    message = {"role": "assistant", "content": result.get("response") or ""}
+    answer = result.get("raw") if batch.schema is not None else result.get("response")  # extract: the JSON
+    message = {"role": "assistant", "content": answer or ""}
     if result.get("reasoning") is not None:
         message["reasoning_content"] = result["reasoning"]
     prompt, completion = int(result.get("prompt_tokens") or 0), int(result.get("completion_tokens") or 0)
