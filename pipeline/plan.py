@@ -212,6 +212,8 @@ def _refuse_ids_committed_elsewhere(plan: Plan, store: OutputStore, records: dic
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from pipeline.io.shards import read_columns
+
     committed = []
     for name in plan.orphaned:
         for kind in ("results", "errors"):
@@ -223,8 +225,7 @@ def _refuse_ids_committed_elsewhere(plan: Plan, store: OutputStore, records: dic
         return
     id_type = plan.id_type
     for s in plan.todo:
-        with plan.input_fs.open_input_file(s.path) as f:
-            mine = pq.read_table(f, columns=[plan.spec.input.id_column]).column(0)
+        mine = read_columns(plan.input_fs, s, [plan.spec.input.id_column]).column(0)  # Parquet or JSON lines
         for name, ids in committed:
             if ids.type != id_type:
                 continue
@@ -321,6 +322,8 @@ def estimate_input_tokens(plan: Plan, *, sample_rows: int = 256) -> tuple[int, i
     of rows from up to 16 shards, scaled to all rows. Chat templates add a few tokens a row."""
     import pyarrow.parquet as pq
 
+    from pipeline.io.shards import PARQUET, read_columns
+
     spec = plan.spec
     count = token_counter(spec.model.source, spec.model.trust_remote_code)
     text_columns = [c for c in plan.columns if c != spec.input.id_column]
@@ -328,8 +331,12 @@ def estimate_input_tokens(plan: Plan, *, sample_rows: int = 256) -> tuple[int, i
     per_shard = max(1, sample_rows // len(picked))
     tokens = rows = 0
     for shard in picked:
-        with plan.input_fs.open_input_file(shard.path) as f:
-            batch = next(pq.ParquetFile(f).iter_batches(batch_size=per_shard, columns=text_columns), None)
+        columns = [c for c in text_columns if c in shard.schema.names]  # a JSON lines file may lack a key
+        if shard.format == PARQUET:  # the first rows only
+            with plan.input_fs.open_input_file(shard.path) as f:
+                batch = next(pq.ParquetFile(f).iter_batches(batch_size=per_shard, columns=columns), None)
+        else:  # JSON lines has no row groups: the file is parsed (as planning did), its first rows kept
+            batch = read_columns(plan.input_fs, shard, columns).slice(0, per_shard)
         for row in (batch.to_pylist() if batch is not None else []):
             texts = [v if isinstance(v, str) else json.dumps(v) for v in row.values() if v is not None]
             tokens += sum(map(count, texts))

@@ -181,6 +181,92 @@ def test_bad_jsonl_input_is_refused_naming_the_file_and_the_fix(tmp_path, kind, 
     assert message.format(d=tmp_path / "in") in str(e.value)
 
 
+# -- the driver's own reads of the input: repair, refusals, estimates -----------------------------
+
+@pytest.mark.datapath
+def test_rows_lost_from_a_jsonl_shard_become_one_engine_died_error_row_each(tmp_path, chat_job, monkeypatch):
+    """Rows that never come back (here: a part summary the driver never receives) are found when
+    the run ends by reading the shard's ids from its JSON lines file: one engine_died error row
+    each, every other row as it was, every id once."""
+    from jobs import ids_out
+    from pipeline.io import sink
+    from pipeline.io.output import OutputStore
+    from pipeline.testing import fake_engine_factory
+
+    rows_a = [{"id": f"a{i}", "prompt": f"Row {i}."} for i in range(6)]
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows_a)
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"id": "b0", "prompt": "Other."}])
+    lost: list[str] = []  # the ids of the part dropped (its files are swept at the run's end)
+    add = sink.ShardCommitter.add
+
+    def lose_a_part(self, parts):  # the first part of a.jsonl never reaches the driver
+        keep = []
+        for i, p in enumerate(parts.to_pylist()):
+            if p["shard"] == "a.jsonl" and not lost:
+                lost.extend(row_id for kind in ("results", "errors") if p[f"{kind}_file"]
+                            for row_id in self.store.read_table(p[f"{kind}_file"]).column("id").to_pylist())
+            else:
+                keep.append(i)
+        add(self, parts.take(pa.array(keep, pa.int64())))
+
+    monkeypatch.setattr(sink.ShardCommitter, "add", lose_a_part)
+    spec = chat_job(output={"rows_per_file": 2}, resources={"batch_size": 2}, sampling={"max_tokens": 2})
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    assert report.exit_code == EXIT_OK, report.message
+    assert 0 < len(lost) < len(rows_a)
+    errors = read_dir(tmp_path / "out" / "errors").to_pylist()
+    assert sorted(e["id"] for e in errors) == sorted(lost)
+    assert {e["error_type"] for e in errors} == {"engine_died"}
+    assert all("never came back" in e["error_message"] for e in errors)
+    assert sorted(ids_out(tmp_path / "out")) == sorted(r["id"] for r in rows_a) + ["b0"]  # each once
+    record = OutputStore(str(tmp_path / "out")).records()["a.jsonl"]
+    assert record["errors"] == len(lost) and record["errors_by_type"] == {"engine_died": len(lost)}
+    assert report.totals.errors == len(lost)
+
+
+@pytest.mark.datapath
+def test_a_jsonl_reexport_under_new_names_is_refused_naming_both(tmp_path, chat_job):
+    """Ids already committed under JSON lines files that are gone are found in the new file
+    that holds them (its ids read from the JSON lines): running it would give them twice."""
+    from pipeline.testing import fake_engine_factory
+
+    write_jsonl(tmp_path / "in" / "a.jsonl", prompt_rows(3))
+    write_jsonl(tmp_path / "in" / "b.jsonl", prompt_rows(2, 3))
+    spec = chat_job(sampling={"max_tokens": 2})
+    report = run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    assert report.exit_code == EXIT_OK, report.message
+    for f in (tmp_path / "in").glob("*.jsonl"):
+        f.unlink()
+    write_jsonl(tmp_path / "in" / "export-2.jsonl", prompt_rows(5))
+    with pytest.raises(InputError, match=r"export-2.jsonl holds \d+ id\(s\).*already committed.*under shard "
+                                         r"[ab].jsonl.*old name back.*--overwrite") as e:
+        plan_job(spec)
+    assert e.value.exit_code == 2
+    assert [s.name for s in plan_job(spec, overwrite=True).todo] == ["export-2.jsonl"]
+
+
+@pytest.mark.unit
+def test_validate_estimates_the_input_tokens_of_jsonl_files(tmp_path, chat_job, tokenizer, capsys):
+    """validate samples rows of JSON lines files as of Parquet ones for its token estimate; a
+    file without one of the text keys (messages only, no prompt) is sampled on what it has."""
+    import yaml
+
+    from pipeline.cli import main
+
+    write_jsonl(tmp_path / "in" / "a.jsonl", prompt_rows(3))
+    messages = [{"role": "user", "content": "Name a color."}]
+    write_jsonl(tmp_path / "in" / "b.json", [{"id": 3, "messages": messages}, {"id": 4, "messages": messages}])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(chat_job().model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["validate", str(spec)]) == 0
+    err = capsys.readouterr().err
+    tokens = sum(len(tokenizer.encode(text, add_special_tokens=False))
+                 for text in [f"p{i}" for i in range(3)] + [json.dumps(messages)] * 2)
+    assert f"about {tokens:,} input tokens of text (from 5 sampled rows)" in err, err
+    assert "tokens unknown" not in err
+
+
 # -- end to end: the real engine ---------------------------------------------------------------
 
 ROWS_A = [{"id": "a0", "prompt": "Name a river."},

@@ -17,13 +17,12 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.io.output import OutputStore
 from pipeline.io.output_lock import check_holder
 from pipeline.io.schemas import arrow_schema
 from pipeline.io.shard_column import SHARD_COLUMN, path_key  # noqa: F401 (SHARD_COLUMN: re-exported)
-from pipeline.io.shards import NO_IDS, IdDigest, Shard, id_digest
+from pipeline.io.shards import NO_IDS, IdDigest, Shard, id_digest, read_columns
 from pipeline.ops.metrics import RunTotals, merge_parts, part_summary
 
 FAULT_AT = "QWEN_BATCH_FAULT_AT"  # tests: SIGKILL the driver at this commit step
@@ -159,8 +158,8 @@ class ShardCommitter:
         if shard.name in self.redo:
             expected = self.redo[shard.name][0]
         else:
-            with self.input_fs.open_input_file(shard.path) as f:
-                expected = pq.read_table(f, columns=[self.id_column]).column(0)
+            # the input's ids, whatever its format (Parquet or JSON lines)
+            expected = read_columns(self.input_fs, shard, [self.id_column]).column(0).cast(self.id_type)
         missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=ids)))
         if len(missing):
             lost = pa.table({"id": missing.cast(self.id_type),
