@@ -21,8 +21,10 @@ from pipeline.strict_config import StrictSection, explain_validation_error
 
 class InputSpec(StrictSection):
     path: str = Field(
-        description="Parquet prompt shards: a file, a directory (all *.parquet inside, "
-        "recursively) or a glob; local or any URI pyarrow understands (s3://, gs://, hdfs://)."
+        description="Prompt shards, Parquet or JSON lines told apart by extension (.jsonl, .json, "
+        ".ndjson: JSON lines, one object per line; any other name: Parquet; one format per job): a "
+        "file, a directory (every file inside, recursively, except names starting with _ or .) or a "
+        "glob; local or any URI pyarrow understands (s3://, gs://, hdfs://)."
     )
     id_column: str = Field("id", description="Column holding each row's unique id.")
 
