@@ -182,6 +182,40 @@ def test_embedding_requests_and_bodies():
     assert struct.unpack("<2f", raw) == pytest.approx((0.6, 0.8))
 
 
+# -- on s3://, the fake engine, in process -----------------------------------------------------------
+
+@pytest.fixture
+def ray_after_s3(s3_server):
+    """A Ray started after the S3 variables are set, so that its workers reach the S3 server."""
+    from conftest import local_ray
+
+    yield from local_ray()
+
+
+@pytest.mark.datapath
+def test_run_batch_reads_and_writes_s3(s3_server, ray_after_s3, tiny_model):
+    from pipeline.io.output import OutputStore
+    from pipeline.ops.openai_batch import run_batch
+    from pipeline.testing import fake_engine_factory
+
+    bucket = s3_server.bucket()
+    s3_server.write(f"{bucket}/in/batch.jsonl",
+                    ("\n".join([chat("a", max_tokens=3), chat("b"), "nope", chat("c", n=3)]) + "\n").encode())
+    kwargs = {"model": str(tiny_model), "overrides": ["sampling.max_tokens=4"], "progress": False,
+              "engine_factory": fake_engine_factory()}
+    report = run_batch(f"{bucket}/in/batch.jsonl", f"{bucket}/out/result.jsonl", **kwargs)
+    assert (report.exit_code, report.requests, report.succeeded, report.failed, report.computed) == (0, 4, 2, 2, 2)
+    lines = [json.loads(x) for x in s3_server.read(f"{bucket}/out/result.jsonl").decode().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["a", "b", None, "c"]
+    assert [x["response"]["body"]["usage"]["completion_tokens"] for x in lines[:2]] == [3, 4]
+    assert "line 4: n other than 1" in lines[3]["error"]["message"]
+    assert OutputStore(f"{bucket}/out/result.jsonl.work/job").read_manifest()["status"] == "complete"
+    again = run_batch(f"{bucket}/in/batch.jsonl", f"{bucket}/out/result.jsonl", **kwargs)
+    assert (again.exit_code, again.computed, again.succeeded) == (0, 0, 2)
+    assert [json.loads(x)["custom_id"] for x in s3_server.read(f"{bucket}/out/result.jsonl").decode().splitlines()] \
+        == ["a", "b", None, "c"]
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 CHAT_LINES = [
