@@ -93,20 +93,28 @@ def hf_config(source: str, trust_remote_code: bool = False):
 
 def read_config(model) -> Any:
     """The config of model.source (weights are not touched), or SpecError saying why not:
-    in seconds, without the hub library's retries, when the hub cannot be reached."""
+    in seconds, without the hub library's retries, when the hub cannot be reached. A hub id
+    cached here with the hub out of reach switches this process to HF_HUB_OFFLINE=1."""
     source = model.source
     hub = HUB_ID.match(source) is not None and not os.path.exists(source)
     if not hub and not os.path.isdir(source) and "://" not in source:
         raise SpecError(f"model.source {source}: cannot read the checkpoint's config (no such directory); "
                         f"give a local checkpoint directory holding config.json and the weights, or a "
                         f"Hugging Face id (organisation/name)")
-    if hub and not _offline() and _cached(source) is None and not _hub_reachable():
-        raise SpecError(f"model.source {source}: the Hugging Face hub ({_hub_host()}) cannot be reached "
-                        f"from this machine, {source} is not in the local cache and no local directory has that "
-                        f"name. Run offline: "
-                        f"download it where there is network (`huggingface-cli download {source}`, then "
-                        f"copy ~/.cache/huggingface or set HF_HOME) and set HF_HUB_OFFLINE=1, or give a "
-                        f"local checkpoint directory as model.source")
+    if hub and not _offline() and not _hub_reachable():
+        if _cached(source) is not None:  # use the cache, as HF_HUB_OFFLINE=1 would: the tokenizer and the
+            _go_offline()                # engine would otherwise retry each file for half a minute
+        else:
+            raise SpecError(f"model.source {source}: the Hugging Face hub ({_hub_host()}) cannot be reached "
+                            f"from this machine, {source} is not in the local cache and no local directory has "
+                            f"that name. Run offline: download it where there is network (`huggingface-cli "
+                            f"download {source}`, then copy ~/.cache/huggingface or set HF_HOME) and set "
+                            f"HF_HUB_OFFLINE=1, or give a local checkpoint directory as model.source")
+    if hub and _offline() and _cached(source) is None:  # before transformers' seconds of imports
+        raise SpecError(f"model.source {source}: not in the local Hugging Face cache ({_cache_dir()}) and "
+                        f"HF_HUB_OFFLINE is set, so nothing is downloaded. Download it where there is "
+                        f"network (`huggingface-cli download {source}`), then copy the cache here or set "
+                        f"HF_HOME to it; or give a local checkpoint directory as model.source")
     try:
         return hf_config(source, model.trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, ... with long texts
@@ -117,7 +125,29 @@ def read_config(model) -> Any:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""  # as huggingface_hub
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _go_offline() -> None:
+    """HF_HUB_OFFLINE=1 from now on, for this process (huggingface_hub read the variable as it
+    was imported) and the processes it starts."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    except Exception:
+        pass
+
+
+def _cache_dir() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return HF_HUB_CACHE
+    except Exception:
+        return "~/.cache/huggingface/hub"
 
 
 def _cached(source: str) -> str | None:
