@@ -273,3 +273,116 @@ def recording_engine_factory(log_path: str):
         return engine
 
     return build
+
+
+# Chat templates that behave as the real Qwen3 ones do in what batch jobs touch (a system turn,
+# tool definitions, reasoning dropped from earlier assistant turns, the generation prompt), for
+# tiny checkpoints laid out as each family ships (with_chat_template). QWEN3_HYBRID_TEMPLATE is
+# Qwen3's (Qwen3-8B, Qwen3-30B-A3B, ...: enable_thinking switches), without the tool-response
+# turns batch rows do not carry; INSTRUCT_2507_TEMPLATE never thinks (no <think> handling at
+# all); THINKING_2507_TEMPLATE always thinks (its generation prompt opens <think>).
+_QWEN3_TOOLS_HEADER = (
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- messages[0].content + '\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n"
+    "        {{- \"\\n\" }}\n"
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+)
+_QWEN3_LAST_QUERY = (
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
+    "{%- for message in messages[::-1] %}\n"
+    "    {%- set index = (messages|length - 1) - loop.index0 %}\n"
+    "    {%- if ns.multi_step_tool and message.role == 'user' %}\n"
+    "        {%- set ns.multi_step_tool = false %}\n"
+    "        {%- set ns.last_query_index = index %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+# the turns: earlier assistant turns keep only the text after </think>; one after the last
+# user turn keeps its reasoning in a <think> block (as Qwen3's and Thinking-2507's do)
+_QWEN3_TURNS = (
+    "{%- for message in messages %}\n"
+    "    {%- set content = message.content if message.content is string else '' %}\n"
+    "    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == 'assistant' %}\n"
+    "        {%- set reasoning_content = '' %}\n"
+    "        {%- if '</think>' in content %}\n"
+    "            {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1]"
+    ".lstrip('\\n') %}\n"
+    "            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}\n"
+    "        {%- endif %}\n"
+    "        {%- if loop.index0 > ns.last_query_index and reasoning_content %}\n"
+    "            {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') }}\n"
+    "        {%- else %}\n"
+    "            {{- '<|im_start|>assistant\\n' + content }}\n"
+    "        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+QWEN3_HYBRID_TEMPLATE = _QWEN3_TOOLS_HEADER + _QWEN3_LAST_QUERY + _QWEN3_TURNS + (
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+)
+THINKING_2507_TEMPLATE = _QWEN3_TOOLS_HEADER + _QWEN3_LAST_QUERY + _QWEN3_TURNS + (
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n"
+    "{%- endif %}\n"
+)
+INSTRUCT_2507_TEMPLATE = _QWEN3_TOOLS_HEADER + (
+    "{%- for message in messages %}\n"
+    "    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) "
+    "or message.role == 'assistant' %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def with_chat_template(model_dir, out_dir, template: str, *, in_tokenizer_config: bool = False):
+    """A copy of a tiny checkpoint (its weights linked, not copied) whose tokenizer ships this
+    chat template: as chat_template.jinja (how transformers saves it), or in
+    tokenizer_config.json's chat_template (how the Qwen3 checkpoints on the hub ship it)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    src, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name == "chat_template.jinja":
+            continue
+        if f.suffix == ".safetensors":
+            (out / f.name).symlink_to(f.resolve())
+        else:
+            shutil.copy(f, out / f.name)
+    if in_tokenizer_config:
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    else:
+        (out / "chat_template.jinja").write_text(template)
+    return out
