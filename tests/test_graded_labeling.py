@@ -132,6 +132,23 @@ def test_head_grades_and_flags_rows():
     assert not {"gold", "correct", "review"} & set(out)
 
 
+def test_a_sequence_classification_checkpoint_is_graded_on_its_own_labels():
+    from pipeline.heads.checkpoint_classify import SequenceClassifyHead
+
+    eng = FakeEngine()
+    eng.id2label = {0: "ham", 1: "spam"}
+
+    async def classify(prompt):
+        return [0.3, 0.7]
+
+    eng.classify = classify
+    head = SequenceClassifyHead({"gold_column": "g", "abstain_below": 0.8})
+    out = asyncio.run(head.run({"text": "buy now", "g": "spam"}, eng))
+    assert (out["label"], out["gold"], out["correct"], out["review"]) == ("spam", "spam", True, True)
+    out = asyncio.run(head.run({"text": "buy now", "g": "pos"}, eng))  # not one of id2label's
+    assert (out["gold"], out["correct"]) == ("pos", None)
+
+
 def test_results_schema_and_columns_follow_the_options():
     base = ClassifyHead({"labels": LABELS})
     assert not {"gold", "correct", "review"} & set(base.result_schema(pa.int64()).names)
