@@ -215,6 +215,23 @@ def test_run_batch_reads_and_writes_s3(s3_server, ray_after_s3, tiny_model):
     assert [json.loads(x)["custom_id"] for x in s3_server.read(f"{bucket}/out/result.jsonl").decode().splitlines()] \
         == ["a", "b", None, "c"]
 
+    # embeddings: the embed head, one vector per request
+    openai_types = pytest.importorskip("openai.types")
+    s3_server.write(f"{bucket}/in/embed.jsonl", ("\n".join(
+        [line("x", {"input": "hello world"}, url=EMBED_URL), line("y", {"input": ["a", "b"]}, url=EMBED_URL),
+         line("z", {"input": ["one more"], "encoding_format": "float"}, url=EMBED_URL)]) + "\n").encode())
+    from pipeline.testing import FakeEngine
+
+    dims = [f"task.options.dimensions={FakeEngine.embed_size}"]  # the fake engine's vectors are that long
+    report = run_batch(f"{bucket}/in/embed.jsonl", f"{bucket}/out/embed.jsonl", **{**kwargs, "overrides": dims})
+    assert (report.exit_code, report.succeeded, report.failed) == (0, 2, 1)
+    lines = [json.loads(x) for x in s3_server.read(f"{bucket}/out/embed.jsonl").decode().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["x", "y", "z"] and "several texts" in lines[1]["error"]["message"]
+    for x in (lines[0], lines[2]):
+        body = openai_types.CreateEmbeddingResponse.model_validate(x["response"]["body"])
+        assert sum(v * v for v in body.data[0].embedding) == pytest.approx(1.0, abs=1e-4)
+        assert body.usage.prompt_tokens > 0
+
 
 # -- end to end -----------------------------------------------------------------------------------
 
