@@ -123,6 +123,20 @@ def test_a_json_schema_batch_runs_on_the_extract_head(tmp_path):
 
 
 @pytest.mark.unit
+def test_an_unreadable_or_mixed_file_is_invalid_before_anything_runs(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.ops.openai_batch import run_batch
+
+    with pytest.raises(InputError, match="cannot be read"):
+        run_batch(str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"), model=str(tmp_path))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(chat("a") + "\n" + line("b", {"input": "x"}, url=EMBED_URL) + "\n")
+    with pytest.raises(InputError, match="mixes endpoints"):
+        run_batch(str(mixed), str(tmp_path / "out.jsonl"), model=str(tmp_path))
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.work").exists()
+
+
+@pytest.mark.unit
 def test_the_conversion_is_deterministic():
     lines = [chat("a", max_tokens=3, stop=["x", "y"]), chat("b", seed=1), "oops"]
     assert shard_bytes(batch_of(*lines)) == shard_bytes(batch_of(*lines))

@@ -46,11 +46,15 @@ def work_folder(output: str, work_dir: str | None = None) -> str:
 
 
 def _read(uri: str) -> bytes:
+    from pipeline.io.store_retry import StoreUnavailableError
+
     try:
         fs, path = resolve_filesystem(uri)
         with fs.open_input_stream(path) as f:
             return f.read()
-    except (FileNotFoundError, OSError) as e:
+    except StoreUnavailableError:
+        raise  # the store, not the file: exit 3, a rerun resumes
+    except OSError as e:
         raise InputError(f"the batch file {uri} cannot be read: {e}") from None
 
 
