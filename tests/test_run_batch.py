@@ -272,8 +272,7 @@ def run_batch_cli(tiny_model, inp, out):
 
 @pytest.mark.engine
 def test_run_batch_end_to_end_and_resume(tiny_model, tokenizer, tmp_path):
-    from openai.types.chat import ChatCompletion
-
+    ChatCompletion = pytest.importorskip("openai.types.chat").ChatCompletion  # noqa: N806  (the client's type)
     from pipeline.io.output import OutputStore
 
     inp, out = tmp_path / "batch.jsonl", tmp_path / "out" / "results.jsonl"
