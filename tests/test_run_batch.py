@@ -152,7 +152,8 @@ def test_thinking_must_agree_with_the_job():
 
 @pytest.mark.unit
 def test_output_lines_parse_as_the_openai_clients_types():
-    openai_types = pytest.importorskip("openai.types")
+    import openai.types as openai_types
+
     from pipeline.ops.openai_format import output_line
 
     b = batch_of(chat("a"), chat("b"), "bad")
@@ -177,7 +178,8 @@ def test_embedding_requests_and_bodies():
     import base64
     import struct
 
-    openai_types = pytest.importorskip("openai.types")
+    import openai.types as openai_types
+
     from pipeline.ops.openai_format import output_line
 
     b = batch_of(line("a", {"model": "e", "input": "hello"}, url=EMBED_URL),
@@ -230,7 +232,7 @@ def test_run_batch_reads_and_writes_s3(s3_server, ray_after_s3, tiny_model):
         == ["a", "b", None, "c"]
 
     # embeddings: the embed head, one vector per request
-    openai_types = pytest.importorskip("openai.types")
+    import openai.types as openai_types
     s3_server.write(f"{bucket}/in/embed.jsonl", ("\n".join(
         [line("x", {"input": "hello world"}, url=EMBED_URL), line("y", {"input": ["a", "b"]}, url=EMBED_URL),
          line("z", {"input": ["one more"], "encoding_format": "float"}, url=EMBED_URL)]) + "\n").encode())
@@ -272,7 +274,8 @@ def run_batch_cli(tiny_model, inp, out):
 
 @pytest.mark.engine
 def test_run_batch_end_to_end_and_resume(tiny_model, tokenizer, tmp_path):
-    ChatCompletion = pytest.importorskip("openai.types.chat").ChatCompletion  # noqa: N806  (the client's type)
+    from openai.types.chat import ChatCompletion  # the client's own type
+
     from pipeline.io.output import OutputStore
 
     inp, out = tmp_path / "batch.jsonl", tmp_path / "out" / "results.jsonl"
