@@ -191,3 +191,19 @@ def test_a_job_with_tools_on_the_real_engine(tiny_model, tmp_path):
     for row in results.to_pylist():
         assert row["tool_calls"] == [] and row["response"] == "" and row["reasoning"]
         assert row["finish_reason"] == "length"
+
+
+@pytest.mark.unit
+def test_row_tools_as_a_list_of_structs(tokenizer):
+    """A Parquet list<struct> tools column: absent fields come back null, and the parameters'
+    JSON schema is held as text."""
+    row_tools = [{"type": "function", "function": {"name": "get_time", "description": None,
+                                                   "parameters": json.dumps(TIME["parameters"])}}]
+    eng = FakeEngine(tokenizer=tokenizer, answer=call("get_time", {"zone": "UTC"}), max_model_len=4096)
+    out = run(ChatHead(), {"prompt": "Time?", "tools": row_tools}, eng)
+    assert out["tool_calls"] == [{"name": "get_time", "arguments": '{"zone": "UTC"}'}]
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": TIME["parameters"]}}]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Time?"}], tools=tools, tokenize=True,
+                                        add_generation_prompt=True, enable_thinking=False,
+                                        return_dict=True)["input_ids"]
+    assert out["prompt_tokens"] == len(ids)
