@@ -78,6 +78,7 @@ def hf_config(source: str, trust_remote_code: bool = False):
             data = json.load(f)
         data.setdefault("architectures", [])
         data.setdefault("id2label", {})
+        data.setdefault("_name_or_path", source)  # as transformers sets it: heads read the checkpoint's files
         return SimpleNamespace(**data)
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging

@@ -116,16 +116,14 @@ def test_a_mode_the_checkpoint_lacks_is_refused(tokenizers, tiny_model, tmp_path
 
 
 @pytest.mark.unit
-def test_validate_names_the_option(tiny_model, tmp_path, monkeypatch):
-    """checkpoint.resolve turns the head's refusal into a SpecError naming task.options."""
+def test_validate_names_the_option(tiny_model, tmp_path):
+    """checkpoint.resolve (validate, run's planning) turns the head's refusal into a SpecError
+    naming task.options, for a local checkpoint directory as for a hub id."""
     import pipeline.checkpoint as checkpoint
     from jobs import job_spec
     from pipeline.errors import SpecError
 
     variant = with_chat_template(tiny_model, tmp_path / "instruct", INSTRUCT_2507_TEMPLATE)
-    config = checkpoint.read_config(SimpleNamespace(source=str(variant), trust_remote_code=False))
-    named = SimpleNamespace(**{**vars(config), "_name_or_path": str(variant)})  # as transformers' configs are
-    monkeypatch.setattr(checkpoint, "read_config", lambda model: named)
     spec = job_spec(tmp_path, model=variant, task={"options": {"enable_thinking": True}})
     with pytest.raises(SpecError, match="task.options for head 'chat': enable_thinking is true.*no thinking mode"):
         checkpoint.resolve(spec)
