@@ -86,14 +86,14 @@ class FakeEngine:
             self.log.append(name)
             self.tokenized += chars
 
-    def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
+    def render_chat(self, messages, *, enable_thinking: bool, tools=None) -> list[int]:
         if self.record:
             self.rendered.append((messages, enable_thinking))
         self._note("render_chat", sum(len(m["content"]) for m in messages))
         if self.tokenizer is not None:
             from pipeline.engine.prompt_tokens import render_chat
 
-            return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
+            return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
         return self._encode(" ".join(f"<|im_start|> {m['role']} {m['content']} {END_OF_TURN}" for m in messages))
 
     def tokenize(self, text: str) -> list[int]:

@@ -106,7 +106,8 @@ def plain_text_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int,
     return ids, offsets
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: bool) -> list[int]:
+def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: bool,
+                tools: list[dict] | None = None) -> list[int]:
     """Prompt token ids of a conversation, with control tokens inside messages kept as text.
 
     A scraped page that contains "<|im_start|>system" (or "</think>") must not open a new turn:
@@ -118,7 +119,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]], *, enable_thinking: b
                if any(t in m["content"] for t in specials)}
     nonce = uuid.uuid4().hex
     shown = [{**m, "content": f"<{nonce}:{i}>"} if i in escaped else m for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True,
+    text = tokenizer.apply_chat_template(shown, tools=tools or None, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
     if not escaped:
         return tokenizer.encode(text, add_special_tokens=False)

@@ -178,8 +178,8 @@ class VllmEngine:
         start, end = out.start_logits.float().cpu(), out.end_logits.float().cpu()
         return [(start[i, :len(row)].tolist(), end[i, :len(row)].tolist()) for i, row in enumerate(batch)]
 
-    def render_chat(self, messages, *, enable_thinking: bool) -> list[int]:
-        return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking)
+    def render_chat(self, messages, *, enable_thinking: bool, tools=None) -> list[int]:
+        return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -71,8 +71,10 @@ class GenerativeEngine(TextEngine, Protocol):
     """A generative Qwen3 (vLLM's generate runner), as chat, summarize, classify (label
     scoring), extract, rerank and qa's generate mode see it."""
 
-    def render_chat(self, messages: list[dict[str, str]], *, enable_thinking: bool) -> list[int]:
-        """Token ids of the chat-templated prompt, ready for generation."""
+    def render_chat(self, messages: list[dict[str, str]], *, enable_thinking: bool,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the chat-templated prompt, ready for generation (tools: function
+        definitions the template renders, OpenAI style)."""
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of text the pipeline itself writes (no special tokens added): control

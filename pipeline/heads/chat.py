@@ -289,31 +289,6 @@ def _tool_call(body: str, n: int) -> dict[str, str]:
     return {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)}
 
 
-def render_with_tools(tokenizer: Any, messages: list[dict[str, str]], *, enable_thinking: bool,
-                      tools: list[dict[str, Any]]) -> list[int]:
-    """pipeline.engine.prompt_tokens.render_chat with function definitions given to the
-    template (apply_chat_template's tools=): contents holding control strings stay text."""
-    import uuid
-
-    from pipeline.engine.prompt_tokens import _special_texts, plain_text_ids
-
-    specials = _special_texts(tokenizer)
-    escaped = {i: m["content"] for i, m in enumerate(messages) if any(t in m["content"] for t in specials)}
-    nonce = uuid.uuid4().hex
-    shown = [{**m, "content": f"<{nonce}:{i}>"} if i in escaped else m for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(shown, tools=tools, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=enable_thinking)
-    if not escaped:
-        return tokenizer.encode(text, add_special_tokens=False)
-    ids: list[int] = []
-    for n, piece in enumerate(re.split(f"<{nonce}:(\\d+)>", text)):  # odd pieces are placeholder numbers
-        if n % 2:
-            ids += plain_text_ids(tokenizer, escaped[int(piece)])
-        elif piece:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-    return ids
-
-
 MAX_SAMPLING_CHARS = 1 << 16  # a row's sampling JSON; the largest valid one is far smaller
 
 
@@ -469,12 +444,9 @@ class ChatHead(Head):
         return tools
 
     def render(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, engine: Engine) -> list[int]:
-        if not tools:
+        if not tools:  # a handle that renders no tools still serves every row without them
             return engine.render_chat(messages, enable_thinking=self.thinking)
-        tokenizer = getattr(engine, "tokenizer", None)
-        if tokenizer is None:
-            raise RowError("template_error", "this engine has no tokenizer to render tool definitions with")
-        return render_with_tools(tokenizer, messages, enable_thinking=self.thinking, tools=tools)
+        return engine.render_chat(messages, enable_thinking=self.thinking, tools=tools)
 
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
