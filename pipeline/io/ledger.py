@@ -44,7 +44,7 @@ def read_poisoned(output: str) -> set[str]:
 
     import pyarrow.fs as pafs
 
-    from pipeline.io.store_retry import resolve_filesystem
+    from pipeline.io.shards import resolve_filesystem
 
     fs, root = resolve_filesystem(output)
     infos = fs.get_file_info(pafs.FileSelector(posixpath.join(root, POISON), allow_not_found=True))
@@ -57,7 +57,7 @@ def poison_rows(output: str) -> list[dict]:
     import json
     import posixpath
 
-    from pipeline.io.store_retry import resolve_filesystem
+    from pipeline.io.shards import resolve_filesystem
 
     fs, root = resolve_filesystem(output)
     rows = []
@@ -76,7 +76,7 @@ def forgive(output: str, keys: set[str]) -> int:
     rows again (and condemns them again if they still kill every engine); how many."""
     import posixpath
 
-    from pipeline.io.store_retry import resolve_filesystem
+    from pipeline.io.shards import resolve_filesystem
 
     fs, root = resolve_filesystem(output)
     gone = sorted(keys & read_poisoned(output))
@@ -149,7 +149,7 @@ class RowLedger:
         import json
         import posixpath
 
-        from pipeline.io.store_retry import resolve_filesystem
+        from pipeline.io.shards import resolve_filesystem
 
         fs, root = resolve_filesystem(self.output)
         try:

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import JobError, OutputWriteError
-from pipeline.io.store_retry import resolve_filesystem
+from pipeline.io.shards import resolve_filesystem
 
 KINDS = ("results", "errors", "metrics")
 COMMITS = "_commits"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.io.store_retry import StoreUnavailableError, resolve_filesystem  # noqa: F401 (re-exported)
+from pipeline.io.store_retry import StoreUnavailableError
 
 PARQUET, JSON_LINES = "parquet", "jsonl"
 JSON_LINES_EXTENSIONS = (".jsonl", ".json", ".ndjson")
@@ -93,6 +94,18 @@ def footer_hash(f: pa.NativeFile) -> str:
     length = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
     f.seek(max(0, size - 8 - length))
     return hashlib.sha1(f.read(length + 8)).hexdigest()[:16]
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow understands. A remote
+    filesystem retries transient errors (pipeline.io.store_retry)."""
+    from pipeline.io.store_retry import Policy, retrying
+
+    if "://" in uri:
+        policy = Policy()
+        fs, path = policy.call(lambda: pafs.FileSystem.from_uri(uri), f"connect to {uri}")
+        return retrying(fs, policy), path
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def _hidden(path: str, root: str) -> bool:

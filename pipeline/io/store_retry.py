@@ -301,13 +301,3 @@ def _sdk_retries(fs: pafs.FileSystem) -> pafs.FileSystem:
         return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=SDK_ATTEMPTS))
     except (TypeError, ValueError, IndexError):  # another pyarrow's layout: keep it as it is
         return fs
-
-
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or any URI pyarrow understands. A remote
-    filesystem retries transient errors (pipeline.io.store_retry)."""
-    if "://" in uri:
-        policy = Policy()
-        fs, path = policy.call(lambda: pafs.FileSystem.from_uri(uri), f"connect to {uri}")
-        return retrying(fs, policy), path
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
