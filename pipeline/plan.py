@@ -11,7 +11,7 @@ import pyarrow as pa
 from pipeline.checkpoint import Checkpoint, resolve
 from pipeline.io.output import OutputStore
 from pipeline.io.shard_column import SHARD_COLUMN
-from pipeline.io.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem
+from pipeline.io.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem, unreadable
 from pipeline.io.store_retry import StoreUnavailableError
 from pipeline.spec import JobSpec, SpecError, result_settings, spec_changes
 
@@ -288,12 +288,17 @@ def _changed_settings(spec: JobSpec, last_run: dict | None) -> str:
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:
+    try:  # the input first: an input that cannot be reached is said as open_shards says it
+        _, inp = resolve_filesystem(spec.input.path.split("*")[0])
+    except StoreUnavailableError:
+        raise
+    except (OSError, pa.ArrowInvalid) as e:
+        raise unreadable(spec.input.path, e) from None
     try:
         _, out = resolve_filesystem(spec.output.path)
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"output.path {spec.output.path} cannot be reached: {e}. Check the path, the "
                          f"credentials and the network; nothing ran") from None
-    _, inp = resolve_filesystem(spec.input.path.split("*")[0])
     inp = inp.rstrip("/")
     if out == inp or out.startswith(inp + "/"):
         raise InputError(f"output.path {spec.output.path} is inside input.path {spec.input.path}; "
