@@ -296,6 +296,8 @@ def _check_output_outside_input(spec: JobSpec) -> None:
         raise unreadable(spec.input.path, e) from None
     try:
         _, out = resolve_filesystem(spec.output.path)
+    except StoreUnavailableError:  # the store kept failing: exit 3, not the spec's fault
+        raise
     except (OSError, pa.ArrowInvalid) as e:
         raise InputError(f"output.path {spec.output.path} cannot be reached: {e}. Check the path, the "
                          f"credentials and the network; nothing ran") from None
