@@ -157,19 +157,26 @@ def no_leftover_engines():
     assert not left, f"vLLM processes outlived the tests: {[p.pid for p in left]}"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `qwen-batch ARGS` in its own process group; kill the group if it hangs."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def run_command(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run CMD in its own process session; kill the session if it hangs. The result's
+    leftovers: vLLM engines that outlived the command (killed here)."""
+    proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         out, err = proc.communicate()
-        raise AssertionError(f"qwen-batch {' '.join(args)} timed out:\n{err[-3000:]}") from None
+        raise AssertionError(f"{' '.join(map(str, cmd))} timed out:\n{err[-3000:]}") from None
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     done.leftovers = vllm_processes(session=proc.pid)  # engines that outlived the command
     for p in done.leftovers:
         p.kill()
+    done.session = proc.pid
     return done
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `qwen-batch ARGS` in its own process group; kill the group if it hangs."""
+    return run_command([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, timeout=timeout)

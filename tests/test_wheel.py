@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import read_dir, vllm_processes
+from conftest import read_dir, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 4
@@ -33,23 +33,13 @@ ROWS = 4
 
 def run(cmd: list[str], *, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run cmd in its own process session; kill what it leaves (vLLM engines, Ray) or a hang."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    done = run_command(cmd, cwd=cwd, env=env, timeout=timeout)
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out:\n{err[-3000:]}") from None
-    leftovers = vllm_processes(session=proc.pid)
-    for p in leftovers:
-        p.kill()
-    try:
-        os.killpg(proc.pid, 9)  # anything else still in its process group
+        os.killpg(done.session, 9)  # anything else still in its process group
     except ProcessLookupError:
         pass
-    assert not leftovers, f"vLLM processes outlived {' '.join(cmd)}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert not done.leftovers, f"vLLM processes outlived {' '.join(cmd)}"
+    return done
 
 
 @pytest.fixture(scope="module")
