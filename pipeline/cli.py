@@ -190,8 +190,9 @@ def cmd_make_tiny_model(args) -> int:
         path = make_quantized_tiny_model(args.dir, args.quantize, seed=args.seed)
         console.print(f"Tiny Qwen3 ({args.quantize}-quantized: random weights, real tokenizer) written to {path}")
         return 0
-    path = make_tiny_model(args.dir, seed=args.seed, kind=args.kind)
-    console.print(f"Tiny Qwen3 ({args.kind}: random weights, real tokenizer) written to {path}")
+    path = make_tiny_model(args.dir, seed=args.seed, kind=args.kind, layers=args.layers)
+    console.print(f"{'Bench-sized' if args.kind == 'bench' else 'Tiny'} Qwen3 ({args.kind}: random weights, "
+                  f"real tokenizer) written to {path}")
     return 0
 
 
@@ -264,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("make-tiny-model", help="write the tiny random-weight Qwen3 used by the demo and tests")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kind", choices=("causal", "embed", "rerank", "qa", "moe"), default="causal",
+    s.add_argument("--kind", choices=("causal", "embed", "rerank", "qa", "moe", "bench"), default="causal",
                    help="causal: Qwen3ForCausalLM (default); embed: Qwen3-Embedding's layout (Qwen3Model "
                         "weights under a Qwen3ForCausalLM config); rerank: Qwen3-Reranker's (a causal LM); "
                         "qa: Qwen3ForQuestionAnswering (extractive question answering); moe: Qwen3-30B-A3B's "
-                        "layout, Qwen3MoeForCausalLM (8 experts, top-2)")
+                        "layout, Qwen3MoeForCausalLM (8 experts, top-2); bench: Qwen3-0.6B's exact shape "
+                        "(28 layers, hidden 1024, bfloat16: 1.2 GB, for benchmarks)")
+    s.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default: the kind's own; fewer makes a quick bench model)")
     s.add_argument("--quantize", choices=("w8a8", "gptq"), default=None,
                    help="write it quantized (the causal kind): w8a8: compressed-tensors int8 weights and "
                         "activations; gptq: GPTQ 4-bit, group 32, bfloat16 (both run on the CPU build of vLLM)")

