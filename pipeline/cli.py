@@ -167,6 +167,8 @@ def cmd_validate(args) -> int:
                   f"{low if low == high else f'{low}-{high}'} replica(s) x {devices} device(s) "
                   f"(tensor {spec.model.tensor_parallel_size} x pipeline {spec.model.pipeline_parallel_size}, "
                   f"device {spec.resources.device}).", highlight=False)
+    for line in plan.checkpoint.sizing.lines() if plan.checkpoint.sizing else []:
+        console.print(f"Sizing: {line}", highlight=False)
     if plan.kept:
         console.print(f"Kept by --resume-anyway: {len(plan.kept)} committed shard(s) of another spec or "
                       f"older input: " + ", ".join(f"{k['name']} ({k['why']})" for k in plan.kept[:5]),
@@ -213,7 +215,8 @@ def cmd_run_batch(args) -> int:
                                work_dir=args.output_tmp_dir, served_model_name=args.served_model_name,
                                max_model_len=args.max_model_len, dtype=args.dtype,
                                tensor_parallel_size=args.tensor_parallel_size, address=args.address,
-                               overwrite=args.overwrite, progress=not args.no_progress, console=console)
+                               overwrite=args.overwrite, progress=not args.no_progress, console=console,
+                               error_uri=args.error_file)
     except (SpecError, InputError, NothingRan, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -230,6 +233,22 @@ def cmd_run_batch(args) -> int:
         console.print("The job stopped before every request ran; no output file was written. Rerun the same "
                       "command to resume.", highlight=False)
     return report.exit_code
+
+
+def cmd_serve(args) -> int:
+    from pydantic import ValidationError
+
+    from pipeline.ops.openai_serve import ServeConfig, serve
+
+    try:
+        config = ServeConfig(host=args.host, port=args.port, model=args.model, api_key=args.api_key,
+                             state=args.state, address=args.address, overrides=args.set or [],
+                             served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+                             dtype=args.dtype, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    except ValidationError as e:
+        raise InputError("serve: " + "; ".join(f"--{'-'.join(map(str, x['loc']))}: {x['msg']}"
+                                               for x in e.errors())) from None
+    return serve(config, console=console)
 
 
 def cmd_demo(args) -> int:
@@ -288,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "embeddings, written as OpenAI's output file; a rerun resumes")
     s.add_argument("-i", "--input-file", required=True, help="the batch file (JSON lines; local or s3://)")
     s.add_argument("-o", "--output-file", required=True, help="where the output file goes (local or s3://)")
+    s.add_argument("--error-file", help="write failed requests' lines here, as OpenAI's error file (default: "
+                                        "every line in OUTPUT_FILE)")
     s.add_argument("--model", required=True, help="checkpoint folder or hub id")
     s.add_argument("--served-model-name", help="the model name written in each response (default: --model)")
     s.add_argument("--output-tmp-dir", help="work folder: the job's input shard and committed rows, which a "
@@ -300,10 +321,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--overwrite", action="store_true", help="start over: replace the work folder's committed rows")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("serve", help="serve OpenAI's Files and Batches API: batches uploaded with the openai client "
+                                     "run as run-batch jobs, one at a time; state survives a restart")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; any other "
+                                                       "needs --api-key)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--model", required=True, help="checkpoint folder or hub id every batch runs on")
+    s.add_argument("--api-key", default=os.environ.get("QWEN_BATCH_API_KEY"),
+                   help="the bearer key clients must send (default: QWEN_BATCH_API_KEY)")
+    s.add_argument("--state", default="qwen-batch-state",
+                   help="where files, batches and their jobs are kept (local or s3://; default: ./qwen-batch-state)")
+    s.add_argument("--served-model-name", help="the model name written in each response (default: --model)")
+    s.add_argument("--max-model-len", type=int, help="model.max_model_len")
+    s.add_argument("--dtype", help="model.dtype (auto, bfloat16, float16, float32)")
+    s.add_argument("--max-upload-mb", type=float, default=200, help="largest file accepted (default: 200, as OpenAI)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of every batch's job spec, e.g. --set sampling.max_tokens=64 (repeatable)")
+    s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray per batch)")
     args = p.parse_args(argv)
 
     handler = {"run": cmd_run, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model,
-               "demo": cmd_demo, "run-batch": cmd_run_batch, "report": cmd_report, "status": cmd_status}[args.command]
+               "demo": cmd_demo, "run-batch": cmd_run_batch, "serve": cmd_serve, "report": cmd_report,
+               "status": cmd_status}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt as e:

@@ -58,7 +58,7 @@ def _read(uri: str) -> bytes:
         raise InputError(f"the batch file {uri} cannot be read: {e}") from None
 
 
-def _read_if_exists(uri: str) -> bytes | None:
+def read_if_exists(uri: str) -> bytes | None:
     fs, path = resolve_filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -66,7 +66,7 @@ def _read_if_exists(uri: str) -> bytes | None:
         return f.read()
 
 
-def _write_whole(uri: str, data: bytes) -> None:
+def write_whole(uri: str, data: bytes) -> None:
     """Write a file in one step: a local one through a temporary file renamed over it, an object
     store's with one put."""
     fs, path = resolve_filesystem(uri)
@@ -119,54 +119,93 @@ def job_spec(batch: Batch, *, model: str, work: str, max_model_len: int | None =
     return spec
 
 
-def run_batch(input_uri: str, output_uri: str, *, model: str, overrides: Iterable[str] = (),
-              work_dir: str | None = None, served_model_name: str | None = None, max_model_len: int | None = None,
-              dtype: str | None = None, tensor_parallel_size: int | None = None, address: str | None = None,
-              overwrite: bool = False, progress: bool = True, console=None, engine_factory=None) -> BatchReport:
-    """Run an OpenAI Batch file: see the module's docstring. Raises InputError (exit 2) for a
-    file that cannot be read or mixes endpoints; a job that stopped returns exit code 3 and
-    writes no OUTPUT (rerun the same command to resume)."""
-    from pipeline.api import load, run
+def _prepare(input_uri: str, work: str, *, model: str, overrides: list[str], address: str | None,
+             **model_keys) -> tuple[Batch, dict]:
+    """The parsed batch file (its requests checked against the job's options) and the job's
+    spec as a dict of sections. InputError for a file that cannot be read or mixes endpoints."""
+    from pipeline.api import load
 
-    overrides = list(overrides)
     data = _read(input_uri)
-    work = work_folder(output_uri, work_dir)
     try:
         batch = parse_batch(data)
-        kwargs = {"model": model, "work": work, "max_model_len": max_model_len, "dtype": dtype,
-                  "tensor_parallel_size": tensor_parallel_size}
-        spec = load(job_spec(batch, **kwargs), overrides=overrides, address=address)
+        spec = load(job_spec(batch, model=model, work=work, **model_keys), overrides=overrides, address=address)
         batch = parse_batch(data, options=spec.task.options)  # requests must agree with the job's options
     except ValueError as e:
         raise InputError(f"{input_uri}: {e}") from None
+    return batch, job_spec(batch, model=model, work=work, **model_keys)
+
+
+def run_batch(input_uri: str, output_uri: str, *, model: str, overrides: Iterable[str] = (),
+              work_dir: str | None = None, served_model_name: str | None = None, max_model_len: int | None = None,
+              dtype: str | None = None, tensor_parallel_size: int | None = None, address: str | None = None,
+              overwrite: bool = False, progress: bool = True, console=None, engine_factory=None,
+              error_uri: str | None = None) -> BatchReport:
+    """Run an OpenAI Batch file: see the module's docstring. Raises InputError (exit 2) for a
+    file that cannot be read or mixes endpoints; a job that stopped returns exit code 3 and
+    writes no OUTPUT (rerun the same command to resume). error_uri: failed requests' lines go
+    there (as OpenAI's error file), OUTPUT keeps the succeeded ones."""
+    from pipeline.api import load, run
+
+    overrides = list(overrides)
+    work = work_folder(output_uri, work_dir)
+    batch, sections = _prepare(input_uri, work, model=model, overrides=overrides, address=address,
+                               max_model_len=max_model_len, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     report = None
     if batch.rows:
-        spec = load(job_spec(batch, **kwargs), overrides=overrides, address=address)
+        spec = load(sections, overrides=overrides, address=address)
         shard = posixpath.join(work, SHARD)
         content = shard_bytes(batch)
-        if _read_if_exists(shard) != content:  # the same file is kept as it is: the job resumes
-            _write_whole(shard, content)
+        if read_if_exists(shard) != content:  # the same file is kept as it is: the job resumes
+            write_whole(shard, content)
         report = run(spec, overwrite=overwrite, progress=progress, console=console, engine_factory=engine_factory)
         if report.exit_code == EXIT_CRASHED:
             return BatchReport(EXIT_CRASHED, None, len(batch.requests), 0, 0, report.rows)
-    results, errors = _committed(posixpath.join(work, JOB)) if batch.rows else ({}, {})
-    created = int(time.time())
-    name = served_model_name or model
-    lines = []
-    for req in batch.requests:
-        row_id = req.row["id"] if req.row is not None else None
-        line = output_line(batch, req, result=results.get(row_id), error=errors.get(row_id), model=name,
-                           created=created)
-        if line is not None:
-            lines.append(line)
-    _write_whole(output_uri, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode())
-    failed = sum(1 for x in lines if x["error"] is not None)
-    out = BatchReport(report.exit_code if report else EXIT_OK, output_uri, len(lines), len(lines) - failed, failed,
+    succeeded, failed = write_output(batch, work, output_uri, error_uri, model=served_model_name or model)
+    out = BatchReport(report.exit_code if report else EXIT_OK, output_uri, succeeded + failed, succeeded, failed,
                       report.rows if report else 0)
     if console is not None:
         console.print(f"run-batch: {out.requests} request(s): {out.succeeded} succeeded, {out.failed} failed; "
                       f"{out.computed} computed by this run. Output: {output_uri}", highlight=False)
     return out
+
+
+def write_output(batch: Batch, work: str, output_uri: str, error_uri: str | None, *, model: str,
+                 missing: tuple[str, str] | None = None) -> tuple[int, int]:
+    """OUTPUT (and the error file, when error_uri is given) from the job's committed rows, in
+    input order: (succeeded, failed). missing: the (code, message) of requests without a
+    committed row (default: not_run, "rerun the same command")."""
+    results, errors = _committed(posixpath.join(work, JOB)) if batch.rows else ({}, {})
+    created = int(time.time())
+    lines = []
+    for req in batch.requests:
+        row_id = req.row["id"] if req.row is not None else None
+        line = output_line(batch, req, result=results.get(row_id), error=errors.get(row_id), model=model,
+                           created=created, missing=missing)
+        if line is not None:
+            lines.append(line)
+    failed = [x for x in lines if x["error"] is not None]
+
+    def text(xs):
+        return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in xs).encode()
+
+    if error_uri is None:
+        write_whole(output_uri, text(lines))
+    else:
+        write_whole(output_uri, text([x for x in lines if x["error"] is None]))
+        write_whole(error_uri, text(failed))
+    return len(lines) - len(failed), len(failed)
+
+
+def write_partial(input_uri: str, output_uri: str, error_uri: str | None, *, work_dir: str, model: str,
+                  served_model_name: str | None = None, overrides: Iterable[str] = (),
+                  missing: tuple[str, str] = ("not_run", "this request was not computed"),
+                  **model_keys) -> tuple[int, int]:
+    """OUTPUT from what the job committed so far, without running anything (a cancelled
+    batch's partial results): (succeeded, failed), the requests not run failing with missing."""
+    batch, _ = _prepare(input_uri, work_folder(output_uri, work_dir), model=model, overrides=list(overrides),
+                        address=None, **model_keys)
+    return write_output(batch, work_folder(output_uri, work_dir), output_uri, error_uri,
+                        model=served_model_name or model, missing=missing)
 
 
 def _committed(job_output: str) -> tuple[dict, dict]:

@@ -192,8 +192,8 @@ def chat_row(body: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
                 value = [value]
             sampling[CHAT_SAMPLING[key]] = value
         elif key == "n":
-            if value != 1:
-                raise LineError("unsupported", "n other than 1 is not supported yet")
+            if value != 1:  # the chat head's samples: one choice each
+                sampling["n"] = value
         elif key == "stream":
             if value:
                 raise LineError("unsupported", "stream is not supported in a batch")
@@ -267,7 +267,7 @@ def _check_sampling(sampling: dict[str, Any]) -> None:
     try:
         SamplingValues.model_validate(sampling)
     except ValidationError as e:
-        bad = "; ".join(f"body.{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
+        bad = "; ".join(f"{'.'.join(map(str, ('body', *x['loc'])))}: {x['msg'].removeprefix('Value error, ')}"
                         for x in e.errors())
         raise LineError("invalid_request", bad) from None
 
@@ -304,8 +304,9 @@ def _hex(*parts: Any, n: int = 24) -> str:
 
 
 def output_line(batch: Batch, req: Request, *, result: dict | None, error: dict | None, model: str,
-                created: int) -> dict[str, Any] | None:
-    """The OpenAI output line of one request (None for a duplicate's later lines)."""
+                created: int, missing: tuple[str, str] | None = None) -> dict[str, Any] | None:
+    """The OpenAI output line of one request (None for a duplicate's later lines). missing: the
+    (code, message) of a request that has neither result nor error."""
     if req.dropped:
         return None
     line_id = f"batch_req_{_hex(batch.digest, req.line)}"
@@ -315,7 +316,8 @@ def output_line(batch: Batch, req: Request, *, result: dict | None, error: dict 
     elif error is not None:
         code, message = error["error_type"], f"line {req.line}: {error['error_message']}"
     elif result is None:
-        code, message = "not_run", f"line {req.line}: this request was not computed; rerun the same command"
+        code, message = missing or ("not_run", "this request was not computed; rerun the same command")
+        message = f"line {req.line}: {message}"
     else:
         body = (chat_body(batch, req, result, model, created) if batch.url == CHAT_URL
                 else embed_body(req, result, model))
@@ -332,14 +334,17 @@ def output_line(batch: Batch, req: Request, *, result: dict | None, error: dict 
 def chat_body(batch: Batch, req: Request, result: dict, model: str, created: int) -> dict[str, Any]:
     """A chat.completion object as OpenAI's (and vLLM's) server returns it."""
     answer = result.get("raw") if batch.schema is not None else result.get("response")  # extract: the JSON
-    message = {"role": "assistant", "content": answer or ""}
-    if result.get("reasoning") is not None:
-        message["reasoning_content"] = result["reasoning"]
+    samples = result.get("samples") or [{**result, "index": 0, "response": answer}]  # n > 1: one choice each
+    choices = []
+    for s in samples:
+        message = {"role": "assistant", "content": s.get("response") or ""}
+        if s.get("reasoning") is not None:
+            message["reasoning_content"] = s["reasoning"]
+        choices.append({"index": s["index"], "message": message, "finish_reason": s.get("finish_reason") or "stop",
+                        "logprobs": None})
     prompt, completion = int(result.get("prompt_tokens") or 0), int(result.get("completion_tokens") or 0)
     return {"id": f"chatcmpl-{_hex(batch.digest, req.line, 'completion', n=32)}", "object": "chat.completion",
-            "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": result.get("finish_reason") or "stop",
-                         "logprobs": None}],
+            "created": created, "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
