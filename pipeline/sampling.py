@@ -3,7 +3,7 @@ job's (pipeline.spec.SamplingSpec) and each row's own overrides are checked agai
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.strict_config import StrictSection
 
@@ -11,6 +11,16 @@ from pipeline.strict_config import StrictSection
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 _FINITE = {"allow_inf_nan": False}
+MAX_SAMPLES = 16  # sampling.n: completions a row; each costs a full generation
+
+
+def samples_problem(sampling: dict) -> str | None:
+    """Why these merged sampling settings cannot ask for n samples (None if they can): at
+    temperature 0 every sample is the same greedy answer, paid for n times."""
+    if (sampling.get("n") or 1) > 1 and sampling.get("temperature") == 0:
+        return (f"n is {sampling['n']} but temperature is 0: greedy decoding gives the same answer "
+                f"{sampling['n']} times; raise temperature (e.g. 0.7) or set n to 1")
+    return None
 
 
 class SamplingValues(StrictSection):
@@ -34,6 +44,17 @@ class SamplingValues(StrictSection):
         None, description=f"Strings that end generation: at most {MAX_STOP_STRINGS}, each "
         f"1 to {MAX_STOP_CHARS} characters.")
     ignore_eos: bool | None = Field(None, description="Keep generating past end-of-sequence.")
+    n: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES, description=f"Completions a row, 1 to {MAX_SAMPLES} (default 1): the "
+        "chat head's `samples` column holds them all, `response` the first; every sample's tokens are "
+        "counted. Refused with temperature 0 (every sample would be the same greedy answer) and by "
+        "heads that give one answer a row.")
+
+    @model_validator(mode="after")
+    def _samples_differ(self):
+        if problem := samples_problem(self.model_dump(exclude_none=True)):
+            raise ValueError(problem)
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.errors import SpecError
-from pipeline.registry import checked_options, head_names
+from pipeline.registry import checked_options, head_class, head_names
 from pipeline.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingValues  # noqa: F401 (re-exported)
 from pipeline.strict_config import StrictSection, explain_validation_error
 
@@ -304,6 +304,15 @@ class JobSpec(StrictSection):
     def _name_is_simple(cls, v: str) -> str:
         if not v or "/" in v:
             raise ValueError("use a non-empty name without '/'")
+        return v
+
+    @field_validator("sampling")
+    @classmethod
+    def _samples_need_a_head_that_keeps_them(cls, v: SamplingSpec, info: ValidationInfo) -> SamplingSpec:
+        task = info.data.get("task")
+        if task is not None and (v.n or 1) > 1 and not head_class(task.head).many_samples:
+            raise ValueError(f"n is {v.n}, but head '{task.head}' gives one answer a row; "
+                             f"set sampling.n to 1 (n > 1 is for the chat head)")
         return v
 
     def fingerprint(self) -> str:

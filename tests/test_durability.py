@@ -50,12 +50,14 @@ def _stage(shard) -> pa.Table:
         "error_type": [None, None, "invalid_input", None], "error_message": [None, None, "bad row", None],
         "_started": [1.0] * n, "_finished": [2.0] * n, "_worker": ["w0"] * n, "_engine_settings": [None] * n,
         "tool_calls": [None] * n,  # the rows offered no tools
+        "samples": [None] * n,  # nor asked for several samples
     }, schema=pa.schema([("path", pa.string()), ("id", pa.int64()), ("response", pa.string()),
                          ("reasoning", pa.string()), ("finish_reason", pa.string()), ("prompt_tokens", pa.int64()),
                          ("completion_tokens", pa.int64()), ("error_type", pa.string()),
                          ("error_message", pa.string()), ("_started", pa.float64()), ("_finished", pa.float64()),
                          ("_worker", pa.string()), ("_engine_settings", pa.string()),
-                         arrow_schema("results_chat", id_type=pa.int64()).field("tool_calls")]))
+                         arrow_schema("results_chat", id_type=pa.int64()).field("tool_calls"),
+                         arrow_schema("results_chat", id_type=pa.int64()).field("samples")]))
 
 
 def _commit(output: str, input_fs, shard, *, before_commit=lambda store, parts: None) -> OutputStore:

@@ -56,7 +56,7 @@ def test_bad_lines_become_errors_naming_their_line():
     b = batch_of(chat("ok"), "{not json", json.dumps({"method": "POST", "url": CHAT_URL, "body": {}}),
                  line("u", url="/v1/completions"), chat("k", logprobs=True), chat("t", temperature=5),
                  chat("f", response_format={"type": "json_object"}),
-                 chat("n", n=2), chat("x", tools=[]), line("m", {"messages": []}), "[1]",
+                 chat("n", n=17), chat("x", tools=[]), line("m", {"messages": []}), "[1]",
                  line("g", method="GET"))
     assert [r["custom_id"] for r in b.rows] == ["ok"]
     assert error_of(b, number=2).code == "invalid_json" and "line 2 is not valid JSON" in error_of(b, number=2).message
@@ -65,7 +65,7 @@ def test_bad_lines_become_errors_naming_their_line():
     assert error_of(b, "k").message == "line 5: logprobs is not supported yet"
     assert "body.temperature" in error_of(b, "t").message
     assert "response_format is not supported yet" in error_of(b, "f").message
-    assert "n other than 1" in error_of(b, "n").message
+    assert "body.n: Input should be less than or equal to 16" in error_of(b, "n").message
     assert "body.tools is not supported" in error_of(b, "x").message
     assert "messages must be a non-empty list" in error_of(b, "m").message
     assert "line 11 is not a JSON object" in error_of(b, number=11).message
@@ -170,6 +170,14 @@ def test_output_lines_parse_as_the_openai_clients_types():
     assert failed["error"] == {"code": "engine_timeout", "message": "line 2: slow"}
     assert failed["response"]["status_code"] == 500
     bad = output_line(b, b.requests[2], result=None, error=None, model="qwen", created=123)
+    samples = [{"index": i, "response": f"s{i}", "reasoning": None, "finish_reason": "stop", "completion_tokens": 2}
+               for i in range(3)]
+    many = output_line(b, b.requests[0], result={"response": "s0", "finish_reason": "stop", "prompt_tokens": 9,
+                                                 "completion_tokens": 6, "samples": samples},
+                       error=None, model="qwen", created=123)
+    done = openai_types.chat.ChatCompletion.model_validate(many["response"]["body"])
+    assert [(c.index, c.message.content) for c in done.choices] == [(0, "s0"), (1, "s1"), (2, "s2")]
+    assert done.usage.completion_tokens == 6
     assert bad["custom_id"] is None and bad["response"]["status_code"] == 400 and "line 3" in bad["error"]["message"]
 
 
@@ -256,7 +264,7 @@ CHAT_LINES = [
                                                  {"role": "user", "content": "Say hello."}], "temperature": 0,
                    "max_tokens": 5}),
     line("river", {"model": "tiny", "messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 3,
-                   "seed": 7}),
+                   "seed": 7, "n": 2}),
     '{"custom_id": "broken", "method": "POST", "url": ',
     line("twice", {"model": "tiny", "messages": [{"role": "user", "content": "One?"}]}),
     line("colour", {"model": "tiny", "messages": [{"role": "user", "content": "A colour."}], "stop": ["."],
@@ -300,9 +308,12 @@ def test_run_batch_end_to_end_and_resume(tiny_model, tokenizer, tmp_path):
                                              enable_thinking=False)
         assert done.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
         limit = inputs[cid].get("max_tokens") or inputs[cid].get("max_completion_tokens")
-        assert 1 <= done.usage.completion_tokens <= limit
+        assert 1 <= done.usage.completion_tokens <= limit * len(done.choices)
         assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
-    assert by_id["river"]["response"]["body"]["usage"]["completion_tokens"] == 3  # random weights: no early stop
+    river = ChatCompletion.model_validate(by_id["river"]["response"]["body"])  # n: 2, one choice each
+    assert [c.index for c in river.choices] == [0, 1]
+    assert river.choices[0].message.content != river.choices[1].message.content
+    assert river.usage.completion_tokens == 2 * 3  # both samples counted; random weights: no early stop
     first = out.read_text()
     manifest = OutputStore(str(out) + ".work/job").read_manifest()
 

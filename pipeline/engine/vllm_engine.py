@@ -213,15 +213,15 @@ class VllmEngine:
         except VLLMValidationError as e:
             kind = "prompt_too_long" if "context length" in str(e) else "engine_error"
             raise RowError(kind, f"the engine refused the request: {e}") from None
-        choice = final.outputs[0]
-        return Completion(
-            text=choice.text,
-            token_ids=list(choice.token_ids),
-            finish_reason=choice.finish_reason or "stop",
-            prompt_tokens=len(final.prompt_token_ids or prompt_token_ids),
-            completion_tokens=len(choice.token_ids),
-            logprobs=choice.logprobs,
-        )
+        prompt_tokens = len(final.prompt_token_ids or prompt_token_ids)
+        done = [Completion(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason or "stop",
+                           prompt_tokens=prompt_tokens, completion_tokens=len(c.token_ids), logprobs=c.logprobs)
+                for c in sorted(final.outputs, key=lambda c: c.index)]
+        if len(done) == 1:
+            return done[0]
+        first = done[0]
+        return Completion(first.text, first.token_ids, first.finish_reason, prompt_tokens,
+                          sum(d.completion_tokens for d in done), first.logprobs, samples=done)
 
     async def score(self, prompt_token_ids: list[int], continuations: list[list[int]], *,
                     method: str = "trie") -> EngineScores:

@@ -37,14 +37,16 @@ class RowError(Exception):
 
 @dataclass
 class Completion:
-    """One finished engine call."""
+    """One finished engine call: its first (or only) sample's text, tokens and finish."""
 
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of every sample
     logprobs: list[dict[int, float]] | None = field(default=None, repr=False)
+    # sampling n > 1: all n samples in index order (each with its own completion_tokens)
+    samples: list[Completion] | None = None
 
 
 @dataclass
@@ -151,6 +153,9 @@ class Head:
     # True when the head sends many requests that extend one prompt (label scoring): the
     # engine is then set up to share prompts through its prefix cache in small blocks.
     shares_prefixes: ClassVar[bool] = False
+    # True when the head returns all sampling.n completions of a row (the chat head's
+    # `samples`); a job asking n > 1 of any other head is refused when the spec loads.
+    many_samples: ClassVar[bool] = False
 
     @classmethod
     def score_method(cls, options: dict[str, Any] | None) -> str | None:

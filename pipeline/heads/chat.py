@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_text
+from pipeline.heads.base import Completion, Engine, Head, HeadOptions, RowError, require_text
+from pipeline.sampling import samples_problem
 
 ROLES = ("system", "user", "assistant")
 
@@ -292,10 +293,12 @@ def _tool_call(body: str, n: int) -> dict[str, str]:
 MAX_SAMPLING_CHARS = 1 << 16  # a row's sampling JSON; the largest valid one is far smaller
 
 
-def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[str, Any]:
+def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None, head: str = "chat",
+                 many: bool = False) -> dict[str, Any]:
     """Per-row sampling overrides from a JSON string or a struct, checked against the bounds
     vLLM enforces (SamplingValues) and, for max_tokens, against the job's ceiling: any value
-    the engine would refuse becomes this row's invalid_input, naming the key."""
+    the engine would refuse becomes this row's invalid_input, naming the key. n > 1 only
+    where the head keeps many samples a row (many)."""
     if value is None:
         return {}
     from pipeline.sampling import SamplingValues  # plain pydantic, no engine
@@ -314,7 +317,7 @@ def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[s
     try:
         out = SamplingValues.model_validate(value).model_dump(exclude_none=True)
     except ValidationError as e:
-        bad = "; ".join(f"sampling.{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
+        bad = "; ".join(f"{'.'.join(map(str, ('sampling', *x['loc'])))}: {x['msg'].removeprefix('Value error, ')}"
                         + (f" (got {_short(x['input'])})" if x["type"] != "value_error" else "")
                         for x in e.errors())
         raise RowError("invalid_input", f"sampling overrides are not valid: {bad}") from None
@@ -322,6 +325,9 @@ def row_sampling(value: Any, *, max_tokens_ceiling: int | None = None) -> dict[s
         raise RowError("invalid_input",
                        f"sampling.max_tokens {out['max_tokens']} is above this job's ceiling for rows, "
                        f"{max_tokens_ceiling}; ask for less, or raise sampling.row_max_tokens in the spec")
+    if out.get("n", 1) > 1 and not many:
+        raise RowError("invalid_input", f"sampling.n is {out['n']}, but head '{head}' gives one answer a row; "
+                                        f"leave n out (n > 1 is for the chat head)")
     return out
 
 
@@ -333,6 +339,7 @@ def _short(value: Any) -> str:
 class ChatHead(Head):
     name = "chat"
     Options = ChatOptions
+    many_samples = True
     options: ChatOptions
     mode: str | None = None  # the checkpoint's thinking_mode, once learned
     tools_render: bool | None = None  # whether its template renders tools, once learned
@@ -460,9 +467,11 @@ class ChatHead(Head):
         tools = self.row_tools(row, engine)
         sampling = self.job_sampling
         overrides = row_sampling(row.get(o.sampling_column),
-                                 max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"])
+                                 max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"], many=True)
         if overrides:
             sampling = {**sampling, **overrides}
+            if problem := samples_problem(sampling):
+                raise RowError("invalid_input", f"sampling: {problem}")
         await self.refuse_oversized(engine, [m["content"] for m in messages], turns=len(messages),
                                     columns=[c for c in (o.messages_column, o.prompt_column, o.system_column)
                                              if row.get(c) is not None])
@@ -479,20 +488,26 @@ class ChatHead(Head):
                 f"{engine.max_model_len}; shorten it or raise model.max_model_len",
             )
         done = await engine.generate(prompt, sampling)
+        many = done.samples or [done]
+        answers = [self.answer(d, tools, i, len(many)) for i, d in enumerate(many)]
+        out = {**answers[0], "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+        out.pop("index")
+        if len(many) > 1:
+            out["samples"] = answers
+        return out
+
+    def answer(self, done: Completion, tools: list[dict[str, Any]] | None, index: int, n: int) -> dict[str, Any]:
+        """One sample's columns: response, reasoning, tool_calls when tools were offered."""
         # thinking on (asked, or a template that always thinks): the text before </think> is
         # reasoning, all of it when max_tokens cut the thinking short
         reasoning, response = split_reasoning(done.text) if self.thinking else (None, done.text)
-        out = {
-            "response": response,
-            "reasoning": reasoning,
-            "finish_reason": done.finish_reason,
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-        }
+        out = {"index": index, "response": response, "reasoning": reasoning, "finish_reason": done.finish_reason,
+               "completion_tokens": done.completion_tokens}
         if tools:
             try:
                 out["response"], out["tool_calls"] = parse_tool_calls(response)
             except ValueError as e:
-                raise RowError("output_parse_error", f"the model's tool call is malformed: {e}; "
+                which = f"sample {index} (of {n})'s" if n > 1 else "the model's"
+                raise RowError("output_parse_error", f"{which} tool call is malformed: {e}; "
                                                      f"its output was: {done.text}") from None
         return out

@@ -455,7 +455,8 @@ class ExtractHead(Head):
         sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[thinking]}
         sampling.update(self.sampling)
         sampling.update(row_sampling(row.get(o.sampling_column),
-                                     max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"]))
+                                     max_tokens_ceiling=self.row_max_tokens or sampling["max_tokens"],
+                                     head=self.name))
         sampling["structured_json"] = self.constraint
         if thinking and o.thinking_budget is not None:
             sampling["thinking_token_budget"] = o.thinking_budget
