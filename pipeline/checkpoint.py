@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.engine.engine_args import engine_args
+from pipeline.engine.fit import check_fits, job_sizing
 from pipeline.errors import SpecError
 from pipeline.heads import Head
 from pipeline.registry import head_class
@@ -39,6 +40,7 @@ class Checkpoint:
     kind: str  # causal, moe, sequence_classification, ... (checkpoint_kind)
     head: Head  # the job's head for this checkpoint, with its options and sampling
     options: dict[str, Any]  # the head's options (task.options)
+    sizing: Any = None  # pipeline.engine.sizing.Sizing of its placement, None if not sized
 
     def engine_args(self, device: str) -> dict[str, Any]:
         """The vLLM arguments of the job's engine on DEVICE: its model section and what its
@@ -62,7 +64,9 @@ def resolve(spec) -> Checkpoint:
     engine_args(spec.model, device=spec.resources.device, config=config,  # auto: either device's quantization
                 task=cls.engine_task, shares_prefixes=cls.shares_prefixes,
                 score_method=cls.score_method(spec.task.options))
-    return Checkpoint(spec.model, config, kind, head, spec.task.options)
+    sizing = job_sizing(spec, config, kind)
+    check_fits(spec, sizing)  # a placement whose devices cannot hold the weights
+    return Checkpoint(spec.model, config, kind, head, spec.task.options, sizing)
 
 
 @functools.cache  # one read per process, whoever asks

@@ -58,7 +58,7 @@ ENGINE_KWARGS_ALLOWED = frozenset({
     "kv_cache_memory_bytes", "num_gpu_blocks_override", "kv_cache_dtype", "block_size",
     "cpu_offload_gb", "enforce_eager", "cudagraph_capture_sizes", "max_cudagraph_capture_size",
     "optimization_level", "disable_custom_all_reduce", "disable_cascade_attn",
-    "disable_sliding_window", "enable_expert_parallel", "async_scheduling", "scheduling_policy",
+    "disable_sliding_window", "async_scheduling", "scheduling_policy",
     "attention_backend", "seed", "max_logprobs", "disable_log_stats", "max_parallel_loading_workers",
     "use_tqdm_on_load", "hf_token",
 })
@@ -79,6 +79,7 @@ ENGINE_KWARGS_REFUSED = {
     "max_model_len": _SPEC_KEY.format("model.max_model_len"),
     "dtype": _SPEC_KEY.format("model.dtype"),
     "quantization": _SPEC_KEY.format("model.quantization"),
+    "enable_expert_parallel": _SPEC_KEY.format("model.expert_parallel"),
     "hf_overrides": "it rewrites the checkpoint's config (architecture, rope, lengths); "
                     "for a longer context set model.long_context",
     "runner": "chosen from the checkpoint's architecture (generate, or pooling for "
@@ -149,6 +150,12 @@ class ModelSpec(StrictSection):
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the checkpoint. Off unless you trust it."
+    )
+    expert_parallel: bool = Field(
+        False, description="MoE checkpoints (Qwen3-30B-A3B, Qwen3-235B-A22B): vLLM's expert parallelism "
+        "(enable_expert_parallel) places whole experts on each of a replica's tensor-parallel devices "
+        "instead of a slice of every expert (the same bytes a device; fewer, larger expert kernels). "
+        "Needs model.tensor_parallel_size > 1; refused for a dense checkpoint."
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -249,6 +256,13 @@ class ResourcesSpec(StrictSection):
         "engine_timeout error row (a hung request must not hang a scheduled job). Default: "
         "600 s plus 1 s per token of sampling.max_tokens (or 4,096 when unset).",
     )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GiB (nvidia-smi's MiB / 1024: 79.6 for an "
+        "H100 80GB, 140.4 for an H200), for the sizing that validate and --dry-run print and the "
+        "refusal of a placement whose devices cannot hold the weights. Default: the smallest GPU "
+        "nvidia-smi lists where the job is planned; with none there, sizing assumes 80 GiB and "
+        "refuses nothing. Not used with resources.device cpu.",
+    )
     rows_in_flight: int = Field(
         512, ge=1, description="Rows submitted to each engine at once; keep it above the "
         "engine's max_num_seqs so it always has a full batch to schedule."
@@ -334,7 +348,7 @@ class JobSpec(StrictSection):
 RUN_ONLY: dict[str, Any] = {
     "name": True, "ray": True, "resources": True,
     "output": {"path", "rows_per_file", "max_error_rate"},
-    "model": {"tensor_parallel_size", "pipeline_parallel_size"},
+    "model": {"tensor_parallel_size", "pipeline_parallel_size", "expert_parallel"},
 }
 RUN_ONLY_ENGINE_KWARGS = frozenset({
     "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "prefix_caching_hash_algo",

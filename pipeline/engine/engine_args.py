@@ -59,6 +59,9 @@ def engine_args(model: ModelSpec, *, device: str, config: Any, task: str | None 
     }
     if model.max_model_len:
         args["max_model_len"] = model.max_model_len
+    if model.expert_parallel:
+        check_expert_parallel(model, config)
+        args["enable_expert_parallel"] = True
     if model.long_context:
         args.update(long_context_args(model, config))
     if task is not None:
@@ -110,6 +113,24 @@ def check_quantization(model: ModelSpec, device: str, config: Any) -> None:
     problem = quantization_problem(method, device, dtype=run_dtype(model, config), where=where)
     if problem:
         raise SpecError(problem)
+
+
+def check_expert_parallel(model: ModelSpec, config: Any) -> None:
+    """SpecError unless model.expert_parallel has experts to place: a MoE checkpoint, and a
+    replica of two or more tensor-parallel devices (vLLM's expert-parallel size is tensor x data
+    parallel, and a replica is one engine: its data-parallel size is 1)."""
+    from pipeline.spec import SpecError
+
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    if not experts:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "a checkpoint without architectures"
+        raise SpecError(f"model.expert_parallel: model.source {model.source} is a dense checkpoint ({archs}, "
+                        f"no experts); drop model.expert_parallel (it is for MoE checkpoints such as "
+                        f"Qwen3-30B-A3B)")
+    if model.tensor_parallel_size < 2:
+        raise SpecError("model.expert_parallel places experts across a replica's tensor-parallel devices, and "
+                        "model.tensor_parallel_size is 1: set model.tensor_parallel_size to 2 or more, or drop "
+                        "model.expert_parallel (more replicas, resources.replicas, need no expert parallelism)")
 
 
 def run_dtype(model: ModelSpec, config: Any) -> str:

@@ -11,7 +11,7 @@ How devices split them, as vLLM does: tensor parallel shards every projection, e
 (vocabulary-parallel) embeddings and lm_head across its ranks; a rank holds max(1, kv_heads //
 tp) KV heads (KV heads are replicated once tp exceeds them), and norms and the router whole.
 Pipeline parallel gives each stage its share of the layers (vLLM's split: the remainder goes to
-the stages before the last), the first stage the embeddings and the last the lm_head and final
+stages before the last, middle ones first), the first stage the embeddings and the last the lm_head and final
 norm (both, for tied embeddings, on the last stage too when there are two or more stages); the
 heaviest stage is reported. Expert parallel (model.expert_parallel) places whole experts on
 tp ranks instead of a 1/tp slice of each: a replica is one vLLM engine (replicas are Ray
@@ -156,7 +156,7 @@ def quantized_bytes(method: str | None, quantization_config: Any, dtype_bytes: f
     return per_weight
 
 
-def _layer_split(layers: int, pp: int) -> list[int]:
+def layer_split(layers: int, pp: int) -> list[int]:
     """Layers per pipeline stage, as vLLM's get_pp_indices splits them."""
     parts = [layers // pp] * pp
     for i in range(2, layers % pp + 2):
@@ -227,7 +227,8 @@ def _billions(n: int) -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+    """Bytes as GiB (MiB under one)."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def _kib(n: float) -> str:
@@ -267,7 +268,7 @@ def size(shape: Shape, *, tp: int = 1, pp: int = 1, dtype: str = "bfloat16", qua
     if tied and pp > 1:
         head = embed  # the last stage holds its own copy of the tied embeddings
     heaviest, start = 0.0, 0
-    for stage, count in enumerate(_layer_split(s.layers, pp)):
+    for stage, count in enumerate(layer_split(s.layers, pp)):
         stage_bytes = sum(layer(x, tp) for x in sparse[start:start + count])
         start += count
         if stage == 0:
@@ -278,7 +279,7 @@ def size(shape: Shape, *, tp: int = 1, pp: int = 1, dtype: str = "bfloat16", qua
     kv_bytes = 1 if kv_cache_dtype.startswith("fp8") else DTYPE_BYTES.get(
         dtype if kv_cache_dtype == "auto" else kv_cache_dtype, 2)
     per_layer = 2 * s.head_dim * kv_bytes
-    most_layers = max(_layer_split(s.layers, pp))
+    most_layers = max(layer_split(s.layers, pp))
     known = memory_gib is not None
     return Sizing(shape=s, tp=tp, pp=pp, params=parameters(s), active_params=parameters(s, active=True),
                   weight_bytes=total, device_weight_bytes=heaviest,
@@ -300,10 +301,12 @@ def placements(shape: Shape, most: int = 64) -> list[tuple[int, int]]:
     return sorted(out, key=lambda p: (p[0] * p[1], p[1]))
 
 
-def smallest_fit(shape: Shape, **kwargs: Any) -> Sizing | None:
+def smallest_fit(shape: Shape, *, pipeline: bool = True, **kwargs: Any) -> Sizing | None:
     """The sizing at the fewest devices whose heaviest holds the weights (None: none up to 64);
-    kwargs as size() takes them, tp and pp excepted."""
+    pipeline False: tensor parallel alone; kwargs as size() takes them, tp and pp excepted."""
     for tp, pp in placements(shape):
+        if pp > 1 and not pipeline:
+            continue
         sizing = size(shape, tp=tp, pp=pp, **kwargs)
         if sizing.fits:
             return sizing
