@@ -5,6 +5,8 @@
   `<!-- generated: benchmark NAME -->` by the table of benchmarks/results.json's NAME and its
   chart, drawn here with matplotlib into assets/benchmarks/NAME.png of the site.
 - `<!-- generated: api-module NAME -->` documents module NAME (mkdocstrings) if it exists.
+- `<!-- generated: sizing-table -->` is the sizing of the published Qwen3 checkpoints
+  (pipeline.ops.sizing_table).
 - A marker of an unknown kind, or a benchmark that is not in the results, fails the build.
 """
 
@@ -125,7 +127,12 @@ def expand_page(markdown: str, page_uri: str, results: dict[str, Any] | None = N
     def machine(_: str | None) -> str:
         return machine_block(results if results is not None else load_results())
 
-    extra = {"benchmark": bench, "machine": machine, "api-module": api_module}
+    def sizing(_: str | None) -> str:
+        from pipeline.ops.sizing_table import sizing_table
+
+        return sizing_table()
+
+    extra = {"benchmark": bench, "machine": machine, "api-module": api_module, "sizing-table": sizing}
     out = spec_reference.expand(markdown, {**spec_reference.GENERATORS, **extra})
     if left := spec_reference.MARKER.search(out):
         raise ValueError(f"{page_uri}: unknown generated block {left.group(0)!r}")

@@ -233,3 +233,22 @@ def test_validate_prints_the_sizing(tiny_model, tmp_path, capsys):
             "75.3 MiB.") in err
     assert "Sizing: KV cache: 1 KiB a token (2 layers x 1 KV heads x 64 x 2 (K and V) x 4 bytes)" in err
     assert "At gpu_memory_utilization 0.92 of 80 GiB (assumed: set resources.gpu_memory_gib) a device: about" in err
+
+
+def test_the_docs_table_is_computed_by_the_sizing_code():
+    import importlib.util
+    from pathlib import Path
+
+    from pipeline.ops.sizing_table import sizing_table
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("docs_hooks", root / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = hooks.expand_page((root / "docs" / "sizing.md").read_text(), "sizing.md", results={})
+    table = sizing_table()
+    assert table in page and "<!-- generated" not in page
+    big = smallest_fit(Shape.of(QWEN3["Qwen/Qwen3-235B-A22B"]), quantization="fp8", memory_gib=79.6)
+    row = next(line for line in table.splitlines() if "Qwen3-235B-A22B" in line and "fp8" in line)
+    assert f"tensor {big.tp}: {big.device_weight_bytes / GIB:.1f} GiB a device, {big.kv_tokens:,} KV tokens" in row
+    assert len([line for line in table.splitlines() if line.startswith("| `Qwen/")]) == 8  # 4 checkpoints x bf16, fp8
