@@ -252,3 +252,20 @@ def test_the_docs_table_is_computed_by_the_sizing_code():
     row = next(line for line in table.splitlines() if "Qwen3-235B-A22B" in line and "fp8" in line)
     assert f"tensor {big.tp}: {big.device_weight_bytes / GIB:.1f} GiB a device, {big.kv_tokens:,} KV tokens" in row
     assert len([line for line in table.splitlines() if line.startswith("| `Qwen/")]) == 8  # 4 checkpoints x bf16, fp8
+
+
+def test_a_checkpoints_own_quantization_is_sized_and_a_config_without_qwen3_sizes_is_not():
+    from types import SimpleNamespace
+
+    from pipeline.engine.fit import job_sizing
+
+    spec = _spec("unused")
+    gptq = SimpleNamespace(**QWEN3["Qwen/Qwen3-8B"],
+                           quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+    sizing = job_sizing(spec, gptq, "causal")
+    assert sizing.quantization == "gptq"
+    assert sizing.weight_bytes == size(Shape.of(QWEN3["Qwen/Qwen3-8B"]), quantization="gptq",
+                                       quantization_config=gptq.quantization_config).weight_bytes
+    assert sizing.weight_bytes < size(Shape.of(QWEN3["Qwen/Qwen3-8B"]), quantization="fp8").weight_bytes
+    assert job_sizing(spec, SimpleNamespace(architectures=["OtherForCausalLM"]), "causal") is None
+    assert job_sizing(spec, gptq, "question_answering") is None

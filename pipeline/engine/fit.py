@@ -43,21 +43,20 @@ def job_sizing(spec, config: Any, kind: str) -> Sizing | None:
 
     if kind not in SIZED_KINDS:
         return None
-    try:
-        shape = Shape.of(config, kind)
-    except (TypeError, ValueError):
-        return None
     model, kwargs = spec.model, spec.model.engine_kwargs
     memory = spec.resources.gpu_memory_gib
     if memory is None and spec.resources.device != "cpu":
         memory = local_gpu_memory_gib()
     dtype = run_dtype(model, config)
-    return size(shape, tp=model.tensor_parallel_size, pp=model.pipeline_parallel_size,
-                dtype="bfloat16" if dtype == "auto" else dtype,
-                quantization=model.quantization or checkpoint_quantization(config),
-                quantization_config=getattr(config, "quantization_config", None),
-                kv_cache_dtype=str(kwargs.get("kv_cache_dtype", "auto")), memory_gib=memory,
-                utilization=float(kwargs.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION)))
+    try:
+        return size(Shape.of(config, kind), tp=model.tensor_parallel_size, pp=model.pipeline_parallel_size,
+                    dtype="bfloat16" if dtype == "auto" else dtype,
+                    quantization=model.quantization or checkpoint_quantization(config),
+                    quantization_config=getattr(config, "quantization_config", None),
+                    kv_cache_dtype=str(kwargs.get("kv_cache_dtype", "auto")), memory_gib=memory,
+                    utilization=float(kwargs.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION)))
+    except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError):  # not Qwen3's fields
+        return None
 
 
 def check_fits(spec, sizing: Sizing | None) -> None:
