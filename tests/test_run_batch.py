@@ -273,6 +273,12 @@ CHAT_LINES = [
 ]
 
 
+def prompt_tokens(tokenizer, messages) -> int:
+    """The tokenizer's count of the chat-templated prompt (thinking off), as usage.prompt_tokens must be."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def run_batch_cli(tiny_model, inp, out):
     return run_cli("run-batch", "-i", str(inp), "-o", str(out), "--model", str(tiny_model),
                    "--max-model-len", str(MAX_LEN), "--dtype", "float32", "--served-model-name", "tiny-qwen3",
@@ -304,9 +310,7 @@ def test_run_batch_end_to_end_and_resume(tiny_model, tokenizer, tmp_path):
         assert x["error"] is None and x["response"]["status_code"] == 200
         done = ChatCompletion.model_validate(x["response"]["body"])
         assert done.model == "tiny-qwen3" and done.object == "chat.completion"
-        text = tokenizer.apply_chat_template(inputs[cid]["messages"], tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=False)
-        assert done.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert done.usage.prompt_tokens == prompt_tokens(tokenizer, inputs[cid]["messages"])
         limit = inputs[cid].get("max_tokens") or inputs[cid].get("max_completion_tokens")
         assert 1 <= done.usage.completion_tokens <= limit * len(done.choices)
         assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
