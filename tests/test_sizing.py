@@ -29,6 +29,13 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_atte
 SMALL_MOE = dict(SMALL, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48)
 
 
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    from pipeline.ops.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe", kind="moe")
+
+
 @pytest.mark.parametrize("kwargs, moe", [
     ("tiny", False), ("tiny_moe", True),
     (dict(SMALL, tie_word_embeddings=False), False),
@@ -47,16 +54,14 @@ def test_parameters_and_float32_bytes_equal_the_transformers_models(kwargs, moe)
     assert size(shape, dtype="float32").weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def test_the_saved_tiny_checkpoints_configs_size_as_their_models(tiny_model, tmp_path):
+def test_the_saved_tiny_checkpoints_configs_size_as_their_models(tiny_model, moe_model):
     """config.json as written (the MoE one says num_experts, as Qwen3-30B-A3B's does), read as
     the plan reads it."""
     import transformers
 
     from pipeline.checkpoint import checkpoint_kind, hf_config
-    from pipeline.ops.tiny_model import make_tiny_model
 
-    moe = make_tiny_model(tmp_path / "moe", kind="moe")
-    for path in (tiny_model, moe):
+    for path in (tiny_model, moe_model):
         config = hf_config(str(path))
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
         assert parameters(Shape.of(config, checkpoint_kind(config))) == sum(p.numel() for p in model.parameters())
@@ -160,13 +165,6 @@ def _spec(source, **sections):
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
     return load_spec(data=data)
-
-
-@pytest.fixture(scope="module")
-def moe_model(tmp_path_factory):
-    from pipeline.ops.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe", kind="moe")
 
 
 def test_planning_refuses_a_placement_that_cannot_hold_the_weights(moe_model):
