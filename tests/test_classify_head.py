@@ -55,6 +55,33 @@ def test_multi_label_keeps_labels_above_threshold():
     assert out["labels"] == [] and out["confidence"] is None
 
 
+def test_letters_list_lettered_options_and_read_one_distribution():
+    options = {"labels": {"spam": "unsolicited ads", "ham": ""}, "scoring": "letters",
+               "examples": [{"text": "Buy now!!!", "label": "spam"}]}
+    out, eng = run(options, "hello friend", {"A": -2.0, "B": -0.5})
+    turns = eng.rendered[0][0]
+    assert "A. spam: unsolicited ads\nB. ham" in turns[0]["content"] and "letter" in turns[0]["content"]
+    assert turns[1] == {"role": "assistant", "content": "A"}  # the example answers with its letter
+    assert eng.methods == ["trie"]  # a one-node trie: the letters, no end-of-turn
+    assert out["label"] == "ham"
+    assert [d["prob"] for d in out["label_probs"]] == pytest.approx(
+        [math.exp(-2.0) / (math.exp(-2.0) + math.exp(-0.5)), math.exp(-0.5) / (math.exp(-2.0) + math.exp(-0.5))])
+    assert ClassifyHead.score_method({"labels": ["a"], "scoring": "letters"}) == "trie"
+
+
+def test_letters_are_single_label_and_at_most_26():
+    assert "26" in ClassifyHead.check_options({"labels": [f"l{i}" for i in range(27)], "scoring": "letters"})
+    assert "multi_label" in ClassifyHead.check_options({"labels": ["a", "b"], "scoring": "letters",
+                                                        "multi_label": True})
+
+
+def test_multi_label_prompts_start_with_the_text():
+    """Every label's prompt starts with the same text (the prefix cache computes it once)."""
+    _, eng = run({"labels": ["a", "b"], "multi_label": True}, "the text", {})
+    first, second = (turns[-1]["content"] for turns, _ in eng.rendered)
+    assert first.startswith("Text:\nthe text\n") and second.startswith("Text:\nthe text\n") and first != second
+
+
 @pytest.mark.parametrize("text, fragment", [(None, "is null"), ("", "empty"), (3.5, "holds float")])
 def test_bad_text_is_invalid_input(text, fragment):
     with pytest.raises(RowError) as e:
