@@ -211,14 +211,16 @@ class BatchWorker:
             self.proc = subprocess.Popen(self._command(record), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
         proc = self.proc
+        log.info("batch %s: its job started (run-batch, pid %s)", batch_id, proc.pid)
         if self.store.batch(batch_id)["status"] == "cancelling":  # cancelled as it started
             self.cancel(batch_id)
         out, _ = proc.communicate()
         with self.lock:
             self.current, self.proc = None, None
         lines = [x.strip() for x in (out or "").splitlines() if x.strip()]
+        log.info("batch %s: its job (run-batch, pid %s) exited %s", batch_id, proc.pid, proc.returncode)
         if proc.returncode not in (0, 1):
-            log.warning("batch %s: run-batch exited %s:\n%s", batch_id, proc.returncode, "\n".join(lines[-20:]))
+            log.warning("batch %s: run-batch said:\n%s", batch_id, "\n".join(lines[-20:]))
         errors = [x.removeprefix("error: ") for x in lines if x.startswith("error:")]
         return proc.returncode, (errors[-1] if errors else lines[-1] if lines else f"exit code {proc.returncode}")
 
@@ -495,6 +497,12 @@ def serve(config: ServeConfig, console=None) -> int:
     import uvicorn
 
     check_bind(config)
+    if not log.handlers:  # one line a batch event on the server's stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s qwen-batch serve: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     store = BatchStore(config.state)
     worker = BatchWorker(store, config)
     app = create_app(store, worker, config)
