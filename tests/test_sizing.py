@@ -199,9 +199,17 @@ def test_expert_parallel_reaches_the_engine_args_of_a_moe_checkpoint(moe_model, 
     from pipeline.checkpoint import resolve
 
     spec = _spec(moe_model, model={"expert_parallel": True, "tensor_parallel_size": 2}, resources={"replicas": 2})
-    for device in ("cpu", "cuda"):
-        args = resolve(spec).engine_args(device)
-        assert args["enable_expert_parallel"] is True and args["tensor_parallel_size"] == 2
+    args = resolve(spec).engine_args("cuda")  # device auto plans; the run's device is cuda
+    assert args["enable_expert_parallel"] is True and args["tensor_parallel_size"] == 2
+    assert args["distributed_executor_backend"] == "mp"  # the replica's ranks on its node, as without experts
+    with pytest.raises(SpecError, match="does not run on the CPU build of vLLM"):
+        resolve(spec).engine_args("cpu")  # a run that finds no GPU stops before any engine starts
+    with pytest.raises(SpecError, match="does not run on the CPU build of vLLM"):
+        resolve(_spec(moe_model, model={"expert_parallel": True, "tensor_parallel_size": 2},
+                      resources={"device": "cpu"}))
+    pp = resolve(_spec(moe_model, model={"expert_parallel": True, "tensor_parallel_size": 2,
+                                         "pipeline_parallel_size": 2})).engine_args("cuda")
+    assert pp["enable_expert_parallel"] is True and pp["distributed_executor_backend"] == "ray"
     assert "enable_expert_parallel" not in resolve(_spec(moe_model)).engine_args("cpu")
     assert spec.fingerprint() == _spec(moe_model).fingerprint()  # placement, not results
     with pytest.raises(SpecError, match="is a dense checkpoint .*drop model.expert_parallel"):

