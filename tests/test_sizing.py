@@ -220,7 +220,7 @@ def test_expert_parallel_reaches_the_engine_args_of_a_moe_checkpoint(moe_model, 
         _spec(moe_model, model={"engine_kwargs": {"enable_expert_parallel": True}})
 
 
-def test_validate_prints_the_sizing(tiny_model, tmp_path, capsys):
+def test_validate_prints_the_sizing_and_every_command_refuses_the_same(tiny_model, tmp_path, capsys, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
@@ -239,6 +239,15 @@ def test_validate_prints_the_sizing(tiny_model, tmp_path, capsys):
             "75.3 MiB.") in err
     assert "Sizing: KV cache: 1 KiB a token (2 layers x 1 KV heads x 64 x 2 (K and V) x 4 bytes)" in err
     assert "At gpu_memory_utilization 0.92 of 80 GiB (assumed: set resources.gpu_memory_gib) a device: about" in err
+
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    small = ["--set", "resources.device=cuda", "--set", "resources.gpu_memory_gib=0.05"]  # 47 MiB at 0.92
+    for argv in (["validate", str(spec)], ["run", "--dry-run", str(spec)], ["run", str(spec)]):
+        assert cli.main(argv + small) == 2, argv
+        err = " ".join(capsys.readouterr().err.split())
+        assert "a device at tensor 1 x pipeline 1 would hold 75.3 MiB of weights" in err, argv
+        assert "model.tensor_parallel_size 2, model.pipeline_parallel_size 1" in err, argv
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_docs_table_is_computed_by_the_sizing_code():
