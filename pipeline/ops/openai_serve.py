@@ -70,6 +70,18 @@ def check_bind(config: ServeConfig) -> None:
                          f"their OpenAI API key), or serve on 127.0.0.1")
 
 
+def check_job(config: ServeConfig) -> None:
+    """The batches' job spec checked once at start: a bad --set or --dtype stops the server here
+    (SpecError, exit 2) instead of failing every batch."""
+    from pipeline.api import load
+    from pipeline.ops.openai_batch import job_spec
+
+    probe = parse_batch(json.dumps({"custom_id": "probe", "method": "POST", "url": CHAT_URL,
+                                    "body": {"messages": [{"role": "user", "content": "probe"}]}}).encode())
+    load(job_spec(probe, model=config.model, work="/qwen-batch-serve-probe", max_model_len=config.max_model_len,
+                  dtype=config.dtype), overrides=config.overrides, address=config.address)
+
+
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -497,6 +509,7 @@ def serve(config: ServeConfig, console=None) -> int:
     import uvicorn
 
     check_bind(config)
+    check_job(config)
     if not log.handlers:  # one line a batch event on the server's stderr
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s qwen-batch serve: %(message)s", "%H:%M:%S"))
