@@ -114,7 +114,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False, resume_anyway: bool = Fa
     head = checkpoint.head
     _check_output_outside_input(spec)
     fs, shards = open_shards(spec.input.path)
-    reads = head.input_columns()
+    reads = head.input_columns() + ([spec.model.adapter_column] if spec.model.adapters else [])
     check_shards(fs, shards, id_column=spec.input.id_column, any_of=head.required_any(), reads=reads)
     for column in head.required_all():
         lacking = [s for s in shards if column not in s.schema.names]

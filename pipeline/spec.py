@@ -165,6 +165,28 @@ class ModelSpec(StrictSection):
         "runs, are refused with the key to use instead.",
     )
 
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters rows may pick, {name: path}: a local PEFT adapter directory "
+        "(adapter_config.json, adapter_model.safetensors) or a Hugging Face id. Every replica "
+        "serves them all beside the base weights (vLLM's enable_lora, max_lora_rank from their "
+        "configs), so rows with different adapters share replicas and batches. A row picks one "
+        "by name in model.adapter_column; rows without one run on the base model.",
+    )
+    adapter_column: str = Field(
+        "adapter", description="Column naming each row's adapter (a key of model.adapters; empty "
+        "or null: the base model). Read only when model.adapters is set; a name not in it makes "
+        "the row an invalid_input error row.",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not name.strip() or not path.strip():
+                raise ValueError("give every adapter a non-empty name and path, e.g. {support: ./lora/support}")
+        return v
+
     @property
     def devices_per_replica(self) -> int:
         """Devices one model copy spans: tensor x pipeline parallel."""

@@ -386,3 +386,64 @@ def with_chat_template(model_dir, out_dir, template: str, *, in_tokenizer_config
     else:
         (out / "chat_template.jinja").write_text(template)
     return out
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_lora(model_dir, out_dir, *, rank: int = 8, alpha: int = 16, seed: int = 0, std: float = 0.2):
+    """A random LoRA adapter for a tiny checkpoint, in PEFT's layout (adapter_config.json and
+    adapter_model.safetensors, tensors base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+    [rank, in] and ...lora_B.weight [out, rank]) over every attention and MLP projection. PEFT
+    starts lora_B at zero (no change); here both are random (std), so the adapter changes the output."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    head_dim, kv = config.get("head_dim") or hidden // heads, config["num_key_value_heads"]
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+              "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name in LORA_TARGETS:
+            fan_in, fan_out = shapes[name]
+            block = "self_attn" if name in LORA_TARGETS[:4] else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * std
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),
+        "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": list(LORA_TARGETS), "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }, indent=2))
+    return out
+
+
+def merge_lora(model, adapter_dir) -> None:
+    """Add a PEFT LoRA adapter's update (alpha / r * B @ A) to a transformers model's weights in
+    place: the oracle of what the engine computes with the adapter."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                b = tensors[key.replace("lora_A", "lora_B")]
+                name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                params[name] += scale * (b.float() @ a.float()).to(params[name].dtype)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.engine.adapters import ROW_ADAPTER, row_adapter
 from pipeline.errors import RunStopped, is_engine_dead
 from pipeline.heads import Head, RowError
 from pipeline.io.ledger import EngineGate, batch_key
@@ -114,9 +115,12 @@ def _delegate(coro, value):
 
 def worker_settings(spec: JobSpec, head: Head) -> dict[str, Any]:
     """InferenceWorker's arguments from the job: its head (the plan's) and the spec's row bounds."""
-    return {"head": head, "id_column": spec.input.id_column, "batch_size": spec.resources.batch_size,
-            "row_timeout": spec.resources.row_timeout(spec.sampling.max_tokens),
-            "rows_in_flight": spec.resources.rows_in_flight}
+    out = {"head": head, "id_column": spec.input.id_column, "batch_size": spec.resources.batch_size,
+           "row_timeout": spec.resources.row_timeout(spec.sampling.max_tokens),
+           "rows_in_flight": spec.resources.rows_in_flight}
+    if spec.model.adapters:
+        out.update(adapters=tuple(spec.model.adapters), adapter_column=spec.model.adapter_column)
+    return out
 
 
 class InferenceWorker:
@@ -124,8 +128,9 @@ class InferenceWorker:
 
     def __init__(self, *, head: Head, id_column: str, row_timeout: float, batch_size: int, rows_in_flight: int,
                  id_type: pa.DataType, engine_args: dict[str, Any], device: str, engine_factory=None, ledger=None,
-                 poisoned: frozenset = frozenset()):
+                 poisoned: frozenset = frozenset(), adapters: tuple[str, ...] = (), adapter_column: str = "adapter"):
         self.id_column = id_column
+        self.adapters, self.adapter_column = adapters, adapter_column  # model.adapters' names; the rows' column
         self.head = head  # the plan's (pipeline.checkpoint.Checkpoint.head)
         self.schema = stage_schema(self.head, id_type)
         self.row_schema = pa.schema([f for f in self.schema if f.name not in PER_WORKER])
@@ -160,9 +165,16 @@ class InferenceWorker:
         needed no engine round trip, else (False, a task that ends with it)."""
         started = time.time()
         try:
+            name = row_adapter(row, self.adapter_column, self.adapters) if self.adapters else None
+        except ValueError as e:  # a name not in model.adapters: this row's error
+            return True, self._finish(self._failed(RowError("invalid_input", str(e))), row, started)
+        adapter = ROW_ADAPTER.set(name)  # the row's engine calls, and the task they go on in, use it
+        try:
             finished, value = start_eagerly(self.head.run(row, self.engine))
         except Exception as e:
             return True, self._finish(self._failed(e), row, started)
+        finally:
+            ROW_ADAPTER.reset(adapter)
         if finished:
             return True, self._finish(value, row, started)
         return False, asyncio.ensure_future(self._end(value, row, started))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.engine.adapters import adapter_args
 from pipeline.engine.quantize import bitsandbytes_args
 from pipeline.spec import ModelSpec
 
@@ -94,6 +95,8 @@ def engine_args(model: ModelSpec, *, device: str, config: Any, task: str | None 
         args["distributed_executor_backend"] = "ray" if cross_node else "mp"
     elif device == "cpu":
         args["distributed_executor_backend"] = IN_PROCESS_WORKER
+    if model.adapters:
+        args.update(adapter_args(model.adapters, args, device=device))
     args.update(model.engine_kwargs)
     return args
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.engine import label_trie
+from pipeline.engine import adapters, label_trie
 from pipeline.engine.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING
 from pipeline.engine.processes import descendants, environment, kill_started_since
 from pipeline.engine.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
@@ -72,7 +74,19 @@ def vllm_engine_args(args: dict[str, Any]):
         from vllm.config import PoolerConfig
 
         args = {**args, "pooler_config": PoolerConfig(**args["pooler_config"])}
-    return AsyncEngineArgs(**args)
+    return AsyncEngineArgs(**{k: v for k, v in args.items() if k != adapters.ENGINE_KEY})
+
+
+BASE_LORA = "qwen-batch-base"  # the zero adapter's name
+
+
+def lora_requests(paths: dict[str, str]) -> dict[str, Any]:
+    """vLLM's LoRARequest for each adapter, by name (ids 1, 2, ... in the spec's order)."""
+    if not paths:
+        return {}
+    from vllm.lora.request import LoRARequest
+
+    return {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(paths.items(), start=1)}
 
 
 class VllmEngine:
@@ -99,6 +113,15 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(
             args["model"], trust_remote_code=args.get("trust_remote_code", False)
         )
+        self.loras = lora_requests(args.get(adapters.ENGINE_KEY) or {})
+        self.base_lora = None  # the CPU build's base rows run on a zero adapter (adapters.zero_adapter)
+        if self.loras and device == "cpu":
+            from vllm.lora.request import LoRARequest
+
+            self._zero_dir = tempfile.mkdtemp(prefix="qwen-batch-zero-lora-")
+            first = next(iter(self.loras.values())).lora_path
+            self.base_lora = LoRARequest(BASE_LORA, len(self.loras) + 1,
+                                         adapters.zero_adapter(first, self._zero_dir))
         self.id2label: dict[int, str] | None = None
         self.pooling_task: str | None = None
         if args.get("convert") == "embed":
@@ -207,7 +230,8 @@ class VllmEngine:
         final = None
         try:
             async for out in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id=uuid.uuid4().hex
+                TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id=uuid.uuid4().hex,
+                lora_request=self._lora(),
             ):
                 final = out
         except VLLMValidationError as e:
@@ -222,6 +246,16 @@ class VllmEngine:
         first = done[0]
         return Completion(first.text, first.token_ids, first.finish_reason, prompt_tokens,
                           sum(d.completion_tokens for d in done), first.logprobs, samples=done)
+
+    def _lora(self):
+        """vLLM's LoRARequest of the current row's adapter (adapters.ROW_ADAPTER), None for the base."""
+        name = adapters.ROW_ADAPTER.get()
+        if name is None:
+            return self.base_lora
+        if name not in self.loras:
+            raise RowError("invalid_input", f"adapter {name!r} is not one this engine serves "
+                                            f"({', '.join(sorted(self.loras)) or 'none'}); add it to model.adapters")
+        return self.loras[name]
 
     async def score(self, prompt_token_ids: list[int], continuations: list[list[int]], *,
                     method: str = "trie") -> EngineScores:
@@ -273,7 +307,7 @@ class VllmEngine:
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt + list(read.start)), params,
-                                            request_id=uuid.uuid4().hex):
+                                            request_id=uuid.uuid4().hex, lora_request=self._lora()):
             final = out
         steps = [{t: lp.logprob for t, lp in step.items()} for step in final.outputs[0].logprobs]
         return steps, final.num_cached_tokens or 0
@@ -292,7 +326,7 @@ class VllmEngine:
             ids = list(prompt_token_ids) + list(cont)
             final = None
             async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                                request_id=uuid.uuid4().hex):
+                                                request_id=uuid.uuid4().hex, lora_request=self._lora()):
                 final = out
             lps = final.prompt_logprobs
             return (sum(lps[i][ids[i]].logprob for i in range(len(prompt_token_ids), len(ids))),
@@ -342,3 +376,5 @@ class VllmEngine:
             llm.shutdown(timeout=5)
         if hasattr(self, "_before"):
             kill_started_since(self._before)
+        if getattr(self, "_zero_dir", None):
+            shutil.rmtree(self._zero_dir, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""LoRA adapters (issue 28 item 6): model.adapters {name: path} served by every replica, a row
+picking one by name in model.adapter_column. Spec and engine arguments as units; one job on the
+real vLLM CPU engine mixing two adapters, base rows and an unknown name. Oracle: transformers'
+greedy generation on the base weights, and on the base weights merged with each adapter."""
+
+import pyarrow as pa
+import pytest
+from conftest import checkpoint_engine_args, local_ray, read_dir, write_shards
+
+import pipeline
+from pipeline.engine.adapters import ENGINE_KEY, row_adapter
+from pipeline.spec import ModelSpec, SpecError
+from pipeline.testing import make_tiny_lora, merge_lora
+
+MAX_TOKENS = 10
+SCHEMA = pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("adapter", pa.string())])
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loras")
+    return {"support": make_tiny_lora(tiny_model, tmp / "support", rank=8, seed=1),
+            "legal": make_tiny_lora(tiny_model, tmp / "legal", rank=12, seed=2)}
+
+
+@pytest.mark.unit
+def test_engine_args_serve_every_adapter(tiny_model, loras):
+    adapters = {k: str(v) for k, v in loras.items()}
+    args = checkpoint_engine_args(ModelSpec(source=str(tiny_model), adapters=adapters), device="cpu")
+    assert args["enable_lora"] is True and args["max_lora_rank"] == 16  # rank 12 needs vLLM's 16
+    assert (args["max_loras"], args["max_cpu_loras"], args[ENGINE_KEY]) == (3, 3, adapters)  # 2 + the zero one
+    gpu = checkpoint_engine_args(ModelSpec(source=str(tiny_model), adapters=adapters), device="cuda")
+    assert (gpu["max_loras"], gpu["max_cpu_loras"]) == (2, 2)  # GPUs need no zero adapter for base rows
+    plain = checkpoint_engine_args(ModelSpec(source=str(tiny_model)), device="cpu")
+    assert "enable_lora" not in plain and ENGINE_KEY not in plain
+
+
+@pytest.mark.unit
+def test_a_missing_or_foreign_adapter_is_refused_at_validate(tiny_model, tmp_path):
+    with pytest.raises(SpecError, match=r"model.adapters.x: .* is neither a local adapter directory"):
+        checkpoint_engine_args(ModelSpec(source=str(tiny_model), adapters={"x": str(tmp_path / "nope/nope")}),
+                               device="cpu")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(SpecError, match="model.adapters.y: .* is not a LoRA adapter's config"):
+        checkpoint_engine_args(ModelSpec(source=str(tiny_model), adapters={"y": str(tmp_path / "odd")}),
+                               device="cpu")
+    with pytest.raises(Exception, match="non-empty name and path"):
+        ModelSpec(source="m", adapters={"": "p"})
+
+
+@pytest.mark.unit
+def test_a_rows_adapter_name():
+    names = ("support", "legal")
+    assert row_adapter({"adapter": "legal"}, "adapter", names) == "legal"
+    assert row_adapter({"adapter": None}, "adapter", names) is None
+    assert row_adapter({"adapter": ""}, "adapter", names) is None and row_adapter({}, "adapter", names) is None
+    with pytest.raises(ValueError, match=r"names adapter 'sales', which is not one of model.adapters "
+                                         r"\(legal, support\); use one of those names"):
+        row_adapter({"adapter": "sales"}, "adapter", names)
+
+
+PROMPTS = ["Tell me about owls.", "Name a river.", "What is tea?", "Jazz?"]
+# every prompt under each adapter and the base, one row each, and a name that is not served
+ROWS = [{"id": i * 3 + j, "prompt": p, "adapter": a}
+        for i, p in enumerate(PROMPTS) for j, a in enumerate(["support", None, "legal"])]
+ROWS.append({"id": 99, "prompt": "Hi", "adapter": "sales"})
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model, loras, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapter-job")
+    write_shards(tmp / "in", [ROWS[:7], ROWS[7:]], SCHEMA)
+    data = {"input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / "out")},
+            "model": {"source": str(tiny_model), "max_model_len": 256, "dtype": "float32",
+                      "engine_kwargs": {"enforce_eager": True},
+                      "adapters": {k: str(v) for k, v in loras.items()}},
+            "task": {"head": "chat"}, "sampling": {"temperature": 0, "max_tokens": MAX_TOKENS}}
+    gen = local_ray()
+    next(gen)
+    try:
+        report = pipeline.run(data, progress=False)
+    finally:
+        next(gen, None)
+    return tmp, report
+
+
+def test_each_row_runs_on_its_adapter_as_transformers_does_on_the_merged_weights(job, tiny_model, loras, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tmp, report = job
+    assert report.exit_code == 0 and (report.rows, report.results, report.errors) == (len(ROWS), len(ROWS) - 1, 1)
+    [error] = read_dir(tmp / "out" / "errors").to_pylist()
+    assert error["id"] == 99 and error["error_type"] == "invalid_input"
+    assert "names adapter 'sales', which is not one of model.adapters (legal, support)" in error["error_message"]
+    results = {r["id"]: r for r in read_dir(tmp / "out" / "results").to_pylist()}
+    models = {None: AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()}
+    for name, path in loras.items():
+        models[name] = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+        merge_lora(models[name], path)
+    texts = {}
+    for row in ROWS[:-1]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                            enable_thinking=False, return_tensors="pt", return_dict=True)["input_ids"]
+        out = models[row["adapter"]].generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids.shape[1]:]
+        got = results[row["id"]]
+        assert got["completion_tokens"] == len(out), row
+        assert got["response"] == tokenizer.decode(out, skip_special_tokens=True), row
+        texts[row["prompt"], row["adapter"]] = got["response"]
+    for p in PROMPTS:  # the adapters change the answers: the oracle is not the base model thrice
+        assert len({texts[p, None], texts[p, "support"], texts[p, "legal"]}) == 3, p
