@@ -112,3 +112,32 @@ def test_output_tokens_count_every_sample(job):
     ended = sum(s["finish_reason"] == "stop" for r in results for s in r["samples"] or [r])
     assert ended or total == (3 + 3 + 2 + 1) * MAX_TOKENS  # all cut at max_tokens, unless one ended
     assert sum(m["completion_tokens"] for m in metrics) == total
+
+
+@pytest.mark.unit
+def test_each_sample_keeps_its_own_tool_calls_and_a_malformed_one_names_its_sample():
+    import asyncio
+
+    from pipeline.heads.base import Completion, RowError
+    from pipeline.heads.chat import ChatHead
+    from pipeline.testing import FakeEngine
+
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+
+    class Sampled(FakeEngine):  # the engine's answer to n: 2, scripted
+        texts = ["Sure.", call]
+
+        async def generate(self, prompt_token_ids, sampling):
+            assert sampling["n"] == 2
+            done = [Completion(t, [1] * (i + 2), "stop", len(prompt_token_ids), i + 2)
+                    for i, t in enumerate(self.texts)]
+            return Completion("Sure.", [1, 1], "stop", len(prompt_token_ids), 5, samples=done)
+
+    head = ChatHead({"tools": [{"name": "f"}]}, sampling={"n": 2})
+    out = asyncio.run(head.run({"prompt": "hi"}, Sampled(max_model_len=64)))
+    assert (out["response"], out["tool_calls"], out["completion_tokens"]) == ("Sure.", [], 5)
+    assert [(s["index"], s["response"], s["tool_calls"], s["completion_tokens"]) for s in out["samples"]] == [
+        (0, "Sure.", [], 2), (1, "", [{"name": "f", "arguments": '{"a": 1}'}], 3)]
+    Sampled.texts = ["Sure.", "<tool_call>{oops</tool_call>"]
+    with pytest.raises(RowError, match=r"sample 1 \(of 2\)'s tool call is malformed: .*its output was: <tool_call>"):
+        asyncio.run(head.run({"prompt": "hi"}, Sampled(max_model_len=64)))
