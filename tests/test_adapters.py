@@ -110,3 +110,18 @@ def test_each_row_runs_on_its_adapter_as_transformers_does_on_the_merged_weights
         texts[row["prompt"], row["adapter"]] = got["response"]
     for p in PROMPTS:  # the adapters change the answers: the oracle is not the base model thrice
         assert len({texts[p, None], texts[p, "support"], texts[p, "legal"]}) == 3, p
+
+
+@pytest.mark.unit
+def test_the_cpu_builds_lora_kernel_still_gives_adapterless_rows_the_last_slot():
+    """Why base rows run on a zero adapter on CPU (pipeline.engine.adapters.zero_adapter): vLLM's
+    torch kernel reads slot -1 (the last adapter) for a token without an adapter. When this
+    fails, vLLM fixed it: drop the zero adapter."""
+    import torch
+    from vllm.lora.ops.torch_ops import bgmv_shrink
+
+    x = torch.ones(2, 4)
+    slots = torch.stack([torch.full((1, 2, 4), 1.0), torch.full((1, 2, 4), 2.0)])  # two adapters' lora_A
+    out = torch.zeros(2, 2)
+    bgmv_shrink(x, slots, out, torch.tensor([0, -1]))  # token 1 has no adapter (-1)
+    assert out.tolist() == [[4.0, 4.0], [8.0, 8.0]]  # yet it got the last slot's update, not zero
