@@ -208,6 +208,28 @@ def test_a_batch_runs_end_to_end_with_the_openai_client(client, tokenizer):
     assert batch.id in [b.id for b in client.batches.list(limit=1, after=queued.id).data]
 
 
+def test_a_running_batch_is_cancelled_with_what_it_committed(server, client):
+    lines = [line(f"r{i}", {"messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 3})
+             for i in range(8)]
+    batch = client.batches.create(input_file_id=upload(client, lines), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.time() + 300
+    while not vllm_processes(session=server.proc.pid):  # its engine is up: the job is running
+        assert time.time() < deadline, server.output()
+        time.sleep(0.5)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    batch, seen = wait_for(client, batch.id, timeout=120)
+    assert batch.status == "cancelled" and seen[-2:] == ["cancelling", "cancelled"], seen
+    output, errors = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
+    assert sorted(x["custom_id"] for x in output + errors) == sorted(f"r{i}" for i in range(8))  # each once
+    assert all(x["error"]["code"] == "batch_cancelled" for x in errors)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(output), len(errors))
+    deadline = time.time() + 60
+    while vllm_processes(session=server.proc.pid):  # the interrupted job ends its engines
+        assert time.time() < deadline, "the cancelled batch's engines are still running after 60 s"
+        time.sleep(1)
+
+
 def test_a_server_killed_mid_batch_resumes_after_a_restart(tiny_model, tmp_path):
     state = tmp_path / "state"
     lines = [line(f"q{i}", {"messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 4})

@@ -122,7 +122,8 @@ class BatchStore:
                     record = self._read_json("batches", name)
                     if record is not None:
                         records.append(record)
-        return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        return sorted(records, key=lambda r: (r["created_at"], r.get(PRIVATE, {}).get("created_ns", 0), r["id"]),
+                      reverse=True)  # created_ns: the order of batches created within one second
 
 
 def public(record: dict) -> dict:

@@ -346,7 +346,8 @@ def new_batch(store: BatchStore, config: ServeConfig, body: Any) -> dict:
               "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
               "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
               "model": config.served_model_name or config.model,
-              PRIVATE: {"output_file": new_id("file-"), "error_file": new_id("file-"), "attempts": 0}}
+              PRIVATE: {"output_file": new_id("file-"), "error_file": new_id("file-"), "attempts": 0,
+                        "created_ns": time.time_ns()}}
     store.save_batch(record)
     return record
 
