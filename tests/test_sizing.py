@@ -54,6 +54,21 @@ def test_parameters_and_float32_bytes_equal_the_transformers_models(kwargs, moe)
     assert size(shape, dtype="float32").weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@pytest.mark.parametrize("architecture, kind", [
+    ("Qwen3ForSequenceClassification", "sequence_classification"),
+    ("Qwen3ForTokenClassification", "token_classification"),
+    ("Qwen3ForQuestionAnswering", "question_answering"), ("Qwen3Model", "embedding")])
+def test_the_other_heads_checkpoints_count_their_own_output_layer(architecture, kind):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(**SMALL, num_labels=3, tie_word_embeddings=False)
+    model = getattr(transformers, architecture)(config)
+    assert parameters(Shape.of(config, kind)) == sum(p.numel() for p in model.parameters())
+    assert size(Shape.of(config, kind), dtype="float32").weight_bytes == 4 * sum(p.numel() for p in model.parameters())
+
+
 def test_the_saved_tiny_checkpoints_configs_size_as_their_models(tiny_model, moe_model):
     """config.json as written (the MoE one says num_experts, as Qwen3-30B-A3B's does), read as
     the plan reads it."""

@@ -74,6 +74,7 @@ class Shape:
     sparse: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP
     attention_bias: bool = False
     lm_head: int | None = None  # rows of the output head: vocab (causal), labels, 0 (bare Model)
+    head_bias: bool = False  # the output head has a bias (qa_outputs, token classification)
 
     @classmethod
     def of(cls, config: Any, kind: str = "causal") -> Shape:
@@ -97,7 +98,7 @@ class Shape:
                    top_k=int(_get(config, "num_experts_per_tok", default=0) or 0),
                    moe_intermediate=int(_get(config, "moe_intermediate_size", default=0) or 0),
                    sparse=sparse, attention_bias=bool(_get(config, "attention_bias", default=False)),
-                   lm_head=head_rows)
+                   lm_head=head_rows, head_bias=kind in ("question_answering", "token_classification"))
 
     @property
     def moe(self) -> bool:
@@ -113,7 +114,7 @@ def parameters(shape: Shape, *, active: bool = False) -> int:
     s = shape
     total = s.vocab * s.hidden + s.hidden  # embeddings, final norm
     if not (s.tied and s.head_rows == s.vocab):
-        total += s.head_rows * s.hidden + (s.head_rows if s.lm_head == 2 else 0)  # qa_outputs has a bias
+        total += s.head_rows * (s.hidden + s.head_bias)
     for sparse in s.sparse or (False,) * s.layers:
         total += _attention(s) + _norms(s)
         if sparse:
@@ -263,7 +264,7 @@ def size(shape: Shape, *, tp: int = 1, pp: int = 1, dtype: str = "bfloat16", qua
     sparse = list(s.sparse or (False,) * s.layers)
     embed = s.vocab * s.hidden * wbytes
     tied = s.tied and s.head_rows == s.vocab
-    head = 0.0 if tied else s.head_rows * s.hidden * wbytes
+    head = 0.0 if tied else s.head_rows * (s.hidden + s.head_bias) * wbytes
     total = sum(layer(x, 1) for x in sparse) + embed + head + s.hidden * wbytes
     if tied and pp > 1:
         head = embed  # the last stage holds its own copy of the tied embeddings
