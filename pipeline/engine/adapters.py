@@ -69,26 +69,48 @@ def adapter_args(adapters: dict[str, str], args: dict[str, Any], *, device: str)
             "max_cpu_loras": served, ENGINE_KEY: dict(adapters)}
 
 
-def zero_adapter(path: str, out_dir: str) -> str:
-    """A copy of the adapter at path (a local directory or a Hugging Face id) with every weight
-    zero, in out_dir: on it a request computes exactly the base model's output. vLLM's CPU build
-    (0.32) applies the adapter in the batch's last slot to requests without one (its torch
-    LoRA kernels index the slots with -1), so on CPU the base rows of an engine that serves
-    adapters run on this one instead."""
-    import shutil
+def zero_adapter(path: str) -> str:
+    """A rank-1 adapter with every weight zero on the same modules as the adapter at path (a
+    local directory or a Hugging Face id): on it a request computes exactly the base model's
+    output. vLLM's CPU build (0.32) applies the adapter in the batch's last slot to requests
+    without one (its torch LoRA kernels index the slots with -1), so on CPU the base rows of an
+    engine that serves adapters run on this one instead. Written once per layout in the
+    temporary folder (a few KB; replicas on a node share it)."""
+    import hashlib
+    import tempfile
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copy(os.path.join(path, "adapter_config.json"), os.path.join(out_dir, "adapter_config.json"))
-    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
-    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, os.path.join(out_dir, "adapter_model.safetensors"))
-    return out_dir
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    shapes = {}
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            rows, cols = f.get_slice(key).get_shape()[-2:]
+            shapes[key] = [1, cols] if ".lora_A." in key else [rows, 1] if ".lora_B." in key else None
+    shapes = {k: v for k, v in shapes.items() if v is not None}
+    config = {**config, "r": 1, "lora_alpha": 1, "modules_to_save": None, "use_dora": False}
+    layout = json.dumps([config.get("target_modules"), sorted(shapes.items())], default=str)
+    digest = hashlib.sha256(layout.encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"qwen-batch-zero-lora-{digest}")
+    if not os.path.isdir(out):
+        part = tempfile.mkdtemp(prefix=os.path.basename(out) + ".part-", dir=os.path.dirname(out))
+        save_file({k: torch.zeros(v) for k, v in shapes.items()}, os.path.join(part, "adapter_model.safetensors"))
+        with open(os.path.join(part, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        try:
+            os.rename(part, out)
+        except OSError:  # another replica wrote it first
+            import shutil
+
+            shutil.rmtree(part, ignore_errors=True)
+    return out
 
 
 def row_adapter(row: dict[str, Any], column: str, names: tuple[str, ...] | list[str]) -> str | None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -118,10 +116,8 @@ class VllmEngine:
         if self.loras and device == "cpu":
             from vllm.lora.request import LoRARequest
 
-            self._zero_dir = tempfile.mkdtemp(prefix="qwen-batch-zero-lora-")
             first = next(iter(self.loras.values())).lora_path
-            self.base_lora = LoRARequest(BASE_LORA, len(self.loras) + 1,
-                                         adapters.zero_adapter(first, self._zero_dir))
+            self.base_lora = LoRARequest(BASE_LORA, len(self.loras) + 1, adapters.zero_adapter(first))
         self.id2label: dict[int, str] | None = None
         self.pooling_task: str | None = None
         if args.get("convert") == "embed":
@@ -376,5 +372,3 @@ class VllmEngine:
             llm.shutdown(timeout=5)
         if hasattr(self, "_before"):
             kill_started_since(self._before)
-        if getattr(self, "_zero_dir", None):
-            shutil.rmtree(self._zero_dir, ignore_errors=True)
