@@ -192,7 +192,8 @@ CASES = {
     "multi-label yes/no": {"labels": {"shipping": "about delivery", "quality": "about the product",
                                       "service": "about support"}, "multi_label": True},
     "lettered options": {"labels": {"positive": "", "negative": "", "complaint about delivery": "late parcels"},
-                         "scoring": "letters", "examples": [{"text": "Late again.", "label": "complaint about delivery"}]},
+                         "scoring": "letters",
+                         "examples": [{"text": "Late again.", "label": "complaint about delivery"}]},
 }
 
 
