@@ -129,6 +129,25 @@ def test_no_api_key_refuses_a_public_host(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
 
 
+@pytest.mark.unit
+def test_the_state_may_live_on_s3(s3_server):
+    from pipeline.ops.batch_store import PRIVATE, BatchStore, public
+
+    root = f"{s3_server.bucket()}/serve-state"
+    store = BatchStore(root)
+    obj = store.add_file(b'{"custom_id": "a"}\n', filename="in.jsonl", purpose="batch")
+    assert store.file(obj["id"]) == obj and store.content(obj["id"]) == b'{"custom_id": "a"}\n'
+    assert s3_server.read(store.content_uri(obj["id"])) == b'{"custom_id": "a"}\n'
+    assert store.content_uri(obj["id"]).startswith(root + "/files/")
+    for i, name in enumerate(["batch_b", "batch_a"]):
+        store.save_batch({"id": name, "created_at": 5, "status": "validating", PRIVATE: {"created_ns": i}})
+    store.update_batch("batch_a", lambda r: r.update(status="in_progress"))
+    again = BatchStore(root)  # a restarted server reads the same records
+    assert [(r["id"], r["status"]) for r in again.batches()] == [("batch_a", "in_progress"), ("batch_b", "validating")]
+    assert PRIVATE not in public(again.batch("batch_a"))
+    assert again.file("../files/x") is None and again.batch("batch_nope") is None
+
+
 def test_the_api_refuses_bad_requests_in_openais_shape(server, client):
     with pytest.raises(openai.AuthenticationError) as e:
         openai.OpenAI(base_url=server.url, api_key="sk-wrong", max_retries=0).batches.list()
