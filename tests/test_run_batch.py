@@ -224,7 +224,7 @@ def test_run_batch_reads_and_writes_s3(s3_server, ray_after_s3, tiny_model):
 
     bucket = s3_server.bucket()
     s3_server.write(f"{bucket}/in/batch.jsonl",
-                    ("\n".join([chat("a", max_tokens=3), chat("b"), "nope", chat("c", n=3)]) + "\n").encode())
+                    ("\n".join([chat("a", max_tokens=3), chat("b"), "nope", chat("c", n=17)]) + "\n").encode())
     kwargs = {"model": str(tiny_model), "overrides": ["sampling.max_tokens=4"], "progress": False,
               "engine_factory": fake_engine_factory()}
     report = run_batch(f"{bucket}/in/batch.jsonl", f"{bucket}/out/result.jsonl", **kwargs)
@@ -232,7 +232,7 @@ def test_run_batch_reads_and_writes_s3(s3_server, ray_after_s3, tiny_model):
     lines = [json.loads(x) for x in s3_server.read(f"{bucket}/out/result.jsonl").decode().splitlines()]
     assert [x["custom_id"] for x in lines] == ["a", "b", None, "c"]
     assert [x["response"]["body"]["usage"]["completion_tokens"] for x in lines[:2]] == [3, 4]
-    assert "line 4: n other than 1" in lines[3]["error"]["message"]
+    assert "line 4: body.n: Input should be less than or equal to 16" in lines[3]["error"]["message"]
     assert OutputStore(f"{bucket}/out/result.jsonl.work/job").read_manifest()["status"] == "complete"
     again = run_batch(f"{bucket}/in/batch.jsonl", f"{bucket}/out/result.jsonl", **kwargs)
     assert (again.exit_code, again.computed, again.succeeded) == (0, 0, 2)
