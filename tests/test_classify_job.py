@@ -262,7 +262,7 @@ def oracle(tiny_model, tokenizer):
 
 def expected_probs(head, text, oracle, tokenizer):
     """What the head must return, computed by transformers: softmax over the labels' sequence
-    log-probabilities (multi-label: each label's yes against no)."""
+    log-probabilities (multi-label: each label's yes against no, at the answer's first token)."""
     prompt_ids, logprob = oracle
     enc = lambda s: tokenizer.encode(s + "<|im_end|>", add_special_tokens=False)  # noqa: E731
     o = head.options
@@ -278,7 +278,8 @@ def expected_probs(head, text, oracle, tokenizer):
         question = (o.multi_label_instruction.replace("{label}", label)
                     .replace("{description}", head._describe(label)).replace("{text}", text))
         prompt = prompt_ids([{"role": "user", "content": question}])
-        yes, no = logprob(prompt, enc("yes")), logprob(prompt, enc("no"))
+        first = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731  (the first token alone)
+        yes, no = logprob(prompt, first("yes")), logprob(prompt, first("no"))
         probs.append(torch.softmax(torch.tensor([yes, no]), 0)[0].item())
     return probs
 
@@ -348,7 +349,7 @@ def test_multi_label_computes_the_text_once_and_letters_one_prompt(engine, token
     one = len(eng.render_chat([{"role": "user", "content": head.options.multi_label_instruction.replace(
         "{text}", text).replace("{label}", labels[0]).replace("{description}", "")}], enable_thinking=False))
     out = loop.run_until_complete(head.run({"text": text}, eng))
-    assert out["prompt_tokens"] > 3 * one  # every label's prompt and its yes/no nodes were read
+    assert out["prompt_tokens"] >= 2.9 * one  # every label's prompt was read
     assert out["prompt_tokens_computed"] < 1.5 * one
     text_last = ClassifyHead({"labels": labels, "multi_label": True, "multi_label_instruction":
                               "Does the label '{label}' apply to the text below? Answer yes or no.\n\n{text}"})

@@ -5,7 +5,8 @@ the assistant answering with that label (all its tokens, then end-of-turn). The 
 are those scores normalized over the label set, so they sum to 1, and the label is the
 likeliest one: by construction it is always in the set, whatever the text says. Multi-label
 asks one yes/no question per label, each after the text, so the engine's prefix cache computes
-the text once a row for all of them.
+the text once a row for all of them; a label's probability is "yes" against "no" at the
+answer's first token (as Qwen3-Reranker scores), one request a label.
 
 `scoring: trie` (the default) has the engine read the log-probabilities at each node of the
 labels' token trie once (one request per label at most, walking its branch), sharing the
@@ -237,8 +238,8 @@ class ClassifyHead(Head):
         if key not in cache:
             cache[key] = [engine.tokenize(a + end) for a in answers]
             if not end and any(len(ids) != 1 for ids in cache[key]):
-                raise RowError("invalid_input", "scoring: letters needs every letter to be one token of this "
-                                                "model's vocabulary; use scoring: trie")
+                raise RowError("invalid_input", f"{', '.join(answers)}: each must be one token of this model's "
+                                                f"vocabulary to be read at the answer's first token")
         return cache[key]
 
     def _check_fits(self, prompt: list[int], engine: Engine, longest: int) -> None:
@@ -276,7 +277,7 @@ class ClassifyHead(Head):
 
     async def _run_multi(self, text: str, engine: Engine) -> dict[str, Any]:
         o = self.options
-        yes, no = self._answers(engine, ["yes", "no"])
+        yes, no = self._answers(engine, ["yes", "no"], end="")  # the answer's first token: one read
 
         async def one(label: str):
             question = (o.multi_label_instruction.replace("{label}", label)
