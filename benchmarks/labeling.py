@@ -158,7 +158,7 @@ async def _run_heads(args: dict, phases: list[str], warmup: int, n: int) -> list
             results = await asyncio.gather(*(head.run(r, engine) for r in timed))
             seconds = time.perf_counter() - t0
             o = head.options
-            answers = (head._answers(engine, ["yes", "no"]) if o.multi_label
+            answers = (head._answers(engine, ["yes", "no"], end="") if o.multi_label
                        else head._answers(engine, list(LETTERS[:len(head.labels)]), end="") if o.scoring == "letters"
                        else head._answers(engine, head.labels))
             nodes = len(label_trie.children(answers)) * (len(head.labels) if o.multi_label else 1)
