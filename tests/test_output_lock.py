@@ -5,6 +5,7 @@ import socket
 import subprocess
 import time
 
+import psutil
 import pyarrow.fs as pafs
 import pytest
 
@@ -52,6 +53,26 @@ def test_stale_lock_is_taken_over_with_a_note(tmp_path, holder, reason):
     assert reason in mine.acquire()
     assert json.loads((tmp_path / LOCK).read_text())["run_id"] == "run-new"
     mine.release()
+
+
+def test_a_killed_run_not_yet_reaped_does_not_keep_its_lock(tmp_path):
+    """A holder killed with its parent (a server's job, say) is a zombie until something reaps
+    it: still in the process table with its start time, but no longer running."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        holder = {"run_id": "killed", **process_identity(proc.pid), "heartbeat_at": time.time()}
+        proc.kill()
+        deadline = time.time() + 10
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:  # not reaped: no wait() yet
+            assert time.time() < deadline
+            time.sleep(0.05)
+        (tmp_path / LOCK).write_text(json.dumps(holder))
+        mine = lock(tmp_path, "run-new")
+        assert "is no longer running" in mine.acquire()
+        mine.release()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):

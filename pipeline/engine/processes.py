@@ -64,7 +64,10 @@ def identity_alive(ident: dict) -> bool | None:
     if not ident.get("boot") or ident.get("boot") != _boot_id() or ident.get("pidns") != _pid_namespace():
         return None
     try:
-        return abs(psutil.Process(int(ident["pid"])).create_time() - float(ident["started"])) < 0.05
+        process = psutil.Process(int(ident["pid"]))
+        # a zombie (killed, its parent dead too, not reaped yet) is no longer running
+        return (abs(process.create_time() - float(ident["started"])) < 0.05
+                and process.status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, ValueError, KeyError, TypeError):
         return False
     except psutil.AccessDenied:
