@@ -94,6 +94,18 @@ def local_ray():
         ray.shutdown()
 
 
+def run_on_local_ray(data: dict):
+    """pipeline.run(data) inside local_ray's Ray (started and ended around it unless one is up)."""
+    import pipeline
+
+    gen = local_ray()
+    next(gen)
+    try:
+        return pipeline.run(data, progress=False)
+    finally:
+        next(gen, None)
+
+
 def checkpoint_engine_args(model, *, device: str, **head) -> dict:
     """vLLM arguments for a model section's checkpoint (head: what a head asks, e.g. task)."""
     from pipeline.checkpoint import read_config

@@ -5,9 +5,8 @@ greedy generation on the base weights, and on the base weights merged with each 
 
 import pyarrow as pa
 import pytest
-from conftest import checkpoint_engine_args, local_ray, read_dir, write_shards
+from conftest import checkpoint_engine_args, read_dir, run_on_local_ray, write_shards
 
-import pipeline
 from pipeline.engine.adapters import ENGINE_KEY, row_adapter
 from pipeline.spec import ModelSpec, SpecError
 from pipeline.testing import make_tiny_lora, merge_lora
@@ -76,13 +75,7 @@ def job(tiny_model, loras, tmp_path_factory):
                       "engine_kwargs": {"enforce_eager": True},
                       "adapters": {k: str(v) for k, v in loras.items()}},
             "task": {"head": "chat"}, "sampling": {"temperature": 0, "max_tokens": MAX_TOKENS}}
-    gen = local_ray()
-    next(gen)
-    try:
-        report = pipeline.run(data, progress=False)
-    finally:
-        next(gen, None)
-    return tmp, report
+    return tmp, run_on_local_ray(data)
 
 
 def test_each_row_runs_on_its_adapter_as_transformers_does_on_the_merged_weights(job, tiny_model, loras, tokenizer):

@@ -7,9 +7,8 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import local_ray, read_dir, write_shards
+from conftest import read_dir, run_on_local_ray, write_shards
 
-import pipeline
 from pipeline.spec import SpecError, load_spec
 
 MAX_TOKENS = 6
@@ -69,13 +68,7 @@ def job(tiny_model, tmp_path_factory):
                       "engine_kwargs": {"enforce_eager": True}},
             "task": {"head": "chat"},
             "sampling": {"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": MAX_TOKENS}}
-    gen = local_ray()
-    next(gen)
-    try:
-        report = pipeline.run(data, progress=False)
-    finally:
-        next(gen, None)
-    return tmp, report
+    return tmp, run_on_local_ray(data)
 
 
 def test_rows_in_equal_rows_out_and_each_row_has_its_samples(job, tokenizer):
