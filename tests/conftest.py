@@ -58,6 +58,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen3MoeForCausalLM laid out as Qwen3-30B-A3B ships (8 experts, top-2)."""
+    from pipeline.ops.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe", kind="moe")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

@@ -133,17 +133,20 @@ def node_of(worker: str) -> str:
     return worker.rsplit("@", 1)[1]
 
 
-def test_two_replicas_by_address_run_on_different_nodes(cluster, tiny_model, tmp_path):
+def test_two_moe_replicas_by_address_run_on_different_nodes(cluster, moe_model, tmp_path):
+    """Replicas of a mixture-of-experts checkpoint (laid out as Qwen3-30B-A3B), one a node."""
     shards = [[{"id": s * 100 + i, "prompt": f"Shard {s} row {i}"} for i in range(12)] for s in range(4)]
     write_shards(tmp_path / "in", shards)
-    spec = job_file(tmp_path, tiny_model, resources={
+    spec = job_file(tmp_path, moe_model, resources={
         "replicas": 2, "replica_resources": {SLOT: 1}, "batch_size": 4, "rows_in_flight": 8})
     proc = run_cli("run", str(spec), "--address", cluster.address, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = ids_out(tmp_path / "out")
     assert sorted(ids) == sorted(r["id"] for s in shards for r in s)
-    workers = {w for m in read_dir(tmp_path / "out" / "metrics").to_pylist() for w in m["workers"]}
+    metrics = read_dir(tmp_path / "out" / "metrics").to_pylist()
+    workers = {w for m in metrics for w in m["workers"]}
     assert len({node_of(w) for w in workers}) == 2, workers
+    assert all(m["completion_tokens"] > 0 for m in metrics)
     run_id = json.loads((tmp_path / "out" / "_manifest.json").read_text())["run_id"]
     assert vllm_processes(run_id=run_id) == []
 

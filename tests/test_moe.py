@@ -18,13 +18,6 @@ MODEL = {"max_model_len": 512, "dtype": "float32", "engine_kwargs": {"enforce_ea
 
 
 @pytest.fixture(scope="module")
-def moe_model(tmp_path_factory):
-    from pipeline.ops.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe", kind="moe")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(moe_model):
     from transformers import AutoTokenizer
 
