@@ -15,6 +15,8 @@ times `--rows` others; the processes alternate order over `--repeats`.
 Phases (label sets: 10 labels of one to four tokens as in benchmarks/throughput.py, and 10
 labels of one token each):
   choice/10, choice/1tok   vLLM choice decoding
+  choice-defaults/10       the same at vLLM's own defaults (no block size set: 128-token KV
+                           blocks on the CPU build), as a bare-vLLM user runs it
   trie/10, trie/1tok       scoring: trie (the default: every label's exact probability)
   letters/10               scoring: letters (one distribution over A..J)
   multi/10                 multi_label over the 10 labels (text first: one prefill a row)
@@ -49,7 +51,7 @@ LABELS_1TOK = ["positive", "negative", "neutral", "mixed", "question", "spam", "
 LABEL_SETS = {"10": LABELS_10, "1tok": LABELS_1TOK}
 OLD_MULTI = ("Does the label '{label}'{description} apply to the text below? Answer yes or no.\n\n"
              "Text:\n{text}")  # the multi-label prompt before the text moved first
-PHASES = {"vllm": ["choice/10", "choice/1tok"],
+PHASES = {"vllm": ["choice/10", "choice/1tok"], "vllm-defaults": ["choice-defaults/10"],
           "qwen-batch": ["trie/10", "trie/1tok", "letters/10", "multi/10", "multi-text-last/10"]}
 
 
@@ -173,7 +175,9 @@ async def _run_heads(args: dict, phases: list[str], warmup: int, n: int) -> list
 
 def child(system: str, model: str, warmup: int, n: int) -> None:
     args = engine_arguments(model)
-    run = run_choice if system == "vllm" else run_heads
+    if system == "vllm-defaults":
+        args.pop("block_size", None)
+    run = run_choice if system.startswith("vllm") else run_heads
     print("RESULT " + json.dumps(run(model, args, PHASES[system], warmup, n)), flush=True)
 
 
@@ -199,6 +203,9 @@ def ratios(by_phase: dict[str, dict]) -> dict[str, float]:
            "trie_vs_choice_1tok": rate("trie/1tok") / rate("choice/1tok"),
            "letters_vs_choice_10": rate("letters/10") / rate("choice/10"),
            "multi_vs_single_10": rate("trie/10") / rate("multi/10")}
+    if "choice-defaults/10" in by_phase:
+        out["trie_vs_choice_defaults_10"] = rate("trie/10") / rate("choice-defaults/10")
+        out["letters_vs_choice_defaults_10"] = rate("letters/10") / rate("choice-defaults/10")
     if "multi-text-last/10" in by_phase:
         out["multi_text_last_vs_single_10"] = rate("trie/10") / rate("multi-text-last/10")
     return out
@@ -225,7 +232,8 @@ def main() -> None:
         a.model = str(make_tiny_model(out / "model", kind="bench", layers=a.layers))
     runs = []
     for rep in range(a.repeats):
-        for system in (["vllm", "qwen-batch"] if rep % 2 == 0 else ["qwen-batch", "vllm"]):
+        for system in (["vllm", "vllm-defaults", "qwen-batch"] if rep % 2 == 0
+                       else ["qwen-batch", "vllm-defaults", "vllm"]):
             for r in measure(system, a):
                 r.update(system=system, repeat=rep, rows_per_s=r["rows"] / r["seconds"])
                 runs.append(r)
@@ -240,7 +248,7 @@ def main() -> None:
                                      "prompt_tokens_per_row")}
     found = ratios(by_phase)
     print("\nphase                 rows/s  tokens computed/row  distributions read/row")
-    for phase in PHASES["vllm"] + PHASES["qwen-batch"]:
+    for phase in PHASES["vllm"] + PHASES["vllm-defaults"] + PHASES["qwen-batch"]:
         r = by_phase[phase]
         print(f"{phase:20s} {r['rows_per_s']:7.2f}  {r['tokens_computed_per_row']:19.1f}  "
               f"{r['distributions_per_row']:22.1f}")

@@ -40,8 +40,8 @@ def test_labeling_benchmark_runs_on_the_bench_model(tmp_path):
     assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
             config["head_dim"], config["intermediate_size"], config["num_hidden_layers"]) == (1024, 16, 8, 128, 3072, 1)
     found = json.loads((tmp_path / "labeling.json").read_text())
-    assert {r["phase"] for r in found["runs"]} == {"choice/10", "choice/1tok", "trie/10", "trie/1tok", "letters/10",
-                                                   "multi/10", "multi-text-last/10"}
+    assert {r["phase"] for r in found["runs"]} == {"choice/10", "choice/1tok", "choice-defaults/10", "trie/10",
+                                                   "trie/1tok", "letters/10", "multi/10", "multi-text-last/10"}
     assert all(r["rows"] == 3 and r["tokens_computed_per_row"] > 0 for r in found["runs"])
     phases = found["phases"]
     assert phases["letters/10"]["distributions_per_row"] == 1  # one distribution a row, over the letters
@@ -49,5 +49,5 @@ def test_labeling_benchmark_runs_on_the_bench_model(tmp_path):
     # the text computed once for all labels: far fewer tokens than with the text after the label
     assert phases["multi/10"]["tokens_computed_per_row"] < phases["multi-text-last/10"]["tokens_computed_per_row"]
     assert set(found["ratios"]) >= {"trie_vs_choice_10", "trie_vs_choice_1tok", "letters_vs_choice_10",
-                                    "multi_vs_single_10"}
+                                    "multi_vs_single_10", "trie_vs_choice_defaults_10"}
     assert "letters_vs_choice_10" in proc.stdout and "tokens computed/row" in proc.stdout
