@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Test tiers (markers registered in pyproject.toml): `make test-fast` runs unit + datapath.
 #   unit      no Ray, no engine          datapath  a real local Ray, the fake engine
-#   faults    processes killed or paused (driver, actor, ledger): each its own Ray, seconds of waiting
+#   faults    processes killed or paused (driver, actor, ledger) or a store failing: seconds of waiting
 #   engine    the real vLLM engine       cluster   a multi-node Ray cluster on this machine
 # A module's tests take its tier unless a test is marked itself; unlisted modules count as
 # engine (never fast by accident).

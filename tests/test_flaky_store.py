@@ -30,7 +30,7 @@ from pipeline.runner import EXIT_CRASHED, EXIT_OK, run_job
 from pipeline.spec import load_spec
 from pipeline.testing import fake_engine_factory
 
-pytestmark = pytest.mark.datapath
+pytestmark = pytest.mark.faults  # faults injected into the store, with retry backoffs to wait out
 
 
 @pytest.fixture(scope="module")
