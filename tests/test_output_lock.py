@@ -48,11 +48,19 @@ def test_stale_lock_is_taken_over_with_a_note(tmp_path, holder, reason):
     values = {"NOW": time.time(), "HOUR_AGO": time.time() - 3600}
     holder = {"run_id": "crashed", **(dead_identity() if holder.pop("DEAD", False) else {}),
               **{k: values.get(v, v) for k, v in holder.items()}}
+    note, holder_after = take_over(tmp_path, holder)
+    assert reason in note and holder_after == "run-new"
+
+
+def take_over(tmp_path, holder: dict) -> tuple[str, str]:
+    """Write holder's lock, then acquire and release it as run-new: the note acquire gave, and
+    the lock's run_id while run-new held it."""
     (tmp_path / LOCK).write_text(json.dumps(holder))
     mine = lock(tmp_path, "run-new")
-    assert reason in mine.acquire()
-    assert json.loads((tmp_path / LOCK).read_text())["run_id"] == "run-new"
-    mine.release()
+    try:
+        return mine.acquire(), json.loads((tmp_path / LOCK).read_text())["run_id"]
+    finally:
+        mine.release()
 
 
 def test_a_killed_run_not_yet_reaped_does_not_keep_its_lock(tmp_path):
@@ -66,10 +74,7 @@ def test_a_killed_run_not_yet_reaped_does_not_keep_its_lock(tmp_path):
         while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:  # not reaped: no wait() yet
             assert time.time() < deadline
             time.sleep(0.05)
-        (tmp_path / LOCK).write_text(json.dumps(holder))
-        mine = lock(tmp_path, "run-new")
-        assert "is no longer running" in mine.acquire()
-        mine.release()
+        assert "is no longer running" in take_over(tmp_path, holder)[0]
     finally:
         proc.kill()
         proc.wait()
@@ -80,10 +85,8 @@ def test_a_reused_pid_does_not_keep_a_dead_runs_lock(tmp_path):
     reused = subprocess.Popen(["sleep", "30"])
     try:
         holder = {**process_identity(reused.pid), "started": process_identity(reused.pid)["started"] - 100}
-        (tmp_path / LOCK).write_text(json.dumps({"run_id": "crashed", **holder, "heartbeat_at": time.time()}))
-        mine = lock(tmp_path, "run-new")
-        assert "is no longer running" in mine.acquire()
-        mine.release()
+        holder = {"run_id": "crashed", **holder, "heartbeat_at": time.time()}
+        assert "is no longer running" in take_over(tmp_path, holder)[0]
     finally:
         reused.kill()
         reused.wait()
