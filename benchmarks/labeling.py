@@ -26,7 +26,9 @@ Printed per phase: rows/s, tokens computed a row (prompt tokens not read from th
 cache, plus tokens generated) and distributions read a row (full-vocabulary ones for choice
 decoding; for qwen-batch the trie nodes read, each a handful of named tokens); then the ratios:
 trie vs choice (10 labels, one-token labels), letters vs choice, and multi-label's seconds a
-row over single-label's. Writes OUT/labeling.json.
+row over single-label's; and trie's floor: the tokens a row and rows/s it would reach if vLLM
+shared a prompt's partial last KV block between requests (estimated at its measured tokens/s).
+Writes OUT/labeling.json.
 """
 
 from __future__ import annotations
@@ -211,6 +213,24 @@ def ratios(by_phase: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def floors(by_phase: dict[str, dict]) -> dict[str, dict]:
+    """What `trie` would reach if vLLM shared a prompt's partial last KV block between requests:
+    the row's own prompt tokens (as choice decoding computes them) plus one token a trie node
+    below the root, at the tokens/s `trie` measured (rows/s times tokens computed a row, which
+    is flat across phases when the machine is compute-bound)."""
+    out = {}
+    for labels in ("10", "1tok"):
+        choice, trie = by_phase.get(f"choice/{labels}"), by_phase.get(f"trie/{labels}")
+        if not (choice and trie):
+            continue
+        prompt = choice["tokens_computed_per_row"] - choice["distributions_per_row"]
+        tokens = prompt + trie["distributions_per_row"] - 1
+        rows_per_s = trie["rows_per_s"] * trie["tokens_computed_per_row"] / tokens
+        out[f"trie/{labels}"] = {"tokens_computed_per_row": tokens, "rows_per_s": rows_per_s,
+                                 "vs_choice": rows_per_s / choice["rows_per_s"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint (default: the bench model, built in OUT/model)")
@@ -247,16 +267,22 @@ def main() -> None:
                            for k in ("rows_per_s", "tokens_computed_per_row", "distributions_per_row",
                                      "prompt_tokens_per_row")}
     found = ratios(by_phase)
-    print("\nphase                 rows/s  tokens computed/row  distributions read/row")
+    print("\nphase                 rows/s  tokens computed/row  distributions read/row  tokens/s")
     for phase in PHASES["vllm"] + PHASES["vllm-defaults"] + PHASES["qwen-batch"]:
         r = by_phase[phase]
         print(f"{phase:20s} {r['rows_per_s']:7.2f}  {r['tokens_computed_per_row']:19.1f}  "
-              f"{r['distributions_per_row']:22.1f}")
+              f"{r['distributions_per_row']:22.1f}  {r['rows_per_s'] * r['tokens_computed_per_row']:8.1f}")
     print()
     for k, v in found.items():
         print(f"{k:30s} {v:.2f}x")
+    floor = floors(by_phase)
+    print("\ntrie if vLLM shared partial KV blocks (the row's prompt once, one token a trie node):")
+    for phase, f in floor.items():
+        print(f"  {phase:12s} {f['tokens_computed_per_row']:6.1f} tokens computed/row  "
+              f"~{f['rows_per_s']:.2f} rows/s  ~{f['vs_choice']:.2f}x choice")
     (out / "labeling.json").write_text(json.dumps({"model": a.model, "rows": a.rows, "warmup": a.warmup,
-                                                   "runs": runs, "phases": by_phase, "ratios": found}, indent=1))
+                                                   "runs": runs, "phases": by_phase, "ratios": found,
+                                                   "trie_floor": floor}, indent=1))
 
 
 if __name__ == "__main__":

@@ -50,4 +50,9 @@ def test_labeling_benchmark_runs_on_the_bench_model(tmp_path):
     assert phases["multi/10"]["tokens_computed_per_row"] < phases["multi-text-last/10"]["tokens_computed_per_row"]
     assert set(found["ratios"]) >= {"trie_vs_choice_10", "trie_vs_choice_1tok", "letters_vs_choice_10",
                                     "multi_vs_single_10", "trie_vs_choice_defaults_10"}
+    # trie's floor (partial KV blocks shared): fewer tokens than it computes today, never fewer than the prompt
+    floor = found["trie_floor"]["trie/10"]["tokens_computed_per_row"]
+    assert phases["choice/10"]["tokens_computed_per_row"] - phases["choice/10"]["distributions_per_row"] < floor
+    assert floor < phases["trie/10"]["tokens_computed_per_row"]
     assert "letters_vs_choice_10" in proc.stdout and "tokens computed/row" in proc.stdout
+    assert "if vLLM shared partial KV blocks" in proc.stdout
