@@ -52,6 +52,10 @@ class OutputWriteError(JobError, OSError):
     """A shard's output could not be written (full disk, no permission, ...)."""
 
 
+class EngineStartError(JobError, RuntimeError):
+    """An engine that could not start; the message carries the engine's own reason."""
+
+
 class EngineDead(Exception):
     """An engine that will not answer again (a stand-in of vLLM's EngineDeadError)."""
 
@@ -74,8 +78,23 @@ def found(e: BaseException | None, cls: type[BaseException]) -> BaseException | 
             if not isinstance(e, wrapper):
                 return e
             fallback = fallback or e
-        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(x, BaseException)]
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None), _raised_in_init(e))
+                 if isinstance(x, BaseException)]
     return fallback
+
+
+def _raised_in_init(e: BaseException) -> JobError | None:
+    """The typed error an actor's constructor raised (an engine that could not start), rebuilt
+    from the ActorDiedError Ray raises in its place, which keeps only the error's text."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is None or not isinstance(e, ray_exceptions.ActorDiedError):
+        return None
+    for line in reversed(str(e).splitlines()):
+        name, sep, message = line.strip().partition(": ")
+        cls = globals().get(name.removeprefix(__name__ + ".")) if name.startswith(__name__ + ".") else None
+        if sep and isinstance(cls, type) and issubclass(cls, JobError) and cls is not NothingRan:
+            return cls(message)
+    return None
 
 
 def is_engine_dead(e: BaseException) -> bool:

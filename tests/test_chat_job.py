@@ -148,3 +148,20 @@ def test_metrics_and_manifest(cli_job):
     manifest = json.loads((tmp / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["totals"]["results"] + manifest["totals"]["errors"] == 24
+
+
+def test_an_engine_that_cannot_start_says_why_and_leaves_nothing_running(tiny_model, tmp_path):
+    """vLLM's engine core prints its reason to a stderr that, in a Ray actor, is a log file;
+    the job must end on that reason, not on vLLM's "See root cause above"."""
+    write_shards(tmp_path / "in", [chat_shards()[2]], SCHEMA)
+    data = job_data(tiny_model, tmp_path / "in", tmp_path / "out",
+                    model={"engine_kwargs": {"enforce_eager": True, "kv_cache_memory_bytes": 1024}})
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    proc = run_cli("run", str(spec), "--no-progress")
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "The run stopped: the engine could not start: ValueError: No available memory for the cache blocks" \
+        in proc.stderr, proc.stderr[-4000:]
+    assert "See root cause above" not in proc.stderr
+    assert "1 shard(s) were not committed" in proc.stderr  # nothing written as if it ran
+    assert proc.leftovers == [], "vLLM processes outlived `qwen-batch run`"

@@ -10,10 +10,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.engine import adapters, label_trie
+from pipeline.engine import adapters, label_trie, start_failure
 from pipeline.engine.engine_args import IN_PROCESS_WORKER, POOLING_TASKS, QA_RUNNER, TRIE_SCORING
 from pipeline.engine.processes import descendants, environment, kill_started_since
 from pipeline.engine.prompt_tokens import plain_text_offsets, plain_text_tokens, render_chat
+from pipeline.errors import EngineStartError
 from pipeline.heads.base import Completion, RowError, Scores
 
 # Label scoring: "trie" (one engine step per node of the labels' token trie, reading the
@@ -102,8 +103,15 @@ class VllmEngine:
         # ("CPU Generator does not use offset"), taking every row in flight with it.
         self.per_request_seed = device != "cpu"
         self._before = descendants()  # shutdown ends what the engine starts, not the caller's children
-        with environment(in_process_worker_env(args)):
-            self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
+        mark = start_failure.stderr_mark()
+        try:
+            with environment(in_process_worker_env(args)):
+                self._llm = AsyncLLM.from_engine_args(vllm_engine_args(args))
+        except Exception as e:
+            cause = start_failure.root_cause(e, mark)
+            if cause is None:
+                raise
+            raise EngineStartError(f"the engine could not start: {cause}") from e
         self.max_model_len: int = self._llm.model_config.max_model_len
         self.settings = throughput_settings(args, self._llm.vllm_config)
         # label scoring walks the labels' branches only where pipeline.engine.token_logprobs runs
