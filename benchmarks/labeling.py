@@ -175,8 +175,8 @@ async def _run_heads(args: dict, phases: list[str], warmup: int, n: int) -> list
     return out
 
 
-def child(system: str, model: str, warmup: int, n: int) -> None:
-    args = engine_arguments(model)
+def child(system: str, model: str, warmup: int, n: int, engine_kwargs: dict) -> None:
+    args = {**engine_arguments(model), **engine_kwargs}
     if system == "vllm-defaults":
         args.pop("block_size", None)
     run = run_choice if system.startswith("vllm") else run_heads
@@ -187,7 +187,7 @@ def child(system: str, model: str, warmup: int, n: int) -> None:
 
 def measure(system: str, a) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", system, "--model", a.model, "--rows", str(a.rows),
-           "--warmup", str(a.warmup)]
+           "--warmup", str(a.warmup), "--engine-kwargs", a.engine_kwargs]
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, start_new_session=True, timeout=a.timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -240,10 +240,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default="bench-out/labeling")
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--engine-kwargs", default="{}",
+                   help="JSON over both systems' engine arguments, e.g. '{\"enforce_eager\": true}' (no torch.compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        return child(a.child, a.model, a.warmup, a.rows)
+        return child(a.child, a.model, a.warmup, a.rows, json.loads(a.engine_kwargs))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not a.model:

@@ -18,7 +18,7 @@ def ray_up():
 
 def job(tmp_path, tiny_model, **sections) -> dict:
     return {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-            "model": {"source": str(tiny_model), "max_model_len": 512},
+            "model": {"source": str(tiny_model), "max_model_len": 512, "engine_kwargs": {"enforce_eager": True}},
             "task": {"head": "chat"}, "sampling": {"max_tokens": 4, "temperature": 0}, **sections}
 
 
@@ -51,8 +51,8 @@ def test_process_runs_a_head_over_a_ray_dataset_with_errors_as_rows(tiny_model):
 
     rows = [{"doc": f"d{i}", "prompt": f"Say {i}."} for i in range(6)] + [{"doc": "d6", "prompt": ""}]
     ds = ray.data.from_items(rows)
-    spec = {"model": {"source": str(tiny_model), "max_model_len": 512}, "task": {"head": "chat"},
-            "sampling": {"max_tokens": 3, "temperature": 0}, "input": {"id_column": "doc"}}
+    spec = {"model": {"source": str(tiny_model), "max_model_len": 512, "engine_kwargs": {"enforce_eager": True}},
+            "task": {"head": "chat"}, "sampling": {"max_tokens": 3, "temperature": 0}, "input": {"id_column": "doc"}}
     out = pipeline.process(ds, spec)
     table = out.to_pandas()
     assert sorted(table["doc"]) == [f"d{i}" for i in range(7)]  # one row per input row
