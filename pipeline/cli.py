@@ -154,7 +154,8 @@ def cmd_validate(args) -> int:
         tokens, sampled = estimate_input_tokens(plan)
         estimate = f"about {tokens:,} input tokens of text (from {sampled} sampled rows)"
     except Exception as e:  # no tokenizer here (a hub id offline, say): the plan still stands
-        estimate = f"input tokens unknown (tokenizer not available: {type(e).__name__})"
+        reason = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+        estimate = f"input tokens unknown (tokenizer not available: {type(e).__name__}: {reason})"
     rows = sum(s.rows for s in plan.shards)
     todo_rows = sum(s.rows for s in plan.todo)
     devices = spec.model.devices_per_replica

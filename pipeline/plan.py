@@ -321,6 +321,8 @@ def token_counter(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if not tokenizer.encode("hello", add_special_tokens=False):  # built from config.json alone: no vocabulary
+        raise OSError(f"no tokenizer files for {source} (tokenizer.json, or vocab.json and merges.txt)")
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -114,6 +114,16 @@ def test_a_cached_hub_id_validates_without_the_hub(tmp_path, no_hub, tiny_model,
     assert took < 120, f"{took:.1f} s"  # transformers imports on a loaded machine; the retries took minutes
 
 
+def test_a_cached_config_without_tokenizer_files_says_so_not_zero_tokens(tmp_path, no_hub, tiny_model):
+    """transformers builds an empty tokenizer from config.json alone (every text: 0 tokens);
+    the plan says the tokenizer files are missing instead of estimating 0 input tokens."""
+    fake_hub_cache(no_hub, tiny_model, files=("config.json",))
+    code, err, _ = validate(tmp_path, HUB_ID)
+    assert code == 0, err  # the plan stands: the engine host may have the files
+    assert "about 0 input tokens" not in err, err
+    assert f"input tokens unknown (tokenizer not available: OSError: no tokenizer files for {HUB_ID}" in err, err
+
+
 def test_a_local_directory_that_does_not_exist_is_named(tmp_path, no_hub):
     missing = tmp_path / "models" / "no-such-model"
     code, err, took = validate(tmp_path, str(missing))
