@@ -18,6 +18,7 @@ from pipeline.engine.fit import check_fits, job_sizing
 from pipeline.errors import SpecError
 from pipeline.heads import Head
 from pipeline.registry import head_class
+from pipeline.weights import job_weights
 
 # Architecture name suffix -> the kind of checkpoint (Qwen3ForCausalLM, Qwen3MoeForCausalLM, ...).
 KINDS = {
@@ -41,6 +42,7 @@ class Checkpoint:
     head: Head  # the job's head for this checkpoint, with its options and sampling
     options: dict[str, Any]  # the head's options (task.options)
     sizing: Any = None  # pipeline.engine.sizing.Sizing of its placement, None if not sized
+    weights: dict | None = None  # pipeline.weights.job_weights: what the model's and adapters' files hold
 
     def engine_args(self, device: str) -> dict[str, Any]:
         """The vLLM arguments of the job's engine on DEVICE: its model section and what its
@@ -66,7 +68,7 @@ def resolve(spec) -> Checkpoint:
                 score_method=cls.score_method(spec.task.options))
     sizing = job_sizing(spec, config, kind)
     check_fits(spec, sizing)  # a placement whose devices cannot hold the weights
-    return Checkpoint(spec.model, config, kind, head, spec.task.options, sizing)
+    return Checkpoint(spec.model, config, kind, head, spec.task.options, sizing, job_weights(spec.model))
 
 
 @functools.cache  # one read per process, whoever asks

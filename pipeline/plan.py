@@ -14,6 +14,7 @@ from pipeline.io.shard_column import SHARD_COLUMN
 from pipeline.io.shards import InputError, Shard, check_shards, open_shards, resolve_filesystem, unreadable
 from pipeline.io.store_retry import StoreUnavailableError
 from pipeline.spec import JobSpec, SpecError, result_settings, spec_changes
+from pipeline.weights import changes as weight_changes
 
 CHOICES = ("use another output path, pass --overwrite to replace it, or --resume-anyway to keep "
            "its committed shards and run only the others")
@@ -150,8 +151,9 @@ def read_output_state(plan: Plan, *, overwrite: bool = False, resume_anyway: boo
     if legacy:
         raise InputError(f"output.path {spec.output.path} holds results in the layout of an older "
                          f"qwen-batch ({legacy[0]}, without commit records); {CHOICES}")
+    weights = plan.checkpoint.weights if plan.checkpoint else None
     plan.done, plan.kept = _committed(spec, plan.shards, records, last_run, strict=not resume_anyway,
-                                      any_spec=plan.retry is not None)
+                                      any_spec=plan.retry is not None, weights=weights)
     names = {s.name for s in plan.shards}
     plan.orphaned = sorted(n for n in records if n not in names)
     plan.moved = _renamed(plan, records, strict=not resume_anyway and plan.retry is None)
@@ -194,12 +196,15 @@ def _renamed(plan: Plan, records: dict[str, dict], *, strict: bool) -> dict[str,
     orphaned record of the same content (size, rows, footer) and spec. The run moves each
     record to the new name instead of computing its rows again."""
     fingerprints = plan.spec.fingerprints()
+    weights = plan.checkpoint.weights if plan.checkpoint else None
     orphans = {n: records[n] for n in plan.orphaned}
     moved = {}
     for s in plan.todo:
         for name, r in orphans.items():
             same_spec = r.get("spec_fingerprint") in fingerprints or not strict
-            if name not in moved.values() and same_spec and _same_input(r.get("input"), s.fingerprint()):
+            same_weights = not strict or not weight_changes(r.get("weights"), weights)
+            if name not in moved.values() and same_spec and same_weights and _same_input(r.get("input"),
+                                                                                          s.fingerprint()):
                 moved[s.name] = name
                 break
     return moved
@@ -246,8 +251,10 @@ def _same_input(a: dict | None, b: dict) -> bool:
 
 
 def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], last_run: dict | None,
-               *, strict: bool, any_spec: bool = False) -> tuple[list[str], list[dict]]:
-    """(names of shards already done, committed shards kept despite another spec or input).
+               *, strict: bool, any_spec: bool = False,
+               weights: dict | None = None) -> tuple[list[str], list[dict]]:
+    """(names of shards already done, committed shards kept despite another spec, input or
+    weights: pipeline.weights.job_weights of the job now).
 
     A shard kept by --resume-anyway stays accepted in later runs of the same spec while its
     input does not change again (the manifest lists it). A shard some of whose rows were
@@ -266,11 +273,17 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
             why.append("committed by a run of a different job spec" + _changed_settings(spec, last_run))
         if not _same_input(record.get("input"), s.fingerprint()):
             why.append(f"input shard {s.path} changed since it was processed")
+        changed = [] if any_spec else weight_changes(record.get("weights"), weights)
+        if changed:
+            why.append(f"committed with other weights: {' and '.join(changed)} changed since (same path, "
+                       f"other content)")
         if why:
             ok = accepted.get(s.name)
-            if strict and not (ok and ok.get("spec") == fingerprint and _same_input(ok.get("input"), s.fingerprint())):
+            if strict and not (ok and ok.get("spec") == fingerprint and _same_input(ok.get("input"), s.fingerprint())
+                               and not weight_changes(ok.get("weights"), weights)):
                 raise InputError(f"output.path {spec.output.path}: shard {s.name} was {' and '.join(why)}; {CHOICES}")
-            kept.append({"name": s.name, "why": "; ".join(why), "spec": fingerprint, "input": s.fingerprint()})
+            kept.append({"name": s.name, "why": "; ".join(why), "spec": fingerprint, "input": s.fingerprint(),
+                         "weights": weights})
         done.append(s.name)
     return done, kept
 

@@ -296,7 +296,8 @@ def _execute(run: Run) -> None:
             committer = ShardCommitter(
                 store=run.store, input_fs=plan.input_fs, id_column=spec.input.id_column, shards=plan.work,
                 head=spec.task.head, id_type=plan.id_type, context=context, fence=run.lock.verify,
-                totals=run.totals, record={"run_id": run.run_id, "spec_fingerprint": spec.fingerprint()},
+                totals=run.totals, record={"run_id": run.run_id, "spec_fingerprint": spec.fingerprint(),
+                                           "weights": plan.checkpoint.weights},
                 redo={name: (ids, plan.records[name]) for name, ids in plan.redo.items()},
                 redo_where=plan.retry.describe() if plan.retry else None,
                 results_schema=plan.results_schema)

@@ -34,7 +34,7 @@ MODULE_TIERS = {
     "test_spec": "unit", "test_redact": "unit", "test_chat_head": "unit", "test_classify_head": "unit",
     "test_summarize_head": "unit", "test_extract_head": "unit", "test_embed_head": "unit", "test_rerank_head": "unit",
     "test_output_lock": "unit", "test_tiny_model": "unit",
-    "test_shards": "unit", "test_s3_server": "unit", "test_status": "datapath",
+    "test_shards": "unit", "test_s3_server": "unit", "test_status": "datapath", "test_weights": "unit",
     "test_pipeline_fake_engine": "datapath", "test_faults": "faults", "test_ledger_faults": "faults",
     "test_bad_input": "datapath",
     "test_exactly_once": "datapath", "test_retry": "datapath", "test_s3_jobs": "datapath",

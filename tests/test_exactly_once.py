@@ -380,6 +380,33 @@ def test_rewritten_input_with_same_size_and_rows_is_refused_unless_resume_anyway
     assert OutputStore(str(tmp_path / "out")).read_manifest()["resumed_anyway"]
 
 
+def test_new_weights_at_the_same_path_are_refused_unless_resume_anyway(tmp_path, tiny_model):
+    """A checkpoint re-exported in place (same path, same spec): resuming would mix two models'
+    rows in one output, so the run refuses and names what changed."""
+    from test_weights import retrain
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    write_shards(tmp_path / "in", [[{"id": i, "prompt": f"q {i}"} for i in range(3)]])
+    spec = spec_maker(model={"source": str(model)}, sampling={"max_tokens": 3})(
+        str(tmp_path / "in"), str(tmp_path / "out"))
+    assert run_job(spec, progress=False, engine_factory=fake_engine_factory()).exit_code == EXIT_OK
+    retrain(model)
+    pq.write_table(pa.Table.from_pylist([{"id": 10, "prompt": "more"}]), tmp_path / "in" / "part-00001.parquet")
+    with pytest.raises(InputError, match=r"shard part-00000.parquet was committed with other weights: model.source "
+                                         r"changed since .*--resume-anyway"):
+        run_job(spec, progress=False, engine_factory=fake_engine_factory())
+    with pytest.raises(InputError, match="committed with other weights"):
+        plan_job(spec)  # validate and --dry-run say it too
+
+    kept = run_job(spec, resume_anyway=True, progress=False, engine_factory=fake_engine_factory())
+    assert kept.exit_code == EXIT_OK and kept.skipped_shards == 1 and kept.totals.rows == 1
+    store = OutputStore(str(tmp_path / "out"))
+    assert [k["name"] for k in store.read_manifest()["kept"]] == ["part-00000.parquet"]
+    records = store.records()
+    assert records["part-00000.parquet"]["weights"] != records["part-00001.parquet"]["weights"]
+    assert run_job(spec, progress=False, engine_factory=fake_engine_factory()).message == "nothing to do"
+
+
 # -- 6. edge cases ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
