@@ -260,7 +260,7 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
     input does not change again (the manifest lists it). A shard some of whose rows were
     redone with this spec (--retry-errors) counts as this spec's; any_spec accepts every
     spec (a --retry-errors run may change it)."""
-    fingerprint = spec.fingerprint()
+    fingerprint, fingerprints = spec.fingerprint(), spec.fingerprints()
     accepted = {k["name"]: k for k in (last_run or {}).get("kept", [])}
     done, kept = [], []
     for s in shards:
@@ -269,7 +269,7 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
             continue
         why = []
         specs = {record.get("spec_fingerprint")} | {r.get("spec_fingerprint") for r in record.get("redone", [])}
-        if not spec.fingerprints() & specs and not any_spec:
+        if not fingerprints & specs and not any_spec:
             why.append("committed by a run of a different job spec" + _changed_settings(spec, last_run))
         if not _same_input(record.get("input"), s.fingerprint()):
             why.append(f"input shard {s.path} changed since it was processed")
@@ -279,7 +279,7 @@ def _committed(spec: JobSpec, shards: list[Shard], records: dict[str, dict], las
                        f"other content)")
         if why:
             ok = accepted.get(s.name)
-            if strict and not (ok and ok.get("spec") == fingerprint and _same_input(ok.get("input"), s.fingerprint())
+            if strict and not (ok and ok.get("spec") in fingerprints and _same_input(ok.get("input"), s.fingerprint())
                                and not weight_changes(ok.get("weights"), weights)):
                 raise InputError(f"output.path {spec.output.path}: shard {s.name} was {' and '.join(why)}; {CHOICES}")
             kept.append({"name": s.name, "why": "; ".join(why), "spec": fingerprint, "input": s.fingerprint(),

@@ -354,16 +354,21 @@ class JobSpec(StrictSection):
     def fingerprint(self) -> str:
         """Hash of everything that changes a result row: not where rows go, how the job is
         placed, retried or timed, nor the engine's speed and memory settings (RUN_ONLY), so
-        changing those never blocks resuming."""
-        d = result_settings(self.model_dump(mode="json"))
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        changing those never blocks resuming. Settings at their defaults are left out, so a
+        setting a later qwen-batch adds (whose default keeps today's rows) never does either."""
+        return _digest(result_settings(self.model_dump(mode="json", exclude_defaults=True)))
 
     def fingerprints(self) -> set[str]:
-        """This spec's fingerprint and the one qwen-batch gave it before RUN_ONLY (which
-        hashed every setting but output.path, rows_per_file, ray and name): shards committed
-        by an older qwen-batch with the same spec are this spec's."""
-        d = self.model_dump(mode="json", exclude={"output": {"path", "rows_per_file"}, "ray": True, "name": True})
-        return {self.fingerprint(), hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]}
+        """This spec's fingerprint and those earlier qwen-batch versions gave it, so that their
+        committed shards of the same spec are this spec's: every setting hashed, defaults
+        included; and before RUN_ONLY, every setting but output.path, rows_per_file, ray and name."""
+        before_run_only = self.model_dump(mode="json", exclude={"output": {"path", "rows_per_file"}, "ray": True,
+                                                                "name": True})
+        return {self.fingerprint(), _digest(result_settings(self.model_dump(mode="json"))), _digest(before_run_only)}
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Settings that decide how a job runs, not what a result row holds (JobSpec.fingerprint).

@@ -91,6 +91,33 @@ def test_fingerprint_ignores_output_path_but_not_sampling():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_a_setting_added_later_at_its_default_keeps_the_fingerprint():
+    """An output committed by this version stays resumable by a later one that adds a sampling
+    or model setting (whose default keeps today's rows); setting it to another value does not."""
+    from pipeline.spec import JobSpec, ModelSpec, SamplingSpec
+
+    class LaterSampling(SamplingSpec):
+        new_knob: float | None = None
+
+    class LaterModel(ModelSpec):
+        new_switch: bool = False
+
+    class LaterJobSpec(JobSpec):
+        sampling: LaterSampling = LaterSampling()
+        model: LaterModel
+
+    today = load_spec(data=spec(sampling__max_tokens=7))
+    later = LaterJobSpec.model_validate(spec(sampling__max_tokens=7))
+    assert later.fingerprint() == today.fingerprint()
+    assert LaterJobSpec.model_validate(spec(sampling__max_tokens=7, model__new_switch=True)).fingerprint() \
+        != today.fingerprint()
+    # shards committed before defaults were left out (every setting hashed) are this spec's too
+    from pipeline.spec import _digest, result_settings
+
+    assert _digest(result_settings(today.model_dump(mode="json"))) in today.fingerprints()
+    assert today.fingerprint() != _digest(result_settings(today.model_dump(mode="json")))
+
+
 def test_head_options_are_strict():
     from pipeline.heads.chat import ChatHead
 
