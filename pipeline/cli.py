@@ -20,6 +20,7 @@ from pipeline.errors import (
     RunInterrupted,
     SpecError,
     found,
+    one_line,
 )
 
 
@@ -154,8 +155,7 @@ def cmd_validate(args) -> int:
         tokens, sampled = estimate_input_tokens(plan)
         estimate = f"about {tokens:,} input tokens of text (from {sampled} sampled rows)"
     except Exception as e:  # no tokenizer here (a hub id offline, say): the plan still stands
-        reason = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
-        estimate = f"input tokens unknown (tokenizer not available: {type(e).__name__}: {reason})"
+        estimate = f"input tokens unknown (tokenizer not available: {one_line(e, first=True)[:200]})"
     rows = sum(s.rows for s in plan.shards)
     todo_rows = sum(s.rows for s in plan.todo)
     devices = spec.model.devices_per_replica
@@ -387,8 +387,7 @@ def _failed(args, e: Exception) -> int:
     if isinstance(cause, FileNotFoundError) and (args.command != "run" or nothing_ran):
         console.print(f"[red]error:[/red] {escape(redact_text(str(cause)))}", highlight=False)
         return EXIT_INVALID
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    what = f"{type(cause).__name__}: {escape(redact_text(lines[-1])) if lines else ''}"
+    what = escape(redact_text(one_line(cause)))
     details = "For details set QWEN_BATCH_DEBUG=1 (traceback)"
     if nothing_ran:
         console.print(f"[red]error:[/red] checking the job failed before anything ran (nothing was "

@@ -27,12 +27,18 @@ class InputError(JobError, ValueError):
     exit_code = EXIT_INVALID
 
 
+def one_line(e: BaseException, *, first: bool = False) -> str:
+    """'Type: line' of an error for people: its last non-empty line (where a carried traceback
+    says what finally went wrong), or with first its first one."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {(lines[0] if first else lines[-1]) if lines else ''}"
+
+
 class NothingRan(JobError):
     """An unexpected error while the job was checked, before the output was touched."""
 
     def __init__(self, cause: BaseException):
-        lines = [line for line in str(cause).splitlines() if line.strip()]
-        super().__init__(f"{type(cause).__name__}: {lines[-1] if lines else ''}")
+        super().__init__(one_line(cause))
         self.cause = cause
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import dataflow
-from pipeline.errors import InputError, JobError, LostLockError, NothingRan, RunInterrupted, found
+from pipeline.errors import InputError, JobError, LostLockError, NothingRan, RunInterrupted, found, one_line
 from pipeline.io import manifest as manifests
 from pipeline.io.manifest import EXIT_CRASHED, EXIT_INVALID, EXIT_OK, EXIT_TOO_MANY_ERRORS, RunReport  # noqa: F401
 from pipeline.io.output import OutputStore, new_run_id
@@ -270,8 +270,7 @@ def _reason(e: BaseException) -> str:
     typed = found(e, JobError)
     if typed is not None:
         return str(typed)
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return (f"{type(e).__name__}: {lines[-1] if lines else ''} (details: rerun with "
+    return (f"{one_line(e)} (details: rerun with "
             f"QWEN_BATCH_DEBUG=1 for the traceback, QWEN_BATCH_WORKER_LOGS=1 for engine logs)")
 
 
