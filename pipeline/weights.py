@@ -6,8 +6,8 @@ The identity is read from the files, not from their names or times: a checkpoint
 elsewhere (or its times changed) keeps it, new weights do not. Small files (configs, the
 tokenizer and its chat template) are hashed whole; a large safetensors file by its header and
 the first bytes of its tensors (every tensor, or an even spread of them in a file of very
-many), any other large file by its size and evenly spread samples. That reads a few MB of a
-checkpoint of any size: a fine-tune changes every tensor it trains, so it shows.
+many), any other large file by its size and evenly spread samples. That reads at most a few
+MB a weights file: a fine-tune changes every tensor it trains, so it shows.
 """
 
 from __future__ import annotations
