@@ -29,16 +29,20 @@ SKIPPED = (".md", ".lock")  # never read by an engine (README.md, ...)
 def identity(source: str) -> str | None:
     """A 16-hex-digit content identity of a checkpoint or adapter: a local directory, or a
     Hugging Face id in the local cache (its snapshot's files). None when it cannot be read
-    here (a hub id not cached yet, a remote store)."""
+    here (a hub id not cached yet, a remote store, a file this user may not read: the engine
+    says what is wrong with such a checkpoint when it loads it)."""
     folder = source if os.path.isdir(source) else _cached_snapshot(source)
     if folder is None:
         return None
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or name.endswith(SKIPPED) or not os.path.isfile(path):
-            continue
-        digest.update(f"{name}\0{_file_identity(path)}\0".encode())
+    try:
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.startswith(".") or name.endswith(SKIPPED) or not os.path.isfile(path):
+                continue
+            digest.update(f"{name}\0{_file_identity(path)}\0".encode())
+    except OSError:
+        return None
     return digest.hexdigest()[:16]
 
 

@@ -90,3 +90,12 @@ def test_job_weights_and_what_changed(tiny_model, model_copy):
     assert weights.changes({**now, "model": "0" * 16}, later) == ["model.source", "model.adapters.a"]
     # a record from before weights were kept, or weights that cannot be read here: nothing to compare
     assert weights.changes(None, later) == [] and weights.changes({"model": None, "adapters": {}}, later) == []
+
+
+def test_a_file_that_cannot_be_read_makes_the_identity_unknown_not_an_error(model_copy, monkeypatch):
+    """The engine says what is wrong with such a checkpoint when it loads it; planning goes on."""
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(weights, "_file_identity", denied)  # tests run as root here: chmod would not stop them
+    assert weights.identity(str(model_copy)) is None
