@@ -79,8 +79,40 @@ def test_inline_schema_nullable_type_and_annotations():
     assert t.field("name").nullable and not t.field("n").nullable
     # the constraint drops annotations and closes objects
     assert head.constraint == {"type": "object", "required": ["name", "n"], "additionalProperties": False,
-                               "properties": {"name": {"type": ["string", "null"], "maxLength": 5},
+                               "properties": {"name": {"type": ["string", "null"],
+                                                       "pattern": '^[^\\x00-\\x1f"\\\\]{0,5}$'},
                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    # the prompt shows the lengths as the user wrote them
+    assert '"name":{"type":["string","null"],"maxLength":5}' in head.schema_text
+
+
+def test_the_engine_constraint_keeps_control_characters_out_of_bounded_strings():
+    """xgrammar's own bounded-string rule admits a raw tab (an answer json.loads refuses); the
+    constraint the engine gets, compiled as vLLM compiles it, refuses it and keeps the bounds."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    head = ExtractHead({"schema": {"type": "object", "required": ["p", "q", "tags"], "properties": {
+        "p": {"type": ["string", "null"], "maxLength": 4}, "q": {"type": "string", "minLength": 2},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 2}},
+        "code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}}}})
+
+    def grammar(schema):
+        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"))
+
+    bare, ours = grammar({**head.schema, "additionalProperties": False}), grammar(head.constraint)
+    assert accepts(bare, '{"p":"a\tb","q":"xy","tags":[]}')  # the gap being closed
+    for text, ok in [('{"p":"ab","q":"xyzzzzzz","tags":["a"]}', True), ('{"p":null,"q":"xy","tags":[]}', True),
+                     ('{"p":"a\tb","q":"xy","tags":[]}', False), ('{"p":"ab","q":"xy","tags":["\u0001"]}', False),
+                     ('{"p":"abcde","q":"xy","tags":[]}', False), ('{"p":"ab","q":"x","tags":[]}', False),
+                     ('{"p":"ab","q":"xy","tags":["abc"]}', False), ('{"p":"ab","q":"xy","tags":[],"code":"AB"}', True),
+                     ('{"p":"ab","q":"xy","tags":[],"code":"ab"}', False)]:
+        assert accepts(ours, text) is ok, text
+        assert ok is False or json.loads(text)
+    # vLLM refuses a pattern next to lengths: the user's pattern stays, its lengths are checked on the answer
+    assert head.constraint["properties"]["code"] == {"type": "string", "pattern": "^[A-Z]+$"}
+    with pytest.raises(SchemaError, match="outside minLength/maxLength"):
+        coerce({"p": "ab", "q": "xy", "tags": [], "code": "ABCD"}, head.schema, "")
 
 
 @pytest.mark.parametrize("options, words", [

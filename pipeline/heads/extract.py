@@ -224,14 +224,23 @@ def check_schema(schema: Any) -> None:
     check_node(schema, "", top=True)
 
 
-def constraint(node: dict[str, Any]) -> dict[str, Any]:
-    """The schema sent to the engine: annotations dropped, objects closed (no extra keys)."""
+def constraint(node: dict[str, Any], *, engine: bool = True) -> dict[str, Any]:
+    """The schema sent to the engine: annotations dropped, objects closed (no extra keys);
+    engine=False: as the prompt shows it (string lengths left as lengths)."""
     out = {k: v for k, v in node.items() if k not in ANNOTATIONS and k not in TOP_LEVEL_EXTRA}
     if "properties" in out:
-        out["properties"] = {k: constraint(v) for k, v in out["properties"].items()}
+        out["properties"] = {k: constraint(v, engine=engine) for k, v in out["properties"].items()}
         out["additionalProperties"] = False
     if isinstance(out.get("items"), dict):
-        out["items"] = constraint(out["items"])
+        out["items"] = constraint(out["items"], engine=engine)
+    if engine and ("minLength" in out or "maxLength" in out):
+        # xgrammar (0.2.8) lets raw control characters (a tab, \x01) into a length-bounded
+        # string, which no JSON parser reads back, and vLLM refuses lengths next to a pattern.
+        # So the engine gets the bounds as a pattern, which xgrammar enforces as written
+        # (escapes stay out, as in its own bounded strings); next to the user's own pattern
+        # the lengths are checked on the answer only.
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out.setdefault("pattern", f'^[^\\x00-\\x1f"\\\\]{{{low},{high}}}$')
     return out
 
 
@@ -348,7 +357,7 @@ class ExtractHead(Head):
         super().__init__(self.resolve_options(options or {}), sampling=sampling)
         self.schema = self.build_schema(self.options)
         self.constraint = constraint(self.schema)
-        self.schema_text = json.dumps(self.constraint, ensure_ascii=False, separators=(",", ":"))
+        self.schema_text = json.dumps(constraint(self.schema, engine=False), ensure_ascii=False, separators=(",", ":"))
 
     # ---- options
 
