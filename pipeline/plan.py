@@ -87,6 +87,11 @@ class Plan:
         return self.checkpoint.head
 
     @property
+    def weights(self) -> dict | None:
+        """The content identity of the checkpoint and adapters (pipeline.weights), if known."""
+        return self.checkpoint.weights if self.checkpoint else None
+
+    @property
     def todo(self) -> list[Shard]:
         done = set(self.done)
         return [s for s in self.shards if s.name not in done]
@@ -151,7 +156,7 @@ def read_output_state(plan: Plan, *, overwrite: bool = False, resume_anyway: boo
     if legacy:
         raise InputError(f"output.path {spec.output.path} holds results in the layout of an older "
                          f"qwen-batch ({legacy[0]}, without commit records); {CHOICES}")
-    weights = plan.checkpoint.weights if plan.checkpoint else None
+    weights = plan.weights
     plan.done, plan.kept = _committed(spec, plan.shards, records, last_run, strict=not resume_anyway,
                                       any_spec=plan.retry is not None, weights=weights)
     names = {s.name for s in plan.shards}
@@ -196,7 +201,7 @@ def _renamed(plan: Plan, records: dict[str, dict], *, strict: bool) -> dict[str,
     orphaned record of the same content (size, rows, footer) and spec. The run moves each
     record to the new name instead of computing its rows again."""
     fingerprints = plan.spec.fingerprints()
-    weights = plan.checkpoint.weights if plan.checkpoint else None
+    weights = plan.weights
     orphans = {n: records[n] for n in plan.orphaned}
     moved = {}
     for s in plan.todo:

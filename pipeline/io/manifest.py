@@ -53,7 +53,7 @@ def start(spec, plan, run_id: str, *, started: float) -> dict:
         "status": "running",
         "spec_fingerprint": spec.fingerprint(),
         "spec": dumped,
-        "weights": plan.checkpoint.weights if plan.checkpoint else None,
+        "weights": plan.weights,
         "settings_changed": spec_changes(before, dumped) if before else [],
         "started_at": started,
         "resumed_anyway": bool(plan.kept),
