@@ -206,13 +206,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def batch_overrides(args) -> list[str]:
+    """--set, and --lora-modules NAME=PATH as model.adapters.NAME=PATH (vLLM's flag)."""
+    out = list(args.set or [])
+    for module in args.lora_modules or []:
+        name, sep, path = module.partition("=")
+        if not sep or not name or not path or "." in name:
+            raise SpecError(f"--lora-modules {module!r}: give NAME=PATH, the name body.model uses and the "
+                            f"adapter's directory or Hugging Face id (e.g. --lora-modules sql=./lora/sql)")
+        out.append(f"model.adapters.{name}={path}")
+    return out
+
+
 def cmd_run_batch(args) -> int:
     from pipeline.io.store_retry import StoreUnavailableError
     from pipeline.ops.openai_batch import run_batch
 
     try:
         with quiet_stderr("run-batch"):
-            report = run_batch(args.input_file, args.output_file, model=args.model, overrides=args.set or [],
+            report = run_batch(args.input_file, args.output_file, model=args.model, overrides=batch_overrides(args),
                                work_dir=args.output_tmp_dir, served_model_name=args.served_model_name,
                                max_model_len=args.max_model_len, dtype=args.dtype,
                                tensor_parallel_size=args.tensor_parallel_size, address=args.address,
@@ -243,7 +255,7 @@ def cmd_serve(args) -> int:
 
     try:
         config = ServeConfig(host=args.host, port=args.port, model=args.model, api_key=args.api_key,
-                             state=args.state, address=args.address, overrides=args.set or [],
+                             state=args.state, address=args.address, overrides=batch_overrides(args),
                              served_model_name=args.served_model_name, max_model_len=args.max_model_len,
                              dtype=args.dtype, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     except ValidationError as e:
@@ -317,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-model-len", type=int, help="model.max_model_len")
     s.add_argument("--dtype", help="model.dtype (auto, bfloat16, float16, float32)")
     s.add_argument("--tensor-parallel-size", type=int, help="model.tensor_parallel_size")
+    s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="LoRA adapters a request picks by body.model (model.adapters; as vLLM's flag)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key of the job's spec, e.g. --set sampling.max_tokens=64 (repeatable)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -336,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-model-len", type=int, help="model.max_model_len")
     s.add_argument("--dtype", help="model.dtype (auto, bfloat16, float16, float32)")
     s.add_argument("--max-upload-mb", type=float, default=200, help="largest file accepted (default: 200, as OpenAI)")
+    s.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="LoRA adapters a request picks by body.model (model.adapters; as vLLM's flag)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key of every batch's job spec, e.g. --set sampling.max_tokens=64 (repeatable)")
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray per batch)")

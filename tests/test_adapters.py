@@ -118,3 +118,41 @@ def test_the_cpu_builds_lora_kernel_still_gives_adapterless_rows_the_last_slot()
     out = torch.zeros(2, 2)
     bgmv_shrink(x, slots, out, torch.tensor([0, -1]))  # token 1 has no adapter (-1)
     assert out.tolist() == [[4.0, 4.0], [8.0, 8.0]]  # yet it got the last slot's update, not zero
+
+
+def test_an_openai_batch_picks_adapters_by_body_model(job, tiny_model, loras, tmp_path):
+    """run-batch --lora-modules: body.model names an adapter or the served model; each answer is
+    the one the chat job above gave the same prompt on the same weights (checked against
+    transformers there), and names the model it ran on. A model not served is a 404 line."""
+    import json
+
+    from conftest import run_cli
+
+    from pipeline.ops.openai_format import CHAT_URL
+
+    tmp, _ = job
+    answers = {x["id"]: x["response"] for x in read_dir(tmp / "out" / "results").to_pylist()}
+    expected = {(r["prompt"], r["adapter"]): answers[r["id"]] for r in ROWS[:-1]}
+    names = {"support": "support", None: "tiny-qwen3", "legal": "legal"}
+    requests = [{"custom_id": f"{i}-{a}", "method": "POST", "url": CHAT_URL,
+                 "body": {"model": names[a], "messages": [{"role": "user", "content": p}], "temperature": 0,
+                          "max_tokens": MAX_TOKENS}}
+                for i, p in enumerate(PROMPTS) for a in names]
+    requests.append({"custom_id": "sales", "method": "POST", "url": CHAT_URL,
+                     "body": {"model": "sales", "messages": [{"role": "user", "content": "Hi"}]}})
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    done = run_cli("run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                   "--model", str(tiny_model), "--served-model-name", "tiny-qwen3", "--max-model-len", "256",
+                   "--dtype", "float32", "--lora-modules", *(f"{k}={v}" for k, v in loras.items()),
+                   "--set", "model.engine_kwargs.enforce_eager=true", "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = {x["custom_id"]: x for x in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert len(lines) == len(requests)
+    for i, p in enumerate(PROMPTS):
+        for adapter, model in names.items():
+            body = lines[f"{i}-{adapter}"]["response"]["body"]
+            assert body["model"] == model and body["choices"][0]["message"]["content"] == expected[p, adapter]
+    sales = lines["sales"]
+    assert sales["response"]["status_code"] == 404 and sales["error"]["code"] == "model_not_found"
+    assert "body.model 'sales' is not served by this batch: use 'tiny-qwen3' (the base model) or an adapter: " \
+           "legal, support" in sales["error"]["message"]

@@ -151,6 +151,52 @@ def test_thinking_must_agree_with_the_job():
 
 
 @pytest.mark.unit
+def test_body_model_picks_a_lora_adapter_when_the_batch_serves_some():
+    import openai.types as openai_types
+
+    from pipeline.ops.openai_format import Served, output_line
+
+    data = ("\n".join([chat("sql", model="sql"), chat("base", model="tiny"), chat("path", model="/ckpt"),
+                        line("none", {"messages": [{"role": "user", "content": "hi"}]}),
+                        chat("typo", model="sqll"), chat("odd", model=7)]) + "\n").encode()
+    served = Served(base=("tiny", "/ckpt"), adapters=("sql", "legal"), column="lora")
+    b = parse_batch(data, served=served)
+    rows = {r.custom_id: r.row for r in b.requests if r.row is not None}
+    assert rows["sql"]["lora"] == "sql"
+    assert all("lora" not in rows[k] for k in ("base", "path", "none"))  # the base model
+    for cid, shown in (("typo", "'sqll'"), ("odd", "7")):
+        err = error_of(b, cid)
+        assert err.code == "model_not_found"
+        assert err.message == (f"line {5 if cid == 'typo' else 6}: body.model {shown} is not served by this batch: "
+                               f"use 'tiny' (the base model) or an adapter: legal, sql")
+    # an adapter's answer names the adapter; a model that is not served is OpenAI's 404
+    done = {"response": "ok", "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 1}
+    ok = output_line(b, b.requests[0], result=done, error=None, model="tiny", created=0)
+    assert openai_types.chat.ChatCompletion.model_validate(ok["response"]["body"]).model == "sql"
+    assert output_line(b, b.requests[1], result=done, error=None, model="tiny", created=0)[
+        "response"]["body"]["model"] == "tiny"
+    missing = output_line(b, b.requests[4], result=None, error=None, model="tiny", created=0)
+    assert missing["response"]["status_code"] == 404 and missing["error"]["code"] == "model_not_found"
+    assert missing["response"]["body"]["error"]["type"] == "invalid_request_error"
+    # without adapters body.model is not looked at: every request runs on the base model
+    plain = parse_batch(data)
+    assert len(plain.rows) == 6 and all("lora" not in r and "adapter" not in r for r in plain.rows)
+
+
+@pytest.mark.unit
+def test_lora_modules_become_model_adapters_and_a_bad_one_says_the_form():
+    from argparse import Namespace
+
+    from pipeline.cli import batch_overrides
+    from pipeline.spec import SpecError
+
+    assert batch_overrides(Namespace(set=["sampling.max_tokens=4"], lora_modules=["sql=./lora/sql", "b=org/b"])) == [
+        "sampling.max_tokens=4", "model.adapters.sql=./lora/sql", "model.adapters.b=org/b"]
+    with pytest.raises(SpecError, match=r"--lora-modules 'sql': give NAME=PATH"):
+        batch_overrides(Namespace(set=None, lora_modules=["sql"]))
+
+
+@pytest.mark.unit
 def test_output_lines_parse_as_the_openai_clients_types():
     import openai.types as openai_types
 

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import EXIT_CRASHED, EXIT_OK, InputError
 from pipeline.io.shards import resolve_filesystem
-from pipeline.ops.openai_format import CHAT_URL, HEADS, Batch, output_line, parse_batch
+from pipeline.ops.openai_format import CHAT_URL, HEADS, Batch, Served, output_line, parse_batch
 
 SHARD = "input/requests.jsonl"
 JOB = "job"
@@ -120,16 +120,19 @@ def job_spec(batch: Batch, *, model: str, work: str, max_model_len: int | None =
 
 
 def _prepare(input_uri: str, work: str, *, model: str, overrides: list[str], address: str | None,
-             **model_keys) -> tuple[Batch, dict]:
-    """The parsed batch file (its requests checked against the job's options) and the job's
-    spec as a dict of sections. InputError for a file that cannot be read or mixes endpoints."""
+             served_model_name: str | None = None, **model_keys) -> tuple[Batch, dict]:
+    """The parsed batch file (its requests checked against the job's options, body.model against
+    the base model's names and the job's adapters) and the job's spec as a dict of sections.
+    InputError for a file that cannot be read or mixes endpoints."""
     from pipeline.api import load
 
     data = _read(input_uri)
     try:
         batch = parse_batch(data)
         spec = load(job_spec(batch, model=model, work=work, **model_keys), overrides=overrides, address=address)
-        batch = parse_batch(data, options=spec.task.options)  # requests must agree with the job's options
+        served = Served(base=(served_model_name or model, model), adapters=tuple(spec.model.adapters),
+                        column=spec.model.adapter_column)
+        batch = parse_batch(data, options=spec.task.options, served=served)
     except ValueError as e:
         raise InputError(f"{input_uri}: {e}") from None
     return batch, job_spec(batch, model=model, work=work, **model_keys)
@@ -149,7 +152,8 @@ def run_batch(input_uri: str, output_uri: str, *, model: str, overrides: Iterabl
     overrides = list(overrides)
     work = work_folder(output_uri, work_dir)
     batch, sections = _prepare(input_uri, work, model=model, overrides=overrides, address=address,
-                               max_model_len=max_model_len, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+                               served_model_name=served_model_name, max_model_len=max_model_len, dtype=dtype,
+                               tensor_parallel_size=tensor_parallel_size)
     report = None
     if batch.rows:
         spec = load(sections, overrides=overrides, address=address)
@@ -203,7 +207,7 @@ def write_partial(input_uri: str, output_uri: str, error_uri: str | None, *, wor
     """OUTPUT from what the job committed so far, without running anything (a cancelled
     batch's partial results): (succeeded, failed), the requests not run failing with missing."""
     batch, _ = _prepare(input_uri, work_folder(output_uri, work_dir), model=model, overrides=list(overrides),
-                        address=None, **model_keys)
+                        address=None, served_model_name=served_model_name, **model_keys)
     return write_output(batch, work_folder(output_uri, work_dir), output_uri, error_uri,
                         model=served_model_name or model, missing=missing)
 

@@ -3,7 +3,7 @@ committed result and error rows back into OpenAI's output lines.
 
 Input, one JSON object per line: {"custom_id", "method": "POST", "url", "body"}. Output, one per
 request in input order: {"id", "custom_id", "response": {"status_code", "request_id", "body"},
-"error"}; a request that failed has error {"code", "message"} (and status_code 400 or 500).
+"error"}; a request that failed has error {"code", "message"} (and status_code 400, 404 or 500).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ CHAT_SAMPLING = {"max_tokens": "max_tokens", "max_completion_tokens": "max_token
                  # vLLM's extra sampling parameters, as its OpenAI server takes them
                  "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
                  "ignore_eos": "ignore_eos"}
-# keys accepted and ignored: they do not change the answer
+# keys accepted and ignored: they do not change the answer (body.model picks a LoRA adapter: Served)
 CHAT_IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 EMBED_IGNORED = {"model", "user"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # error_type of a row -> the HTTP status its output line carries (the request's fault: 400)
 CLIENT_ERRORS = {"invalid_input", "invalid_request", "prompt_too_long", "template_error", "duplicate_custom_id",
                  "unsupported"}
+STATUS = {"model_not_found": 404}  # as OpenAI's and vLLM's servers answer it
 
 
 class LineError(Exception):
@@ -40,6 +41,27 @@ class LineError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a request's body.model may name: the base model (its served name, or --model) or
+    one of the job's LoRA adapters (model.adapters), whose name goes in the row's adapter
+    column. Without adapters body.model is not looked at: every request runs on the base."""
+
+    base: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()
+    column: str = "adapter"
+
+    def adapter(self, model: Any) -> str | None:
+        """The adapter body.model names (None: the base model); LineError for another name."""
+        if not self.adapters or model is None or model in self.base:
+            return None
+        if isinstance(model, str) and model in self.adapters:
+            return model
+        raise LineError("model_not_found", f"body.model {model!r} is not served by this batch: use "
+                                           f"{self.base[0]!r} (the base model) or an adapter: "
+                                           f"{', '.join(sorted(self.adapters))}")
 
 
 @dataclass
@@ -66,18 +88,20 @@ class Batch:
     max_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     schema: dict[str, Any] | None = None  # the json_schema every request asks for: the extract head runs it
+    served: Served = field(default_factory=lambda: Served())
 
     @property
     def rows(self) -> list[dict[str, Any]]:
         return [r.row for r in self.requests if r.row is not None and r.error is None]
 
 
-def parse_batch(data: bytes, *, options: dict[str, Any] | None = None) -> Batch:
+def parse_batch(data: bytes, *, options: dict[str, Any] | None = None, served: Served | None = None) -> Batch:
     """Every line of an OpenAI Batch file as a Request: valid ones carry the job row, the others
     an error naming the line. Deterministic: the same bytes give the same rows. Raises ValueError
     for a file mixing endpoints (OpenAI refuses those too). options: the head's options of the
-    job (enable_thinking, dimensions), which a request must agree with."""
-    options = options or {}
+    job (enable_thinking, dimensions), which a request must agree with; served: the model names
+    body.model may give (its LoRA adapters)."""
+    options, served = options or {}, served or Served()
     digest = hashlib.sha256(data).hexdigest()
     text = data.decode("utf-8", errors="replace")
     requests: list[Request] = []
@@ -87,7 +111,7 @@ def parse_batch(data: bytes, *, options: dict[str, Any] | None = None) -> Batch:
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue  # blank lines are skipped (as OpenAI's and vLLM's readers do)
-        requests.append(_parse_line(number, raw, options))
+        requests.append(_parse_line(number, raw, options, served))
     urls = sorted({r.url for r in requests if r.error is None and r.url})
     if len(urls) > 1:
         first = {u: next(r.line for r in requests if r.url == u and r.error is None) for u in urls}
@@ -103,7 +127,7 @@ def parse_batch(data: bytes, *, options: dict[str, Any] | None = None) -> Batch:
         if r.row is not None:
             r.row.pop("_max_tokens", None)
             r.row.pop("_schema", None)
-    return Batch(requests, url, digest, max_tokens=max_tokens, options=options, schema=schema)
+    return Batch(requests, url, digest, max_tokens=max_tokens, options=options, schema=schema, served=served)
 
 
 def _refuse_duplicates(requests: list[Request]) -> None:
@@ -125,7 +149,7 @@ def _refuse_duplicates(requests: list[Request]) -> None:
             r.row = None
 
 
-def _parse_line(number: int, raw: str, options: dict[str, Any]) -> Request:
+def _parse_line(number: int, raw: str, options: dict[str, Any], served: Served) -> Request:
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -152,6 +176,9 @@ def _parse_line(number: int, raw: str, options: dict[str, Any]) -> Request:
         if not isinstance(body, dict):
             raise LineError("invalid_request", "body must be a JSON object")
         row = chat_row(body, options) if req.url == CHAT_URL else embed_row(body, options)
+        adapter = served.adapter(body.get("model"))
+        if adapter is not None:
+            row[served.column] = adapter
         req.row = {"id": number, "custom_id": cid, **row}
     except LineError as e:
         req.error = LineError(e.code, f"line {number}: {e.message}")
@@ -319,14 +346,15 @@ def output_line(batch: Batch, req: Request, *, result: dict | None, error: dict 
         code, message = missing or ("not_run", "this request was not computed; rerun the same command")
         message = f"line {req.line}: {message}"
     else:
+        model = req.row.get(batch.served.column) or model  # an adapter's request answers with its name
         body = (chat_body(batch, req, result, model, created) if batch.url == CHAT_URL
                 else embed_body(req, result, model))
         return {"id": line_id, "custom_id": req.custom_id,
                 "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
-    status = 400 if code in CLIENT_ERRORS or code.startswith("invalid") else 500
+    status = STATUS.get(code) or (400 if code in CLIENT_ERRORS or code.startswith("invalid") else 500)
     return {"id": line_id, "custom_id": req.custom_id,
             "response": {"status_code": status, "request_id": request_id,
-                         "body": {"error": {"message": message, "type": "invalid_request_error" if status == 400
+                         "body": {"error": {"message": message, "type": "invalid_request_error" if status < 500
                                             else "server_error", "param": None, "code": code}}},
             "error": {"code": code, "message": message}}
 
