@@ -101,13 +101,16 @@ def hf_config(source: str, trust_remote_code: bool = False):
 def read_config(model) -> Any:
     """The config of model.source (weights are not touched), or SpecError saying why not:
     in seconds, without the hub library's retries, when the hub cannot be reached. A hub id
-    cached here with the hub out of reach switches this process to HF_HUB_OFFLINE=1."""
+    cached here with the hub out of reach switches this process to HF_HUB_OFFLINE=1 until a
+    later call finds the hub reachable."""
     source = model.source
     hub = HUB_ID.match(source) is not None and not os.path.exists(source)
     if not hub and not os.path.isdir(source) and "://" not in source:
         raise SpecError(f"model.source {source}: cannot read the checkpoint's config (no such directory); "
                         f"give a local checkpoint directory holding config.json and the weights, or a "
                         f"Hugging Face id (organisation/name)")
+    if hub and _switched_offline is not None and _hub_reachable():
+        _back_online()  # the hub is back: a long-lived process (the Python API) downloads again
     if hub and not _offline() and not _hub_reachable():
         if _cached(source) is not None:  # use the cache, as HF_HUB_OFFLINE=1 would: the tokenizer and the
             _go_offline()                # engine would otherwise retry each file for half a minute
@@ -136,14 +139,34 @@ def _offline() -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+# HF_HUB_OFFLINE's value before _go_offline set it ("" for unset); None: not switched by us.
+_switched_offline: str | None = None
+
+
 def _go_offline() -> None:
-    """HF_HUB_OFFLINE=1 from now on, for this process (huggingface_hub read the variable as it
-    was imported) and the processes it starts."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """HF_HUB_OFFLINE=1 until read_config finds the hub reachable again, for this process
+    (huggingface_hub read the variable as it was imported) and the processes it starts."""
+    global _switched_offline
+    _switched_offline = os.environ.get("HF_HUB_OFFLINE", "")
+    _set_offline("1")
+
+
+def _back_online() -> None:
+    """Undo _go_offline: HF_HUB_OFFLINE as it was before."""
+    global _switched_offline
+    before, _switched_offline = _switched_offline, None
+    _set_offline(before or None)
+
+
+def _set_offline(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = value
     try:
         import huggingface_hub.constants
 
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        huggingface_hub.constants.HF_HUB_OFFLINE = _offline()
     except Exception:
         pass
 
