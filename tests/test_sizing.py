@@ -299,3 +299,26 @@ def test_a_checkpoints_own_quantization_is_sized_and_a_config_without_qwen3_size
     assert sizing.weight_bytes < size(Shape.of(QWEN3["Qwen/Qwen3-8B"]), quantization="fp8").weight_bytes
     assert job_sizing(spec, SimpleNamespace(architectures=["OtherForCausalLM"]), "causal") is None
     assert job_sizing(spec, gptq, "question_answering") is None
+
+
+def test_a_cpu_engine_reserves_only_the_kv_cache_its_sequences_can_fill(tiny_model):
+    """The CPU build reserves (and touches) CPU_KV_CACHE_SHARE of host memory an engine unless
+    told a size; a short max_model_len gets what max_num_seqs sequences of it can fill."""
+    from conftest import checkpoint_engine_args
+
+    from pipeline.checkpoint import read_config
+    from pipeline.spec import ModelSpec
+
+    s = Shape.of(read_config(ModelSpec(source=str(tiny_model))))
+    per_token = s.layers * s.kv_heads * s.head_dim * 2 * 4  # K and V, float32
+
+    def kv(device="cpu", **model):
+        return checkpoint_engine_args(ModelSpec(source=str(tiny_model), **model), device=device).get(
+            "kv_cache_memory_bytes")
+
+    assert kv(max_model_len=200) == 256 * 256 * per_token  # vLLM's 256 sequences, 200 tokens in 2 blocks of 128
+    assert kv(max_model_len=200, engine_kwargs={"max_num_seqs": 4, "block_size": 32}) == 4 * 224 * per_token
+    assert kv(max_model_len=200, engine_kwargs={"gpu_memory_utilization": 0.1}) is None  # the user's choice stands
+    assert kv(max_model_len=200, engine_kwargs={"kv_cache_memory_bytes": 5}) == 5
+    assert kv() is None  # 40,960 tokens x 256 sequences: more than the share, which stays
+    assert kv("cuda", max_model_len=200) is None  # GPUs size their cache after loading the weights

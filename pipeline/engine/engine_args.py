@@ -98,7 +98,40 @@ def engine_args(model: ModelSpec, *, device: str, config: Any, task: str | None 
     if model.adapters:
         args.update(adapter_args(model.adapters, args, device=device))
     args.update(model.engine_kwargs)
+    if device == "cpu" and not {"gpu_memory_utilization", "kv_cache_memory_bytes"} & set(model.engine_kwargs):
+        need = cpu_kv_cache_bytes(args, config)
+        if need is not None:
+            args["kv_cache_memory_bytes"] = need
     return args
+
+
+# vLLM's CPU defaults where the engine arguments leave them unset (EngineArgs on the CPU platform)
+CPU_MAX_NUM_SEQS, CPU_BLOCK_SIZE = 256, 128
+
+
+def cpu_kv_cache_bytes(args: dict[str, Any], config: Any) -> int | None:
+    """The KV cache a CPU engine can ever fill: max_num_seqs sequences of max_model_len tokens
+    (in whole blocks) at 4 bytes a value, when that is below CPU_KV_CACHE_SHARE of this host's
+    memory (None otherwise, or for a config without the attention's shape). vLLM would reserve
+    the whole share and touch it: for a short max_model_len that took seconds at every start
+    and kept several engines from sharing a host."""
+    import math
+    import os
+
+    from pipeline.engine.sizing import Shape
+
+    try:
+        shape = Shape.of(config)
+        length = int(args.get("max_model_len") or getattr(config, "max_position_embeddings", 0) or 0)
+    except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError):  # not Qwen3's fields
+        return None
+    if not length:
+        return None
+    block = int(args.get("block_size") or CPU_BLOCK_SIZE)
+    tokens = int(args.get("max_num_seqs") or CPU_MAX_NUM_SEQS) * math.ceil(length / block) * block
+    need = tokens * shape.layers * shape.kv_heads * shape.head_dim * 2 * 4  # K and V, float32 at most
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need if need < CPU_KV_CACHE_SHARE * host else None
 
 
 def check_quantization(model: ModelSpec, device: str, config: Any) -> None:
