@@ -224,3 +224,46 @@ def test_thinking_2507_on_the_real_engine(tiny_model, tmp_path):
             ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                           return_dict=True)["input_ids"]
             assert out["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.unit
+def test_summarize_and_extract_think_as_the_checkpoint_does(tokenizers, tiny_model, tmp_path):
+    """The summarize and extract heads learn the template's mode as chat does: on a Thinking-2507
+    the reasoning stays out of the summary and the JSON, and the prompt opens <think> once;
+    asking for a mode the checkpoint lacks is refused when the job is planned."""
+    from pipeline.heads.extract import ExtractHead
+    from pipeline.heads.summarize import SummarizeHead
+
+    config = {f: SimpleNamespace(_name_or_path=str(with_chat_template(tiny_model, tmp_path / f, TEMPLATES[f])))
+              for f in ("thinking", "instruct", "hybrid")}
+    prompts = []
+
+    def answer(text):
+        def reply(prompt, sampling):
+            prompts.append(prompt)
+            return text
+        return reply
+
+    summarize = SummarizeHead({})
+    summarize.use_model(config["thinking"])
+    out = run(summarize, {"text": "A long story."},
+              engine_for(tokenizers, "thinking", answer("It is about a story.\n</think>\n\nA story.")))
+    assert summarize.thinking and out["summary"] == "A story."
+    assert prompts[-1].endswith("<|im_start|>assistant\n<think>\n")
+
+    extract = ExtractHead({"fields": {"name": "string"}})
+    extract.use_model(config["thinking"])
+    said = 'Ada is a name.\n</think>\n\n{"name": "Ada"}'
+    out = run(extract, {"text": "Ada"}, engine_for(tokenizers, "thinking", answer(said)))
+    assert (out["name"], out["reasoning"], out["raw"]) == ("Ada", "Ada is a name.", '{"name": "Ada"}')
+    assert prompts[-1].endswith("<|im_start|>assistant\n<think>\n") and prompts[-1].count("<think>") == 1
+    with pytest.raises(RowError, match="'enable_thinking': enable_thinking is false, but .* always thinks"):
+        run(extract, {"text": "Ada", "enable_thinking": False}, engine_for(tokenizers, "thinking", "x"))
+
+    hybrid = ExtractHead({"fields": {"name": "string"}})  # unset on a hybrid Qwen3: off, as before
+    hybrid.use_model(config["hybrid"])
+    assert hybrid.thinking is False
+    for head, family, options, fragment in [(SummarizeHead, "thinking", {"enable_thinking": False}, "always thinks"),
+                                            (ExtractHead, "instruct", {"enable_thinking": True}, "no thinking mode")]:
+        with pytest.raises(ValueError, match=fragment):
+            head({**options, **({"fields": {"a": "string"}} if head is ExtractHead else {})}).use_model(config[family])

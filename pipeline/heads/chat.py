@@ -174,6 +174,29 @@ def thinking_mode(template: str | None) -> str | None:
     return SWITCH if on != off else NEVER
 
 
+def thinking_for(mode: str | None, asked: bool | None) -> bool:
+    """Whether a head thinks under a template's thinking_mode when enable_thinking is asked
+    (None: unset): always under ALWAYS, never under NEVER, as asked otherwise; ValueError,
+    naming enable_thinking, when it asks for a mode the checkpoint lacks."""
+    if mode == NEVER and asked:
+        raise ValueError("enable_thinking is true, but the checkpoint's chat template has no thinking mode "
+                         "(it never thinks, as Qwen3's Instruct-2507 models); remove enable_thinking, or run "
+                         "a checkpoint that thinks (a hybrid Qwen3 or a Thinking-2507)")
+    if mode == ALWAYS and asked is False:
+        raise ValueError("enable_thinking is false, but the checkpoint's chat template always thinks (its "
+                         "generation prompt opens <think>, as Qwen3's Thinking-2507 models); remove "
+                         "enable_thinking, or run a checkpoint that can answer without thinking (a hybrid "
+                         "Qwen3 or an Instruct-2507)")
+    return {NEVER: False, ALWAYS: True}.get(mode, bool(asked))
+
+
+def model_thinking_mode(config: Any) -> str | None:
+    """thinking_mode of the checkpoint's chat template, when the config names where the
+    checkpoint is (_name_or_path: transformers' configs, and ours when the reader records it)."""
+    source = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return thinking_mode(checkpoint_chat_template(source)) if isinstance(source, str) and source else None
+
+
 def renders_tools(template: str | None) -> bool | None:
     """Whether the template puts the tools it is given into the prompt (None: unknown)."""
     if not template:
@@ -404,23 +427,14 @@ class ChatHead(Head):
         mode = thinking_mode(template)
         if mode is None:
             return
-        asked = self.options.enable_thinking
-        if mode == NEVER and asked:
-            raise ValueError("enable_thinking is true, but the checkpoint's chat template has no thinking mode "
-                             "(it never thinks, as Qwen3's Instruct-2507 models); remove enable_thinking, or run "
-                             "a checkpoint that thinks (a hybrid Qwen3 or a Thinking-2507)")
-        if mode == ALWAYS and asked is False:
-            raise ValueError("enable_thinking is false, but the checkpoint's chat template always thinks (its "
-                             "generation prompt opens <think>, as Qwen3's Thinking-2507 models); remove "
-                             "enable_thinking, or run a checkpoint that can answer without thinking (a hybrid "
-                             "Qwen3 or an Instruct-2507)")
+        thinking = thinking_for(mode, self.options.enable_thinking)
         tools = renders_tools(template)
         if self.options.tools and tools is False:
             raise ValueError("tools are given, but the checkpoint's chat template does not render tool "
                              "definitions, so the model would never see them; use a checkpoint whose template "
                              "handles tools (Qwen3's do)")
         self.mode, self.tools_render, self.strips_reasoning = mode, tools, drops_reasoning(template)
-        self._set_thinking({NEVER: False, ALWAYS: True}.get(mode, bool(asked)))
+        self._set_thinking(thinking)
 
     def _learn_from(self, engine: Engine) -> None:
         """The engine's tokenizer's template, when planning could not read the checkpoint's."""

@@ -30,7 +30,15 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.heads.base import Engine, Head, HeadOptions, RowError, require_placeholders, require_text
-from pipeline.heads.chat import QWEN3_SAMPLING, ROLES, row_sampling, split_reasoning
+from pipeline.heads.chat import (
+    ALWAYS,
+    QWEN3_SAMPLING,
+    ROLES,
+    model_thinking_mode,
+    row_sampling,
+    split_reasoning,
+    thinking_for,
+)
 
 FIXED_COLUMNS = ("raw", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens")
 # Columns of the stage and the output that a top-level field may not take.
@@ -85,7 +93,9 @@ class ExtractOptions(HeadOptions):
                                "A conversation's own system turn gets it appended.")
     examples: list[Example] = Field(default_factory=list, description="Few-shot {text, output} pairs; outputs are "
                                     "checked against the schema.")
-    enable_thinking: bool = Field(False, description="Qwen3 thinking: free reasoning, then the constrained answer.")
+    enable_thinking: bool | None = Field(
+        None, description="Qwen3 thinking: free reasoning, then the constrained answer; unset: off, unless the "
+        "checkpoint always thinks (Thinking-2507).")
     thinking_budget: int | None = Field(
         None, ge=0, description="With thinking: at most this many reasoning tokens, then </think> is forced "
         "(vLLM thinking_token_budget); none: reasoning until the model ends it or max_tokens.")
@@ -356,8 +366,14 @@ class ExtractHead(Head):
     def __init__(self, options: dict[str, Any] | None = None, *, sampling: dict[str, Any] | None = None):
         super().__init__(self.resolve_options(options or {}), sampling=sampling)
         self.schema = self.build_schema(self.options)
+        self.thinking, self.thinking_mode = bool(self.options.enable_thinking), None
         self.constraint = constraint(self.schema)
         self.schema_text = json.dumps(constraint(self.schema, engine=False), ensure_ascii=False, separators=(",", ":"))
+
+    def use_model(self, config: Any) -> None:
+        """Think as the checkpoint's chat template allows (chat.thinking_for)."""
+        self.thinking_mode = model_thinking_mode(config)
+        self.thinking = thinking_for(self.thinking_mode, self.options.enable_thinking)
 
     # ---- options
 
@@ -458,9 +474,14 @@ class ExtractHead(Head):
         messages = self.messages(row)
         thinking = row.get(o.thinking_column)
         if thinking is None:
-            thinking = o.enable_thinking
+            thinking = self.thinking
         elif not isinstance(thinking, bool):
             raise RowError("invalid_input", f"'{o.thinking_column}' must be true, false or null")
+        else:
+            try:
+                thinking = thinking_for(self.thinking_mode, thinking)
+            except ValueError as e:
+                raise RowError("invalid_input", f"'{o.thinking_column}': {e}") from None
         sampling = {"max_tokens": o.max_tokens, **QWEN3_SAMPLING[thinking]}
         sampling.update(self.sampling)
         sampling.update(row_sampling(row.get(o.sampling_column),
@@ -476,9 +497,10 @@ class ExtractHead(Head):
             prompt = engine.render_chat(messages, enable_thinking=thinking)
         except Exception as e:  # a template is user code: any failure is this row's
             raise RowError("template_error", f"the chat template failed: {e}") from None
-        if thinking:
+        if thinking and self.thinking_mode != ALWAYS:
             # Qwen3 opens its reasoning with <think>; in the prompt, the engine's reasoning
-            # parser and thinking budget know the answer is not started yet.
+            # parser and thinking budget know the answer is not started yet (a template that
+            # always thinks has opened it already).
             prompt = prompt + engine.tokenize("<think>\n")
         if len(prompt) >= engine.max_model_len:
             raise RowError("prompt_too_long", f"the prompt has {len(prompt)} tokens but model.max_model_len is "

@@ -30,7 +30,7 @@ from pipeline.heads.base import (
     require_text,
     text_pieces,
 )
-from pipeline.heads.chat import split_reasoning
+from pipeline.heads.chat import model_thinking_mode, split_reasoning, thinking_for
 
 PARAGRAPH = re.compile(r"\n\s*\n")
 SENTENCE = re.compile(r"(?<=[.!?;。！？；])\s+|(?<=[。！？；])")
@@ -56,7 +56,9 @@ class SummarizeOptions(HeadOptions):
         0, ge=0, description="Tokens of each chunk's end repeated at the start of the next."
     )
     system_prompt: str | None = Field(None, description="Optional system prompt for every call.")
-    enable_thinking: bool = Field(False, description="Qwen3 thinking mode (off: faster, cheaper).")
+    enable_thinking: bool | None = Field(
+        None, description="Qwen3 thinking mode (off: faster, cheaper); unset: off, unless the checkpoint always "
+        "thinks (Thinking-2507). The reasoning is never part of a summary.")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default temperature (sampling.* wins).")
 
     @field_validator("instruction", "map_instruction", "reduce_instruction")
@@ -77,6 +79,14 @@ class SummarizeHead(Head):
     Options = SummarizeOptions
     options: SummarizeOptions
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.thinking = bool(self.options.enable_thinking)
+
+    def use_model(self, config: Any) -> None:
+        """Think as the checkpoint's chat template allows (chat.thinking_for)."""
+        self.thinking = thinking_for(model_thinking_mode(config), self.options.enable_thinking)
+
     def input_columns(self) -> list[str]:
         return [self.options.text_column]
 
@@ -86,8 +96,7 @@ class SummarizeHead(Head):
         return ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else []) + [user]
 
     def _prompt(self, engine: Engine, instruction: str, text: str) -> list[int]:
-        return engine.render_chat(self._messages(instruction, text),
-                                  enable_thinking=self.options.enable_thinking)
+        return engine.render_chat(self._messages(instruction, text), enable_thinking=self.thinking)
 
     def _budget(self, engine: Engine, instruction: str, max_tokens: int) -> int:
         """Tokens of text that fit in one call beside the instruction and the output."""
@@ -105,7 +114,7 @@ class SummarizeHead(Head):
         return done
 
     def _text(self, done: Completion) -> str:
-        return split_reasoning(done.text)[1] if self.options.enable_thinking else done.text.strip()
+        return split_reasoning(done.text)[1] if self.thinking else done.text.strip()
 
     async def run(self, row: dict[str, Any], engine: Engine) -> dict[str, Any]:
         o = self.options
