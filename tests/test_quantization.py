@@ -14,6 +14,8 @@ flat, log p about -12; bfloat16 alone moves them by up to 0.05):
   - GPTQ 4-bit vs unquantized: max 1.01, mean 0.30: round-to-nearest 4-bit error of random
     Gaussian weights (no GPTQ Hessian step), not a kernel error (the line above). Bound:
     max 2.5, mean 0.7; and the mean must exceed 4x the dequantized gap (the 4-bit weights ran).
+On a CPU without AVX-512 vLLM loads its AVX2 kernels: W8A8 runs further from the oracle
+(max 0.526, mean 0.147; bound max 1.0, mean 0.3) and GPTQ has no kernel, so the plan refuses it.
 """
 
 import asyncio
@@ -21,10 +23,13 @@ import asyncio
 import pytest
 import torch
 
-from pipeline.engine.quantize import cpu_has_amx
+from pipeline.engine.quantize import cpu_has_amx, cpu_has_avx512
 
 # vLLM runs int8 W8A8 on an AMX CPU with bfloat16/float16 activations only (pipeline.engine.quantize)
 W8A8_DTYPE = "bfloat16" if cpu_has_amx() else "float32"
+# (max, mean) gap bounds: AVX-512 kernels as the docstring says; vLLM's AVX2 int8 path measured
+# max 0.526, mean 0.147 (AMD EPYC without AVX-512, 2026-12-07), bound about 2x
+W8A8_BOUNDS = (0.4, 0.08) if cpu_has_avx512() else (1.0, 0.3)
 
 PROMPTS = ["Tell me about rivers and glaciers in the north, and how they carve the valleys we walk in.",
            "Prime numbers are the atoms of arithmetic: every whole number is a product of them, in one way.",
@@ -145,17 +150,27 @@ def test_w8a8_runs_quantized_within_tolerance(w8a8_run, unquantized):
     assert method == "compressed-tensors" and dtype == f"torch.{W8A8_DTYPE}"  # the engine ran int8 W8A8
     worst, mean = gaps(lps, unquantized)
     print(f"W8A8 vs unquantized: max {worst:.4f} mean {mean:.4f} nats")
-    assert worst < 0.4 and mean < 0.08
+    assert worst < W8A8_BOUNDS[0] and mean < W8A8_BOUNDS[1]
     assert mean > 1e-4  # it is not the float weights
 
 
-def test_gptq_runs_the_4bit_weights_within_tolerance(gptq_run, unquantized, tiny_model, prompt_ids):
+def test_gptq_runs_the_4bit_weights_within_tolerance(request, unquantized, tiny_model, prompt_ids, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from pipeline.engine.quantize import LINEAR, dequantize_gptq
 
-    path, (lps, method, dtype) = gptq_run
+    if not cpu_has_avx512():  # vLLM's AVX2 kernels have no 4-bit GEMM: the plan refuses the job
+        from conftest import checkpoint_engine_args
+
+        from pipeline import cli
+        from pipeline.spec import ModelSpec, SpecError
+
+        assert cli.main(["make-tiny-model", str(tmp_path / "gptq"), "--quantize", "gptq"]) == 0
+        with pytest.raises(SpecError, match="'gptq' does not run on this CPU: .*AVX-512 CPUs only"):
+            checkpoint_engine_args(ModelSpec(source=str(tmp_path / "gptq")), device="cpu")
+        return
+    path, (lps, method, dtype) = request.getfixturevalue("gptq_run")
     assert method in ("gptq", "auto_gptq") and dtype == "torch.bfloat16"  # vLLM names it auto_gptq
     tensors = load_file(path / "model.safetensors")
     assert tensors["model.layers.1.self_attn.q_proj.qweight"].shape == (128 // 8, 128)

