@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from typing import Any
 
 from pipeline.engine.adapters import adapter_args
@@ -115,9 +117,6 @@ def cpu_kv_cache_bytes(args: dict[str, Any], config: Any) -> int | None:
     memory (None otherwise, or for a config without the attention's shape). vLLM would reserve
     the whole share and touch it: for a short max_model_len that took seconds at every start
     and kept several engines from sharing a host."""
-    import math
-    import os
-
     from pipeline.engine.sizing import Shape
 
     try:

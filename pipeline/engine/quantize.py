@@ -50,23 +50,25 @@ WHY_NOT_ON_CPU = {
 }
 
 
-def cpu_has_avx512() -> bool:
-    """Whether this machine's CPU has AVX-512 (the avx512f flag): vLLM's CPU build loads its
-    AVX2 kernels otherwise, which lack the 4-bit GPTQ/AWQ kernel (cpu_gemm_wna16)."""
+def _cpu_flag(flag: str, *, unknown: bool) -> bool:
+    """Whether this machine's CPU has a flag of /proc/cpuinfo (unknown: the answer off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            return any(line.startswith("flags") and f" {flag}" in line for line in f)
     except OSError:
-        return True  # unknown (not Linux): the engine reports it if the kernel is missing
+        return unknown
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (the avx512f flag): vLLM's CPU build loads its
+    AVX2 kernels otherwise, which lack the 4-bit GPTQ/AWQ kernel (cpu_gemm_wna16). Unknown
+    (not Linux): yes, and the engine reports a missing kernel."""
+    return _cpu_flag("avx512f", unknown=True)
 
 
 def cpu_has_amx() -> bool:
     """Whether this machine's CPU has AMX tiles (Linux: the amx_tile flag of /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_tile" in line for line in f)
-    except OSError:
-        return False
+    return _cpu_flag("amx_tile", unknown=False)
 
 
 def checkpoint_quantization(config) -> str | None:
